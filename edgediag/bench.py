@@ -1,0 +1,17 @@
+"""`python -m edgediag.bench`: Params, FLOPs, latency and memory against accuracy, as a report.
+
+Not available yet: tracked in issue 10. The verb exists so the CLI is complete.
+"""
+
+from __future__ import annotations
+
+from edgediag import cli
+
+
+def main(argv=None) -> int:
+    cli.make_parser("bench", "Params, FLOPs, latency and memory against accuracy, as a report. (not available yet: issue 10)").parse_args(argv)
+    raise cli.UserError("'bench' is not available yet (tracked in issue 10)")
+
+
+if __name__ == "__main__":
+    cli.entry(main)

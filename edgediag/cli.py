@@ -1,0 +1,60 @@
+"""Shared command-line plumbing: one-line errors, --config/--set, --debug.
+
+Every verb's ``main`` is wrapped by :func:`run`, so bad input ends with one line on
+stderr and exit code 2 (a traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from typing import Callable, Sequence
+
+EXIT_USAGE = 2  # bad input: path, model name, config key, checkpoint
+EXIT_INTERNAL = 1
+
+
+class UserError(Exception):
+    """A problem with the user's input; shown as one line, exit code 2."""
+
+
+def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m edgediag.{prog}", description=description)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    return parser
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with the run's configuration")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Call ``main(argv)`` and turn failures into one line + exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s")
+    try:
+        return int(main(args) or 0)
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence for the user
+        if debug:
+            traceback.print_exc()
+        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def entry(main: Callable[[Sequence[str] | None], int]) -> None:
+    """``if __name__ == '__main__': entry(main)``"""
+    sys.exit(run(main))

@@ -1,0 +1,67 @@
+"""Data builders, one per kind of input ("audio", "image", "sequence").
+
+A builder reads a folder (real data or what the synthetic generators write) into a
+:class:`DataBundle` of map-style datasets whose items are dicts::
+
+    {"x": Tensor, "y": int class index (-1 unknown), "anomaly": 0/1 (-1 unknown),
+     "domain": str ("" if none), "key": str (file or segment name)}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import Any, Callable
+
+from torch.utils.data import Dataset
+
+from edgediag.cli import UserError
+
+
+@dataclasses.dataclass
+class DataConfig:
+    root: str = ""
+    normal_labels: list[str] = dataclasses.field(default_factory=list)  # labels.csv sets: which labels are normal
+    on_bad_file: str = "error"  # error | skip (skip warns with a count)
+    val_fraction: float = 0.0  # held out of train for validation / threshold calibration
+    test_fraction: float = 0.25  # when the data has no split column / folder
+    split_seed: int = 0
+    train_normal_only: bool = False  # anomaly-detection models train on normal data only
+    max_items: int = 0  # 0 = all; for quick runs
+
+
+@dataclasses.dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset | None
+    test: Dataset | None
+    classes: list[str]
+    normal_classes: list[str]
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+_BUILDERS: dict[str, Callable[..., DataBundle]] = {}
+_KIND_MODULES = {"audio": "edgediag.data.audio", "image": "edgediag.data.images",
+                 "sequence": "edgediag.data.sequences"}
+
+
+def register_data(kind: str):
+    def deco(fn):
+        _BUILDERS[kind] = fn
+        return fn
+    return deco
+
+
+def build_data(kind: str, data_cfg: DataConfig, model_cfg) -> DataBundle:
+    """Read ``data_cfg.root`` for a model whose inputs are of ``kind``."""
+    if not data_cfg.root:
+        raise UserError("no data folder given (--data DIR)")
+    root = Path(data_cfg.root)
+    if not root.exists():
+        raise UserError(f"data folder not found: {root}")
+    if kind not in _BUILDERS and kind in _KIND_MODULES:
+        importlib.import_module(_KIND_MODULES[kind])
+    if kind not in _BUILDERS:
+        raise UserError(f"no data reader for {kind!r} inputs")
+    return _BUILDERS[kind](root, data_cfg, model_cfg)

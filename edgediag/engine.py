@@ -1,0 +1,334 @@
+"""The one training engine every model uses.
+
+A model plugs in through :class:`edgediag.models.base.DiagnosisModel`: ``training_step``
+returns losses per phase (one optimiser per phase, so GANs fit the same loop), and
+``evaluate`` gives the validation metric that picks the best checkpoint.
+
+Reproducibility: every epoch reseeds all RNGs and the sampler from (seed, epoch), so an
+epoch is a pure function of the weights and optimiser state it starts from. Resuming
+from ``last.pt`` (saved at each epoch's end) therefore reproduces an uninterrupted run
+bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from edgediag.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from edgediag.cli import UserError
+from edgediag.utils import select_device, seed_everything
+
+log = logging.getLogger("edgediag.engine")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    optimizer: str = "adamw"  # adamw | adam
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup: float = 0.05  # fraction of all steps with a linear warm-up
+    schedule: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.0  # final lr as a fraction of lr
+    grad_clip: float = 1.0  # max grad norm; 0 disables
+    amp: bool = True  # mixed precision, CUDA only
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    num_workers: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    eval_every: int = 1  # epochs between validations
+    max_steps_per_epoch: int = 0  # 0 = whole epoch; for quick runs
+    threshold_method: str = "gamma"  # gamma | percentile (see edgediag.metrics)
+    threshold_quantile: float = 0.9
+
+    def validate(self) -> None:
+        if self.optimizer not in ("adamw", "adam"):
+            raise UserError(f"train.optimizer must be adamw or adam, not {self.optimizer!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise UserError(f"train.schedule must be cosine, linear or constant, not {self.schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise UserError("train.epochs, train.batch_size and train.lr must be positive")
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Warm-up then cosine/linear decay, as a multiple of cfg.lr."""
+    warm = int(cfg.warmup * total)
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+
+class _Steps(nn.Module):
+    """Routes DDP's forward to ``training_step`` so DDP's gradient hooks are armed."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, phase):
+        return self.model.training_step(batch, phase)
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) otherwise."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def move_batch(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return type(batch)(move_batch(v, device) for v in batch)
+    return batch
+
+
+class Trainer:
+    """Fit a DiagnosisModel.
+
+    ``callbacks``: objects with an optional ``on_epoch_end(trainer, epoch)`` that may return
+    a replacement model (dynamic pruning rebuilds a smaller one); the optimisers are then
+    rebuilt for the new parameters and the schedule continues where it was.
+    ``checkpoint_data``: extra entries stored in every checkpoint (data config, classes).
+    """
+
+    def __init__(self, model, cfg: TrainConfig, out_dir: str | Path | None = None,
+                 callbacks: list | None = None, checkpoint_data: dict | None = None,
+                 progress: bool = True):
+        cfg.validate()
+        self.cfg = cfg
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.callbacks = list(callbacks or [])
+        self.checkpoint_data = checkpoint_data or {}
+        self.rank, self.world, local_rank = distributed_env()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = select_device(cfg.device)
+        if self.world > 1:
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", local_rank)
+                torch.cuda.set_device(self.device)
+        self.progress = progress and self.rank == 0
+        self.amp = cfg.amp and self.device.type == "cuda"
+        self.model = model.to(self.device)
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimiser steps completed
+        self.best_metric = -math.inf
+        self.history: list[dict] = []
+        self.total_steps = 1
+
+    # --- set-up -------------------------------------------------------------------
+    def _build_optimizers(self) -> None:
+        cfg = self.cfg
+        cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        self.optimizers, self.schedulers = {}, {}
+        for phase in self.model.phases:
+            params = [p for p in self.model.phase_parameters(phase) if p.requires_grad]
+            opt = cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+            for group in opt.param_groups:
+                group["initial_lr"] = cfg.lr
+            self.optimizers[phase] = opt
+            self.schedulers[phase] = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: lr_factor(s, self.total_steps, cfg), last_epoch=self.step - 1)
+        self.scalers = {p: torch.amp.GradScaler("cuda", enabled=self.amp) for p in self.model.phases}
+        if self.world > 1:
+            # Phases use disjoint parameter subsets (GANs), hence find_unused_parameters.
+            self.runner = nn.parallel.DistributedDataParallel(
+                _Steps(self.model), device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=len(self.model.phases) > 1)
+        else:
+            self.runner = _Steps(self.model)
+
+    def _loader(self, dataset: Dataset, epoch: int) -> DataLoader:
+        if self.world > 1:
+            sampler = DistributedSampler(dataset, num_replicas=self.world, rank=self.rank,
+                                         shuffle=True, seed=self.cfg.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        else:
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
+        return DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler,
+                          num_workers=self.cfg.num_workers, drop_last=len(dataset) > self.cfg.batch_size)
+
+    # --- checkpoints --------------------------------------------------------------
+    def train_state(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "best_metric": self.best_metric,
+                "history": self.history,
+                "optimizers": {p: o.state_dict() for p, o in self.optimizers.items()},
+                "scalers": {p: s.state_dict() for p, s in self.scalers.items()}}
+
+    def save(self, name: str, with_state: bool = True) -> Path | None:
+        if self.out_dir is None or self.rank != 0:
+            return None
+        payload = make_checkpoint(self.model, data=self.checkpoint_data,
+                                  meta={"epoch": self.epoch, "step": self.step, "train_config": dataclasses.asdict(self.cfg)},
+                                  train_state=self.train_state() if with_state else None)
+        return save_checkpoint(self.out_dir / name, payload)
+
+    def _restore(self, path: Path) -> None:
+        """Load weights, optimiser and schedule state from ``last.pt`` of an earlier run."""
+        from edgediag.checkpoint import model_from_checkpoint
+
+        payload = load_checkpoint(path)
+        state = payload.get("train_state")
+        if state is None:
+            raise UserError(f"{path} holds no training state to resume from")
+        # The saved config may record pruned widths: rebuild the model from it.
+        self.model = model_from_checkpoint(payload).to(self.device).train()
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best_metric, self.history = state["best_metric"], list(state["history"])
+        self._build_optimizers()
+        for phase, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][phase])
+            self.scalers[phase].load_state_dict(state["scalers"][phase])
+        log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.step)
+
+    # --- the loop -----------------------------------------------------------------
+    def fit(self, train_set: Dataset, val_set: Dataset | None = None, resume: bool = False):
+        cfg = self.cfg
+        if len(train_set) == 0:
+            raise UserError("the training set is empty")
+        steps_per_epoch = len(self._loader(train_set, 0))
+        if cfg.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+        self.total_steps = max(1, steps_per_epoch * cfg.epochs)
+        last = self.out_dir / "last.pt" if self.out_dir else None
+        if resume:
+            if last is None or not last.is_file():
+                raise UserError(f"nothing to resume: {last} does not exist")
+            self._restore(last)
+        else:
+            self._build_optimizers()
+
+        while self.epoch < cfg.epochs:
+            epoch = self.epoch
+            seed_everything(cfg.seed * 7919 + epoch)
+            self.model.train()
+            sums: dict[str, float] = {}
+            seen, t0 = 0, time.perf_counter()
+            bar = tqdm(self._loader(train_set, epoch), total=steps_per_epoch, disable=not self.progress,
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, mininterval=1.0)
+            for i, batch in enumerate(bar):
+                if i >= steps_per_epoch:
+                    break
+                batch = move_batch(batch, self.device)
+                for phase in self.model.phases:
+                    losses = self._step(batch, phase)
+                    for k, v in losses.items():
+                        key = k if len(self.model.phases) == 1 else f"{phase}/{k}"
+                        sums[key] = sums.get(key, 0.0) + float(v)
+                for sched in self.schedulers.values():
+                    sched.step()
+                self.step += 1
+                seen += _batch_size(batch)
+                if self.progress:
+                    bar.set_postfix(loss=f"{sums.get('loss', next(iter(sums.values()))) / (i + 1):.4f}",
+                                    lr=f"{self.schedulers[self.model.phases[0]].get_last_lr()[0]:.2e}",
+                                    refresh=False)
+            bar.close()
+            elapsed = time.perf_counter() - t0
+            n_batches = max(1, min(i + 1, steps_per_epoch))
+            record = {"epoch": epoch + 1, **{k: v / n_batches for k, v in sums.items()},
+                      "seconds": elapsed, "samples_per_s": seen * self.world / max(elapsed, 1e-9)}
+            self.epoch += 1
+
+            if val_set is not None and len(val_set) and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
+                if self.rank == 0:
+                    metrics = self.evaluate(val_set)
+                    record.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+            self.history.append(record)
+            if self.rank == 0:
+                log.info(_format_record(record))
+
+            for cb in self.callbacks:
+                replacement = getattr(cb, "on_epoch_end", lambda *_: None)(self, epoch)
+                if replacement is not None:
+                    self.model = replacement.to(self.device)
+                    self._build_optimizers()
+                    self.best_metric = -math.inf  # a smaller model restarts the best-of race
+
+            metric = record.get(f"val_{self.model.primary_metric}")
+            if metric is not None and metric > self.best_metric:
+                self.best_metric = metric
+                self.save("best.pt", with_state=False)
+            self.save("last.pt")
+            if self.world > 1:
+                dist.barrier()
+        if self.out_dir is not None and self.rank == 0 and not (self.out_dir / "best.pt").exists():
+            self.save("best.pt", with_state=False)  # no validation set: the last epoch is the best we know
+        return self.model
+
+    def _step(self, batch, phase: str) -> dict[str, float]:
+        opt, scaler = self.optimizers[phase], self.scalers[phase]
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=self.amp):
+            losses = self.runner(batch, phase)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite loss in phase {phase!r} at step {self.step}: {float(loss)}")
+        scaler.scale(loss).backward()
+        if self.cfg.grad_clip:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], self.cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        return {k: v.detach() for k, v in losses.items()}
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Dataset) -> dict:
+        self.model.eval()
+        loader = DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers)
+        metrics = self.model.evaluate(DeviceLoader(loader, self.device))
+        self.model.train()
+        return metrics
+
+
+class DeviceLoader:
+    """Wraps a DataLoader so the batches a model sees are already on its device."""
+
+    def __init__(self, loader: DataLoader, device: torch.device):
+        self.loader, self.device = loader, device
+        self.dataset = loader.dataset
+
+    def __iter__(self):
+        return (move_batch(b, self.device) for b in self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+
+def _batch_size(batch) -> int:
+    if isinstance(batch, dict):
+        batch = batch.get("x", next(iter(batch.values())))
+    return len(batch) if hasattr(batch, "__len__") else 1
+
+
+def _format_record(rec: dict) -> str:
+    parts = [f"epoch {rec['epoch']}"]
+    for k, v in rec.items():
+        if k in ("epoch", "seconds", "samples_per_s"):
+            continue
+        parts.append(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
+    parts.append(f"{rec['seconds']:.1f}s ({rec['samples_per_s']:.1f} samples/s)")
+    return " | ".join(parts)

@@ -1,0 +1,81 @@
+"""`python -m edgediag.evaluate`: score a checkpoint on a data folder.
+
+Prints a metrics table, writes ``metrics.json`` and the model's plots (ROC curves,
+confusion matrix) to --out (default: ``<checkpoint folder>/eval``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from edgediag import cli
+from edgediag.checkpoint import load_model
+from edgediag.config import apply_overrides, from_dict
+from edgediag.data import DataConfig, build_data
+from edgediag.engine import DeviceLoader
+from edgediag.utils import select_device, write_json
+
+
+def parser():
+    p = cli.make_parser("evaluate", "Score a checkpoint on a data folder; print and save metrics.")
+    p.add_argument("--checkpoint", required=True, help="a model.pt written by train or prune")
+    p.add_argument("--data", help="data folder (default: the one the model was trained on)")
+    p.add_argument("--split", default="test", choices=["test", "val", "train"], help="which split to score")
+    p.add_argument("--out", help="folder for metrics.json and plots")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
+                   help="override a data setting, e.g. --set data.on_bad_file=skip")
+    return p
+
+
+def format_metrics(metrics: dict) -> str:
+    """Scalars as ``name  value`` lines, then the per-group rows as a table."""
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    width = max((len(k) for k in scalars), default=0)
+    lines = [f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in scalars.items()]
+    rows = metrics.get("table") or []
+    if rows:
+        cols = list(dict.fromkeys(c for r in rows for c in r))
+        cells = [[_cell(r.get(c, "")) for c in cols] for r in rows]
+        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+        lines += ["", "  ".join(c.ljust(w) for c, w in zip(cols, widths)),
+                  "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    model, ckpt = load_model(args.checkpoint)
+    data = ckpt.get("data") or {}
+    tree = apply_overrides({"data": dict(data.get("config") or {})}, args.overrides)
+    data_values = tree["data"]
+    if args.data:
+        data_values["root"] = args.data
+    data_cfg = from_dict(DataConfig, data_values, "data.")
+    bundle = build_data(data.get("kind") or model.data_kind, data_cfg, model.config)
+    dataset = getattr(bundle, args.split)
+    if dataset is None or len(dataset) == 0:
+        raise cli.UserError(f"{data_cfg.root} has no {args.split} split to evaluate")
+    device = select_device(args.device)
+    model.to(device)
+    out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
+    loader = DeviceLoader(DataLoader(dataset, batch_size=args.batch_size, shuffle=False), device)
+    metrics = model.evaluate(loader, out_dir=out_dir)
+    write_json(out_dir / "metrics.json", {"checkpoint": str(args.checkpoint), "data": str(data_cfg.root),
+                                          "split": args.split, "items": len(dataset), **metrics})
+    print(f"{ckpt['model_name']} on {data_cfg.root} ({args.split}, {len(dataset)} items)")
+    print(format_metrics(metrics))
+    print(f"metrics: {out_dir / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.entry(main)

@@ -1,0 +1,81 @@
+"""The small interface every edgediag model implements.
+
+The training engine, evaluation, pruning, export and bench only talk to a model through
+this class, so a new model family plugs into the whole pipeline by subclassing it and
+registering itself with :func:`edgediag.models.register_model`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Iterable
+
+import torch
+from torch import nn
+
+
+class DiagnosisModel(nn.Module):
+    """Base class of all models.
+
+    Class attributes a subclass sets:
+        Config: the model's dataclass config (every field JSON/YAML-serialisable).
+        data_kind: which data builder reads its data ("audio", "image", "sequence").
+        phases: one optimiser per phase, stepped in this order every batch; GANs use
+            e.g. ("disc", "gen"). Single-loss models keep ("main",).
+        train_defaults: TrainConfig values this model wants unless the user overrides them
+            (e.g. a GAN's lr and betas).
+        primary_metric: key of :meth:`evaluate`'s result used to pick the best checkpoint
+            (higher is better).
+    """
+
+    Config: ClassVar[type]
+    data_kind: ClassVar[str] = "audio"
+    phases: ClassVar[tuple[str, ...]] = ("main",)
+    train_defaults: ClassVar[dict[str, Any]] = {}
+    primary_metric: ClassVar[str] = "auc"
+    model_name: ClassVar[str] = ""  # set by register_model
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        # The calibrated decision threshold travels in the state dict (and so into the
+        # checkpoint and the exported graph's metadata); NaN until the train verb sets it.
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+
+    # --- configuration from data -------------------------------------------------------
+    @classmethod
+    def config_for_data(cls, config, bundle) -> Any:
+        """Return ``config`` completed from the data (class count, input length...)."""
+        return config
+
+    # --- training ------------------------------------------------------------------
+    def phase_parameters(self, phase: str) -> Iterable[nn.Parameter]:
+        """Parameters the optimiser of ``phase`` updates."""
+        return self.parameters()
+
+    def training_step(self, batch: dict, phase: str = "main") -> dict[str, torch.Tensor]:
+        """Losses for one batch; must hold 'loss' (the one backpropagated); others are logged."""
+        raise NotImplementedError(f"{type(self).__name__} must implement training_step")
+
+    @torch.no_grad()
+    def fit_normal(self, loader) -> None:
+        """After training: fit statistics of normal data that scoring needs (kNN bank,
+        Mahalanobis, ...). Store them as buffers or extra state so checkpoints carry them."""
+
+    # --- inference -----------------------------------------------------------------
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Anomaly score per input (B,), higher = more anomalous."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score")
+
+    @torch.no_grad()
+    def evaluate(self, loader, out_dir=None) -> dict[str, Any]:
+        """Metrics on a labelled loader; must hold ``primary_metric``. Scalars at the top
+        level, optional per-group rows under "table"; plots go to ``out_dir`` if given."""
+        raise NotImplementedError(f"{type(self).__name__} must implement evaluate")
+
+    def export_module(self) -> nn.Module:
+        """The module export traces: raw input (waveform, image, sequence) -> outputs."""
+        return self
+
+    def example_input(self, batch_size: int = 1) -> torch.Tensor:
+        """A correctly shaped input for tracing and FLOP counting."""
+        raise NotImplementedError(f"{type(self).__name__} must implement example_input")

@@ -1,0 +1,156 @@
+"""`python -m edgediag.train`: train any registered model on a data folder.
+
+Writes to --out: ``last.pt`` (resumable), ``best.pt`` (best validation metric) and
+``model.pt`` (best weights + fitted normal statistics + calibrated threshold: the file
+every later stage takes), plus ``train.json`` with the history and test metrics.
+Distributed: ``torchrun --nproc_per_node=2 -m edgediag.train ...`` (gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from edgediag import cli
+from edgediag.checkpoint import make_checkpoint, save_checkpoint
+from edgediag.config import from_dict, load_tree, to_dict
+from edgediag.data import DataConfig, build_data
+from edgediag.engine import DeviceLoader, Trainer, TrainConfig, distributed_env
+from edgediag.metrics import calibrate_threshold
+from edgediag.models import build_config, get_model_class
+from edgediag.utils import seed_everything, write_json
+
+log = logging.getLogger("edgediag.train")
+
+
+def parser():
+    p = cli.make_parser("train", "Train a model on a data folder (one engine for every model).")
+    p.add_argument("--model", help="registered model name (python -c 'import edgediag.models as m; print(m.list_models())')")
+    p.add_argument("--data", help="data folder (DCASE layout, labels.csv, image folders, ...)")
+    p.add_argument("--out", required=True, help="output folder for checkpoints and logs")
+    cli.add_config_args(p)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
+    p.add_argument("--force", action="store_true", help="overwrite an earlier run in --out")
+    return p
+
+
+def resolve_configs(args):
+    """(model name, model class, model config, train config, data config) from YAML + flags."""
+    tree = load_tree(args.config, args.overrides, {"model", "train", "data"})
+    model_tree = dict(tree.get("model") or {})
+    name = args.model or model_tree.pop("name", None)
+    model_tree.pop("name", None)
+    if not name:
+        raise cli.UserError("no model given (--model NAME or model.name in --config)")
+    cls, _ = get_model_class(name)
+    model_cfg = build_config(name, model_tree)
+    flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+             "device": args.device}
+    train_cfg = from_dict(TrainConfig, {**cls.train_defaults, **(tree.get("train") or {}),
+                                        **{k: v for k, v in flags.items() if v is not None}}, "train.")
+    train_cfg.validate()
+    data_values = dict(tree.get("data") or {})
+    if args.data:
+        data_values["root"] = args.data
+    data_cfg = from_dict(DataConfig, data_values, "data.")
+    return name, cls, model_cfg, train_cfg, data_cfg
+
+
+def normal_subset(dataset):
+    """Indices of the items known to be normal (anomaly == 0)."""
+    keep = [i for i in range(len(dataset)) if int(dataset[i].get("anomaly", 0)) == 0]
+    return Subset(dataset, keep)
+
+
+@torch.no_grad()
+def scores_of(model, dataset, device, batch_size=32) -> np.ndarray:
+    model.eval()
+    out = []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        out.append(model.score(batch["x"].to(device)).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def finalize(model, bundle, train_cfg: TrainConfig, device, out_dir: Path, checkpoint_data: dict) -> dict:
+    """Best weights -> fit normal statistics -> calibrate the threshold -> model.pt."""
+    loader = DataLoader(bundle.train, batch_size=train_cfg.batch_size, shuffle=False)
+    model.eval()
+    model.fit_normal(DeviceLoader(loader, device))
+    calib = bundle.val if bundle.val is not None and len(bundle.val) else bundle.train
+    normal = normal_subset(calib)
+    scores = scores_of(model, normal, device, train_cfg.batch_size)
+    if len(scores):
+        model.threshold.fill_(calibrate_threshold(scores, train_cfg.threshold_method, train_cfg.threshold_quantile))
+    metrics = {}
+    if bundle.test is not None and len(bundle.test):
+        test_loader = DeviceLoader(DataLoader(bundle.test, batch_size=train_cfg.batch_size, shuffle=False), device)
+        metrics = model.evaluate(test_loader, out_dir=out_dir / "eval")
+    payload = make_checkpoint(model, data=checkpoint_data,
+                              meta={"train_config": to_dict(train_cfg), "test_metrics": _scalars(metrics),
+                                    "threshold_from": f"{len(scores)} normal items of the "
+                                                      f"{'validation' if calib is bundle.val else 'training'} set"})
+    save_checkpoint(out_dir / "model.pt", payload)
+    return metrics
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    name, cls, model_cfg, train_cfg, data_cfg = resolve_configs(args)
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise cli.UserError(f"--out {out_dir} exists and is not a folder")
+    if (out_dir / "last.pt").exists() and not (args.resume or args.force):
+        raise cli.UserError(f"{out_dir} already holds a run: pass --resume to continue it or --force to overwrite")
+
+    seed_everything(train_cfg.seed)  # data splits and weight init are part of the run's identity
+    bundle = build_data(cls.data_kind, data_cfg, model_cfg)
+    model_cfg = cls.config_for_data(model_cfg, bundle)
+    model = cls(model_cfg)
+    rank, world, _ = distributed_env()
+    if rank == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("model %s: %.3f M params | data %s: %d train, %d val, %d test items, classes %s",
+                 name, n_params / 1e6, data_cfg.root, len(bundle.train), len(bundle.val or []),
+                 len(bundle.test or []), bundle.classes)
+    checkpoint_data = {"kind": cls.data_kind, "config": to_dict(data_cfg), "classes": list(bundle.classes),
+                       "normal_classes": list(bundle.normal_classes), "info": bundle.info}
+    trainer = Trainer(model, train_cfg, out_dir, checkpoint_data=checkpoint_data)
+    try:
+        model = trainer.fit(bundle.train, bundle.val, resume=args.resume)
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank != 0:
+        return 0
+    best = out_dir / "best.pt"
+    if best.exists() and bundle.val is not None:
+        from edgediag.checkpoint import load_model
+        model = load_model(best)[0].to(trainer.device)
+    metrics = finalize(model, bundle, train_cfg, trainer.device, out_dir, checkpoint_data)
+    write_json(out_dir / "train.json", {"model": name, "model_config": to_dict(model.config),
+                                        "train_config": dataclasses.asdict(train_cfg),
+                                        "history": trainer.history, "test_metrics": metrics,
+                                        "threshold": float(model.threshold)})
+    if metrics:
+        from edgediag.evaluate import format_metrics
+        print(format_metrics(metrics))
+    print(f"checkpoint: {out_dir / 'model.pt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.entry(main)
