@@ -1,0 +1,29 @@
+"""Numerical operators with interchangeable backends (see ``selective_scan``)."""
+
+from edgediag.ops.selective_scan import (
+    BACKENDS,
+    DEFAULT_CHUNK_SIZE,
+    available_backends,
+    forced_backend,
+    resolve_backend,
+    scan_backend,
+    selective_scan,
+    selective_scan_chunked,
+    selective_scan_cpu,
+    selective_scan_cuda,
+    selective_scan_ref,
+)
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_CHUNK_SIZE",
+    "available_backends",
+    "forced_backend",
+    "resolve_backend",
+    "scan_backend",
+    "selective_scan",
+    "selective_scan_chunked",
+    "selective_scan_cpu",
+    "selective_scan_cuda",
+    "selective_scan_ref",
+]

@@ -1,0 +1,118 @@
+"""Build-at-first-use loader for the native CPU selective-scan kernel.
+
+The C++ source lives in ``kernels/selective_scan_cpu.cpp`` and is compiled with
+``torch.utils.cpp_extension.load`` the first time it is needed. The build
+directory is cached under ``$EDGEDIAG_CACHE`` (default ``~/.cache/edgediag``),
+keyed by torch version, architecture and compiler flags, so a machine builds it
+once. A failed build (no compiler, no ninja, ...) is reported once through
+``warnings``/``logging`` and the caller falls back to the pure-PyTorch scan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+KERNEL_SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "selective_scan_cpu.cpp"
+
+_lock = threading.Lock()
+_module = None
+_error: str | None = None
+_warned = False
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def compile_flags() -> list[str]:
+    """-O3 plus AVX2/FMA when this x86 CPU has them (the build runs on the
+    machine that uses it; aarch64 gets NEON by default). No -march=native,
+    so a cached build stays valid on any CPU with the same flag set."""
+    flags = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP inline code in headers
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def build_directory(flags: list[str]) -> Path:
+    root = Path(os.environ.get("EDGEDIAG_CACHE", Path.home() / ".cache" / "edgediag"))
+    key = hashlib.sha1(" ".join([torch.__version__, platform.machine(), *flags]).encode()).hexdigest()[:10]
+    return root / "torch_extensions" / f"selective_scan_cpu_{key}"
+
+
+def _ensure_ninja_on_path() -> None:
+    # torch looks ninja up on PATH; the pip package puts it next to the
+    # interpreter, which is not on PATH when the venv is not activated.
+    try:
+        import ninja  # type: ignore[import-not-found]
+
+        bin_dir = ninja.BIN_DIR
+    except (ImportError, AttributeError):
+        return
+    path = os.environ.get("PATH", "")
+    if bin_dir not in path.split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + path
+
+
+def _build(verbose: bool):
+    from torch.utils.cpp_extension import load
+
+    if not KERNEL_SOURCE.is_file():  # e.g. a wheel install without the repository's kernels/
+        raise FileNotFoundError(f"kernel source {KERNEL_SOURCE} not found")
+    _ensure_ninja_on_path()
+    flags = compile_flags()
+    build_dir = build_directory(flags)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return load(
+        name="edgediag_selective_scan_cpu",
+        sources=[str(KERNEL_SOURCE)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        verbose=verbose,
+    )
+
+
+def load_extension(verbose: bool = False):
+    """The compiled module, or None if it cannot be built here (warns once)."""
+    global _module, _error, _warned
+    if _module is not None or _error is not None:
+        return _module
+    with _lock:
+        if _module is None and _error is None:
+            if os.environ.get("EDGEDIAG_DISABLE_CPU_EXT", "") not in ("", "0"):
+                _error = "disabled by EDGEDIAG_DISABLE_CPU_EXT"
+            else:
+                try:
+                    _module = _build(verbose)
+                except Exception as exc:  # compiler missing, ninja missing, build error...
+                    _error = f"{type(exc).__name__}: {exc}"
+            if _error is not None and not _warned:
+                _warned = True
+                msg = (f"edgediag: native CPU selective scan unavailable ({_error.splitlines()[0][:300]}); "
+                       "using the pure-PyTorch 'chunked' backend instead")
+                logger.warning(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    return _module
+
+
+def build_error() -> str | None:
+    """Why the extension is unavailable (None if it loaded or was never tried)."""
+    return _error
