@@ -14,4 +14,5 @@ VERBS = {
     "bench": "params, FLOPs, latency and memory against accuracy, as a report",
     "monitor": "on-device monitoring of a stream with an exported model",
     "demo": "the whole pipeline on synthetic data the project generates",
+    "tegrastats": "summarise a Jetson tegrastats log: input power, energy per inference, loads",
 }

@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 import traceback
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 EXIT_USAGE = 2  # bad input: path, model name, config key, checkpoint
 EXIT_INTERNAL = 1

@@ -1,16 +1,187 @@
-"""`python -m edgediag.demo`: The whole pipeline on synthetic data the project generates.
+"""`python -m edgediag.demo`: the whole pipeline on synthetic data the project generates.
 
-Not available yet: tracked in issue 10. The verb exists so the CLI is complete.
+For each model: generate a small synthetic set that resembles its real signals (machine
+sound with harmonics and bearing impulses, steel-like textures with defects, furnace
+electrode currents), train a small configuration, prune it to half its size and fine-tune
+it, export both to ONNX (checked against PyTorch), then benchmark the four artifacts of
+each model (checkpoint in eager PyTorch, graph in ONNX Runtime; original and pruned) on
+the held-out items. Every stage runs through the same verb a user would call; the
+equivalent command is printed before it runs. Outputs go to ``export/demo/``: the bench
+report (``bench/report.md``, ``report.json``, ``pareto.png``), runs, graphs and data.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
 from edgediag import cli
+from edgediag.utils import write_json
+
+log = logging.getLogger("edgediag.demo")
+
+
+@dataclasses.dataclass
+class DemoRun:
+    model: str  # registered name (a small variant)
+    dataset: str  # key of DATASETS
+    train: list[str]  # --set overrides for a CPU-minutes run
+    prune: list[str]  # prune verb arguments (method, ratio, fine-tuning)
+
+
+DATASETS = {
+    # name: (generator, its arguments, sub-folder holding the data it writes)
+    "machine_sound": ("edgediag.data.synth_audio:generate_machine_sounds",
+                      {"n_train": 48, "n_test": 32, "seconds": 4.5, "machine": "fan", "target_fraction": 0.5}, "fan"),
+    "defects": ("edgediag.data.synth_images:generate_defect_images", {"n_per_class": 40, "size": 128}, ""),
+    "furnace": ("edgediag.data.synth_sequences:generate", {"kind": "furnace", "n_train": 32, "n_test": 12}, ""),
+}
+
+_PRUNE = ["--method", "structured", "--ratio", "0.5", "--round-to", "8", "--steps", "6"]
+RUNS = [
+    DemoRun("tastgram_mfn_small", "machine_sound", ["train.epochs=20", "model.clip_seconds=4.5"],
+            [*_PRUNE, "--finetune-epochs", "8", "--distill", "1.0"]),
+    DemoRun("aegan_ad_small", "machine_sound", ["train.epochs=4", "model.clip_seconds=4.5"],
+            [*_PRUNE, "--finetune-epochs", "2"]),
+    DemoRun("memorymamba_nano", "defects", ["train.epochs=8", "train.batch_size=16", "model.image_size=64",
+                                            "data.test_fraction=0.25"],
+            [*_PRUNE, "--finetune-epochs", "2"]),
+    DemoRun("ldmamba_small", "furnace", ["train.epochs=12"], [*_PRUNE, "--finetune-epochs", "8", "--lr", "5e-4"]),
+]
+STAGES = ("train", "prune", "export", "bench")
+
+
+def parser():
+    p = cli.make_parser("demo", __doc__.splitlines()[0].split(": ", 1)[1])
+    p.add_argument("--out", default="export/demo", help="output folder (default: export/demo)")
+    p.add_argument("--models", nargs="+", help=f"subset of: {', '.join(r.model for r in RUNS)}")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help="comma-separated stages to run, in pipeline order (default: all: train,prune,export,bench)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for the bench (default: all cores)")
+    return p
+
+
+def _generate(name: str, root: Path, seed: int) -> Path:
+    """Generate a synthetic set once (reused by later runs); returns the folder to train on."""
+    import importlib
+    import inspect
+    import shutil
+
+    target, kwargs, subdir = DATASETS[name]
+    module, fn = target.split(":")
+    out = root / name
+    recipe = json.dumps({"generator": target, "seed": seed, **kwargs}, sort_keys=True) + "\n"
+    stamp = out / ".complete"
+    if not stamp.exists() or stamp.read_text() != recipe:  # new, or made with other settings
+        shutil.rmtree(out, ignore_errors=True)
+        log.info("generating synthetic %s data in %s", name, out)
+        generator = getattr(importlib.import_module(module), fn)
+        out_param = "out_dir" if "out_dir" in inspect.signature(generator).parameters else "out"
+        generator(**{out_param: out}, seed=seed, **kwargs)
+        stamp.write_text(recipe)
+    return out / subdir
+
+
+def _verb(verb: str, args: list[str]) -> None:
+    import importlib
+    import shlex
+
+    print(f"$ python -m edgediag.{verb} {' '.join(shlex.quote(str(a)) for a in args)}", flush=True)
+    rc = importlib.import_module(f"edgediag.{verb}").main([str(a) for a in args])
+    if rc:
+        raise cli.UserError(f"demo stage {verb} failed with exit code {rc}")
 
 
 def main(argv=None) -> int:
-    cli.make_parser("demo", "The whole pipeline on synthetic data the project generates. (not available yet: issue 10)").parse_args(argv)
-    raise cli.UserError("'demo' is not available yet (tracked in issue 10)")
+    import os
+
+    args = parser().parse_args(argv)
+    out = Path(args.out)
+    runs = [r for r in RUNS if not args.models or r.model in args.models]
+    if args.models and len(runs) != len(args.models):
+        known = {r.model for r in RUNS}
+        raise cli.UserError(f"unknown demo model(s) {sorted(set(args.models) - known)} (known: {', '.join(sorted(known))})")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if not stages or any(s not in STAGES for s in stages) or stages != sorted(stages, key=STAGES.index):
+        raise cli.UserError(f"--stages must be a subset of {','.join(STAGES)} in that order, not {args.stages!r}")
+    t0 = time.perf_counter()
+    seconds: dict[str, dict[str, float]] = {}
+    artifacts: list[Path] = []
+    for run in runs:
+        data = _generate(run.dataset, out / "data", args.seed)
+        run_dir, pruned_dir = out / "runs" / run.model, out / "runs" / f"{run.model}-pruned"
+        took = seconds.setdefault(run.model, {})
+        if "train" in stages:
+            started = time.perf_counter()
+            _verb("train", ["--model", run.model, "--data", data, "--out", run_dir, "--force", "--seed", args.seed,
+                            *[x for o in run.train for x in ("--set", o)]])
+            took["train"] = time.perf_counter() - started
+        if "prune" in stages:
+            started = time.perf_counter()
+            _verb("prune", ["--checkpoint", run_dir / "model.pt", "--data", data, "--out", pruned_dir, "--force",
+                            "--latency-runs", "5", *run.prune])
+            took["prune"] = time.perf_counter() - started
+        for ckpt_dir in (run_dir, pruned_dir):
+            if not (ckpt_dir / "model.pt").exists():
+                continue
+            graph_dir = out / "onnx" / ckpt_dir.name
+            if "export" in stages:
+                started = time.perf_counter()
+                _verb("export", ["--checkpoint", ckpt_dir / "model.pt", "--out", graph_dir, "--latency-runs", "5"])
+                took["export"] = took.get("export", 0.0) + time.perf_counter() - started
+            artifacts += [p for p in (ckpt_dir / "model.pt", graph_dir / "model.onnx") if p.exists()]
+    report = out / "bench"
+    if "bench" in stages:
+        if not artifacts:
+            raise cli.UserError(f"nothing to benchmark under {out}: run the train (and export) stages first")
+        started = time.perf_counter()
+        _verb("bench", ["--model", *artifacts, "--out", report, "--backends", "eager,onnxruntime",
+                        "--threads", args.threads or os.cpu_count() or 1, "--warmup", "3", "--iters", "20"])
+        seconds["bench"] = {"bench": time.perf_counter() - started}
+    total = time.perf_counter() - t0
+    summary = {"runs": _headline(report / "report.json") if (report / "report.json").exists() else [],
+               "seconds": seconds, "total_seconds": round(total, 1), "stages": stages}
+    write_json(out / "summary.json", summary)
+    print()
+    if summary["runs"]:
+        print(_table(summary["runs"]))
+    print(f"\ndemo finished in {total:.0f} s")
+    if (report / "report.md").exists():
+        print(f"report: {report / 'report.md'} (all figures: {report / 'report.json'}); plot: {report / 'pareto.png'}")
+    print(f"summary: {out / 'summary.json'}; checkpoints: {out / 'runs'}/; graphs: {out / 'onnx'}/")
+    return 0
+
+
+def _headline(report_json: Path) -> list[dict]:
+    """One line per model x variant x backend from the bench report (batch 1)."""
+    rows = json.loads(report_json.read_text())["rows"]
+    keep = []
+    for r in rows:
+        if r.get("status") != "ok" or r.get("batch") != 1:
+            continue
+        keep.append({"model": r["model"], "variant": r["variant"], "backend": r["backend"],
+                     "params": r.get("params_total"), "mflops": None if r.get("flops_per_item") is None
+                     else r["flops_per_item"] / 1e6, "p50_ms": r["latency_ms"]["p50"],
+                     "metric": r.get("metric_name"), "value": r.get("metric"), "auc": r.get("auc")})
+    return keep
+
+
+def _table(rows: list[dict]) -> str:
+    head = (f"{'model':<18} {'variant':<8} {'backend':<11} {'params':>10} {'MFLOPs':>8} {'p50 ms':>8} "
+            f"{'metric':>8} {'value':>6} {'AUC':>6}")
+    lines = [head, "-" * len(head)]
+
+    def fmt(v, spec):
+        return format(v, spec) if isinstance(v, (int, float)) else "n/a"
+    for r in rows:
+        lines.append(f"{r['model']:<18} {r['variant']:<8} {r['backend']:<11} {fmt(r['params'], ',d'):>10} "
+                     f"{fmt(r['mflops'], '.1f'):>8} {fmt(r['p50_ms'], '.2f'):>8} {str(r['metric']):>8} "
+                     f"{fmt(r['value'], '.3f'):>6} {fmt(r['auc'], '.3f'):>6}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

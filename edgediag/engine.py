@@ -18,7 +18,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from edgediag.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from edgediag.cli import UserError
-from edgediag.utils import select_device, seed_everything
+from edgediag.utils import seed_everything, select_device
 
 log = logging.getLogger("edgediag.engine")
 

@@ -5,8 +5,8 @@ scikit-learn computes every number; this module only names and groups them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from sklearn import metrics as skm

@@ -20,7 +20,7 @@ from edgediag import cli
 from edgediag.checkpoint import make_checkpoint, save_checkpoint
 from edgediag.config import from_dict, load_tree, to_dict
 from edgediag.data import DataConfig, build_data
-from edgediag.engine import DeviceLoader, Trainer, TrainConfig, distributed_env
+from edgediag.engine import DeviceLoader, TrainConfig, Trainer, distributed_env
 from edgediag.metrics import calibrate_threshold
 from edgediag.models import build_config, get_model_class
 from edgediag.utils import seed_everything, write_json
@@ -87,6 +87,12 @@ def finalize(model, bundle, train_cfg: TrainConfig, device, out_dir: Path, check
     model.eval()
     model.fit_normal(DeviceLoader(loader, device))
     calib = bundle.val if bundle.val is not None and len(bundle.val) else bundle.train
+    chosen = {}
+    if calib is bundle.val:
+        val_loader = DataLoader(bundle.val, batch_size=train_cfg.batch_size, shuffle=False)
+        chosen = model.calibrate(DeviceLoader(val_loader, device))
+        if chosen:
+            log.info("calibrated on the validation set: %s", chosen)
     normal = normal_subset(calib)
     scores = scores_of(model, normal, device, train_cfg.batch_size)
     if len(scores):
@@ -97,6 +103,7 @@ def finalize(model, bundle, train_cfg: TrainConfig, device, out_dir: Path, check
         metrics = model.evaluate(test_loader, out_dir=out_dir / "eval")
     payload = make_checkpoint(model, data=checkpoint_data,
                               meta={"train_config": to_dict(train_cfg), "test_metrics": _scalars(metrics),
+                                    "calibration": chosen,
                                     "threshold_from": f"{len(scores)} normal items of the "
                                                       f"{'validation' if calib is bundle.val else 'training'} set"})
     save_checkpoint(out_dir / "model.pt", payload)

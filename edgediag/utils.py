@@ -8,8 +8,8 @@ import logging
 import os
 import random
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch

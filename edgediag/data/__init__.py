@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch.utils.data import Dataset
 
@@ -23,6 +24,9 @@ from edgediag.cli import UserError
 class DataConfig:
     root: str = ""
     normal_labels: list[str] = dataclasses.field(default_factory=list)  # labels.csv sets: which labels are normal
+    # Anomaly detection on labels.csv sets: labels that are neither normal nor a fault (a
+    # stopped machine); left out of training and AUCs, still scored and listed.
+    ignore_labels: list[str] = dataclasses.field(default_factory=lambda: ["OFF"])
     on_bad_file: str = "error"  # error | skip (skip warns with a count)
     val_fraction: float = 0.0  # held out of train for validation / threshold calibration
     test_fraction: float = 0.25  # when the data has no split column / folder

@@ -12,7 +12,7 @@ _REGISTRY: dict[str, type[DiagnosisModel]] = {}
 _VARIANTS: dict[str, tuple[str, dict]] = {}  # variant name -> (family, config defaults)
 
 # Families are imported lazily so that `import edgediag.models` stays cheap.
-_FAMILY_MODULES = ("tastgram_mfn", "aegan_ad", "memorymamba", "ldmamba")
+_FAMILY_MODULES = ("tastgram_mfn", "aegan_ad", "memorymamba", "ldmamba", "image_cnn")
 
 
 def register_model(name: str, variants: dict[str, dict] | None = None):

@@ -7,7 +7,8 @@ registering itself with :func:`edgediag.models.register_model`.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterable
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -61,6 +62,12 @@ class DiagnosisModel(nn.Module):
         """After training: fit statistics of normal data that scoring needs (kNN bank,
         Mahalanobis, ...). Store them as buffers or extra state so checkpoints carry them."""
 
+    @torch.no_grad()
+    def calibrate(self, loader) -> dict[str, Any]:
+        """After fit_normal, with a labelled validation loader (never the test set): choose
+        settings such as which detection score to use. Returns what it chose (logged)."""
+        return {}
+
     # --- inference -----------------------------------------------------------------
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """Anomaly score per input (B,), higher = more anomalous."""
@@ -73,9 +80,38 @@ class DiagnosisModel(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement evaluate")
 
     def export_module(self) -> nn.Module:
-        """The module export traces: raw input (waveform, image, sequence) -> outputs."""
-        return self
+        """The module export traces: raw input (waveform, image, sequence) -> the anomaly
+        score (B,) first, optionally more outputs after it (class log-probs, embedding).
+        Pre-processing (features, normalisation) is inside, so a board needs nothing else.
+        Output names: the module's ``output_names`` attribute, else ("score",)."""
+        return ScoreModule(self)
+
+    def input_spec(self) -> dict[str, Any]:
+        """What the exported graph takes, recorded in the artifact's metadata so a runtime
+        can feed it: kind, per-item shape, dtype, and kind-specific fields (sample_rate for
+        audio, value range for images, frame rate...). Subclasses add their fields."""
+        return {"kind": self.data_kind, "shape": list(self.example_input(1).shape[1:]), "dtype": "float32"}
+
+    def streaming_module(self) -> nn.Module:
+        """``(x_t, *states) -> (outputs, *new_states)`` for sample-by-sample inference with
+        carried state (causal Mamba models only). Attributes ``input_names``/``output_names``
+        and a method ``example_inputs(batch_size)`` describe it for export."""
+        from edgediag.cli import UserError
+        raise UserError(f"{self.model_name} has no streaming form (only causal Mamba models have one)")
 
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
         """A correctly shaped input for tracing and FLOP counting."""
         raise NotImplementedError(f"{type(self).__name__} must implement example_input")
+
+
+class ScoreModule(nn.Module):
+    """x -> model.score(x): the default export module (the score is the graph's output)."""
+
+    output_names = ("score",)
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.score(x)

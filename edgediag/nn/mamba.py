@@ -291,26 +291,26 @@ class SS2D(nn.Module):
 
     def cross_scan_core(self, x: Tensor) -> Tensor:
         """x: (B, d_inner, H, W) after conv+silu -> merged scan output (B, H, W, d_inner), fp32."""
-        Bsz, D, H, W = x.shape
+        _, D, H, W = x.shape  # the batch stays -1 in reshapes: dynamic-batch graphs
         L, K = H * W, self.K
         R, N = self.dt_projs_weight.shape[-1], self.A_logs.shape[1]
         # cross-scan: row-major, column-major, then both reversed
-        x_hwwh = torch.stack([x.reshape(Bsz, D, L), x.transpose(2, 3).reshape(Bsz, D, L)], dim=1)
+        x_hwwh = torch.stack([x.reshape(-1, D, L), x.transpose(2, 3).reshape(-1, D, L)], dim=1)
         xs = torch.cat([x_hwwh, x_hwwh.flip(-1)], dim=1)                  # (B, K, D, L)
         x_dbl = torch.matmul(self.x_proj_weight, xs)                      # (B, K, R+2N, L)
         dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
         dts = torch.matmul(self.dt_projs_weight, dts)                     # (B, K, D, L)
         As = -torch.exp(self.A_logs.float())
-        out_y = selective_scan(xs.reshape(Bsz, K * D, L), dts.reshape(Bsz, K * D, L), As, Bs, Cs,
+        out_y = selective_scan(xs.reshape(-1, K * D, L), dts.reshape(-1, K * D, L), As, Bs, Cs,
                                self.Ds.float(), z=None, delta_bias=self.dt_projs_bias.float().reshape(-1),
                                delta_softplus=True, backend=self.scan_backend).float()
-        out_y = out_y.reshape(Bsz, K, D, L)
+        out_y = out_y.reshape(-1, K, D, L)
         # cross-merge: undo the reversals, then the transposition of the column-major pair
         inv_y = out_y[:, 2:4].flip(-1)
-        wh_y = out_y[:, 1].reshape(Bsz, D, W, H).transpose(2, 3).reshape(Bsz, D, L)
-        invwh_y = inv_y[:, 1].reshape(Bsz, D, W, H).transpose(2, 3).reshape(Bsz, D, L)
+        wh_y = out_y[:, 1].reshape(-1, D, W, H).transpose(2, 3).reshape(-1, D, L)
+        invwh_y = inv_y[:, 1].reshape(-1, D, W, H).transpose(2, 3).reshape(-1, D, L)
         y = out_y[:, 0] + inv_y[:, 0] + wh_y + invwh_y
-        return y.transpose(1, 2).reshape(Bsz, H, W, D)
+        return y.transpose(1, 2).reshape(-1, H, W, D)
 
     def forward(self, x: Tensor) -> Tensor:
         x, z = self.in_proj(x).chunk(2, dim=-1)              # (B, H, W, d_inner) each

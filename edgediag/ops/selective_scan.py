@@ -161,7 +161,9 @@ def _pad_time(x: Tensor, pad: int) -> Tensor:
     the TorchScript ONNX exporter turns F.pad into ~8 unfolded shape nodes."""
     if not pad:
         return x
-    return torch.cat([x, x.new_zeros(*_shape(x)[:-1], pad)], dim=-1)
+    # zeros shaped from x itself (not from traced sizes), so dynamic-batch graphs run at any batch
+    zeros = (x[..., :1] * 0).expand(*([-1] * (x.dim() - 1)), pad)
+    return torch.cat([x, zeros], dim=-1)
 
 
 def _bc_time_major(X: Tensor, groups: int, heads: int, n_chunks: int, chunk: int, pad: int) -> Tensor:
@@ -178,8 +180,10 @@ def _bc_time_major(X: Tensor, groups: int, heads: int, n_chunks: int, chunk: int
     if _shape(X)[1] != groups:  # a coarser grouping than the layout's: repeat groups
         X = X.repeat_interleave(groups // _shape(X)[1], dim=1)
     X = _pad_time(X, pad)
-    batch, N = _shape(X)[0], _shape(X)[2]
-    return X.reshape(batch, groups, N, n_chunks, chunk).permute(4, 0, 1, 2, 3).unsqueeze(3).contiguous()
+    N = _shape(X)[2]
+    # -1, not the traced batch size: a graph exported with a dynamic batch axis must
+    # run at any batch
+    return X.reshape(-1, groups, N, n_chunks, chunk).permute(4, 0, 1, 2, 3).unsqueeze(3).contiguous()
 
 
 _scratch = threading.local()
@@ -276,7 +280,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
 
     def time_major(x: Tensor) -> Tensor:  # (batch, D, L') -> (T, batch, G, H, 1, n_chunks)
         # contiguous, so that each step t below reads one dense slab
-        return x.reshape(batch, groups, heads, n_chunks, T).permute(4, 0, 1, 2, 3).unsqueeze(4).contiguous()
+        return x.reshape(-1, groups, heads, n_chunks, T).permute(4, 0, 1, 2, 3).unsqueeze(4).contiguous()
 
     A6 = A.float().reshape(1, 1, groups, heads, N, 1)
     dt = time_major(delta_p)
@@ -304,23 +308,9 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
         dBu = steps(du * Bm)
     Cs = steps(Cm)
 
-    # 1. local end state of every chunk, from a zero state
     def step(t: int, h: Tensor) -> Tensor:  # dA_t * h + dBu_t, in place when nothing records it
         return torch.addcmul(dBu[t], dA[t], h, out=h) if inference else torch.addcmul(dBu[t], dA[t], h)
 
-    h = dBu[0].clone() if inference else dBu[0]
-    for t in range(1, T):
-        h = step(t, h)
-    # 2. carried state between chunks; a chunk's total decay is exp(A * sum(delta))
-    chunk_decay = torch.exp(A6 * dt.sum(0, keepdim=True))     # (1, b, G, H, N, c)
-    decays, local_ends = chunk_decay.split(1, dim=-1), h.split(1, dim=-1)
-    state = torch.zeros_like(local_ends[0])
-    starts = []
-    for c in range(n_chunks):
-        starts.append(state)
-        state = decays[c] * state + local_ends[c]
-    # 3. rescan each chunk from its true initial state
-    h = torch.cat(starts, dim=-1)
     # linalg.vecdot is one fused kernel in eager but has no ONNX symbolic
     if tracing:
         def dot(a, b):
@@ -328,17 +318,41 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     else:
         def dot(a, b):
             return torch.linalg.vecdot(a, b, dim=-2)
-    ys = []
-    for t in range(T):
-        h = step(t, h)
-        ys.append(dot(h, Cs[t]))                             # (1, b, G, H, c)
+
+    h = dBu[0].clone() if inference else dBu[0]
+    if n_chunks == 1:
+        # One chunk starts from the zero state: passes 1 and 2 would only repeat pass 3
+        # (half the work, and half the exported graph, for sequences up to chunk_size).
+        ys = [dot(h, Cs[0])]
+        for t in range(1, T):
+            h = step(t, h)
+            ys.append(dot(h, Cs[t]))
+        state = h
+    else:
+        # 1. local end state of every chunk, from a zero state
+        for t in range(1, T):
+            h = step(t, h)
+        # 2. carried state between chunks; a chunk's total decay is exp(A * sum(delta))
+        chunk_decay = torch.exp(A6 * dt.sum(0, keepdim=True))     # (1, b, G, H, N, c)
+        decays, local_ends = chunk_decay.split(1, dim=-1), h.split(1, dim=-1)
+        state = torch.zeros_like(local_ends[0])
+        starts = []
+        for c in range(n_chunks):
+            starts.append(state)
+            state = decays[c] * state + local_ends[c]
+        # 3. rescan each chunk from its true initial state
+        h = torch.cat(starts, dim=-1)
+        ys = []
+        for t in range(T):
+            h = step(t, h)
+            ys.append(dot(h, Cs[t]))                             # (1, b, G, H, c)
     # (T, b, G, H, c) -> (b, G, H, c, T) = (b, D, L')
-    y = torch.cat(ys, dim=0).permute(1, 2, 3, 4, 0).reshape(batch, dim, n_chunks * T)
+    y = torch.cat(ys, dim=0).permute(1, 2, 3, 4, 0).reshape(-1, dim, n_chunks * T)
     if pad:
         y = y[..., :L]
     out = _finish(y, u, D, z, dtype_in)
     if return_last_state:
-        return out, state.reshape(batch, dim, N)
+        return out, state.reshape(-1, dim, N)
     return out
 
 

@@ -1,0 +1,377 @@
+"""MemoryMamba: a memory-augmented 2D state-space backbone for defect images.
+
+Wang, Hu, Zhou, "MemoryMamba: Memory-Augmented State Space Model for Defect
+Recognition", arXiv 2405.03673 (2024); code: github.com/Mamba-Hub-CV/MemoryMamba.
+
+Architecture (VMamba layout, channels-last (B, H, W, C) inside)::
+
+    image [0,1] -> normalise -> patch embedding (conv 4x4 stride 4, LayerNorm)
+      -> 4 stages of Mem-SSM blocks, patch merging between them
+         (2x2 neighbourhood concat -> LayerNorm -> Linear 4C -> 2C)
+      -> LayerNorm -> global average pool -> MLP head -> logits (softmax at export)
+
+Mem-SSM block (the paper's equations; our reading where the text leaves a choice)::
+
+    Z   = Linear(LN(X))                                           (B, H, W, C)
+    coarse memory (CMN, global):  q_c = MLP(Pool(DWConv(Z)))      one query per image
+                                  a_c = softmax(q_c K_c^T / sqrt(d)),  m_c = a_c V_c  (c slots)
+    fine memory (FMN, local):     q_f = MLP(DWConv(Z))            one query per position
+                                  a_f = softmax(q_f K_f^T / sqrt(d)),  m_f = a_f V_f  (f slots)
+    fusion:  s_c = sim(Pool(Z), m_c),  s_f = sim(Pool(Z), Pool(m_f))
+             Z'  = Z + s_c * Expand(m_c) + s_f * m_f              (sim: cosine | l1 | l2)
+    X   = X + LN(SS2D(Z'))                                        (4-direction selective scan)
+    X   = X + MLP(LN(X))                                          (the block's closing Linear layers)
+
+Ablations (paper Table 6): ``use_coarse=false`` (w/o CMN), ``use_fine=false`` (w/o FMN),
+``use_fusion=false`` (w/o fusion: memories are added to Z unweighted).
+
+Losses: L = CE + lambda_c * L_c + lambda_f * L_f, averaged over blocks:
+
+* L_c, contrastive on the coarse query vectors (paper): for pairs of items in the batch
+  with cosine distance d = 1 - cos(q_i, q_j), same class: d^2, different classes:
+  max(0, margin - d)^2; the two kinds are averaged separately and added, so a batch
+  dominated by one class still pushes the others apart.
+* L_f, InfoNCE between the pooled Z and the pooled fine memory read-out (paper:
+  mutual-information maximisation; negatives are the other items of the batch),
+  symmetric, on L2-normalised vectors at ``temperature``.
+
+Where the published code differs, and what we follow:
+
+* its coarse and fine memories are identical modules (1x1 conv -> pool -> key matmul);
+  we follow the paper (global vs. per-position queries through conv -> MLP);
+* its InfoNCE compares two depthwise-separable projections (before/after the memory) at
+  temperature 0.5 with no normalisation, scales every block's loss by 0.05 and clamps it to
+  [0, 3], and it has no contrastive loss; we keep its temperature 0.5 (``temperature``)
+  and use the paper's two losses with weights ``lambda_c``/``lambda_f``;
+* its fusion multiplies a 1x1 conv of concat(Z, memory) by the similarity and adds
+  0.1x of it; we follow the paper (similarity-weighted memory vectors added to Z);
+* its memories sit inside SS2D (after the depthwise conv); ours sit before the SS2D
+  module of edgediag.nn.mamba, on the block's own input projection, as in the paper's
+  block diagram.
+
+Training from scratch (no pretrained weights here): the LayerNorm after SS2D starts with
+zero gain, so every block starts as the identity; at unit gain the network stays at chance.
+
+``memorymamba_t`` reproduces the released model size (49.68 M parameters with 10 classes,
+50.44 M with 1000); docs/models/memorymamba.md derives the block internals from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from edgediag.cli import UserError
+from edgediag.models import register_model
+from edgediag.models.image_cnn import ImageClassifier, ImageClassifierConfig
+from edgediag.nn.mamba import SS2D
+
+
+@dataclasses.dataclass
+class MemoryMambaConfig(ImageClassifierConfig):
+    image_size: int = 224
+    depths: list[int] = dataclasses.field(default_factory=lambda: [2, 2, 5, 2])
+    dims: list[int] = dataclasses.field(default_factory=lambda: [96, 192, 384, 768])
+    patch_size: int = 4  # side of the patches the stem embeds (paper: 4)
+    stem: str = "patch"  # patch: conv 4x4 stride 4 (paper) | conv: two conv 3x3 stride 2 (released code)
+    d_state: int = 1  # SSM state size (the released tiny model uses 1)
+    ssm_expand: float = 2.0  # SS2D inner width = ssm_expand * C
+    d_conv: int = 3
+    mlp_ratio: float = 4.0  # the block's closing MLP: C -> ratio*C -> C (0 = none)
+    mem_mlp_ratio: float = 2.0  # query MLPs of the memories: C -> ratio*C -> key dim
+    mem_key_dim: int = 0  # 0 = the block's width C
+    coarse_slots: int = 12  # c: memory size of the coarse-grained network
+    fine_slots: int = 12  # f: memory size of the fine-grained network
+    use_coarse: bool = True  # False = ablation "w/o CMN"
+    use_fine: bool = True  # False = ablation "w/o FMN"
+    use_fusion: bool = True  # False = ablation "w/o fusion" (unweighted addition)
+    similarity: str = "cosine"  # cosine | l1 | l2 (paper's ablation)
+    head_hidden: int = 0  # hidden width of the MLP head; 0 = one linear layer (released model)
+    head_dropout: float = 0.0
+    drop_path: float = 0.2  # stochastic depth, linearly increasing over the blocks
+    lambda_c: float = 0.1  # weight of the coarse contrastive loss
+    lambda_f: float = 0.1  # weight of the fine InfoNCE loss
+    margin: float = 0.5  # contrastive margin on the cosine distance
+    temperature: float = 0.5  # InfoNCE temperature (the released code's 0.5)
+    scan_backend: str = "auto"  # see edgediag.ops.selective_scan
+
+
+# --- building blocks -----------------------------------------------------------------
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch per sample while training."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Mlp(nn.Sequential):
+    def __init__(self, dim: int, hidden: int, out: int | None = None):
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out or dim))
+
+
+class MemoryNetwork(nn.Module):
+    """conv -> MLP -> query vectors -> softmax attention over memory slots -> memory vectors.
+
+    ``local=False`` (coarse): one query per image from the pooled features, m (B, C).
+    ``local=True`` (fine): one query per position, m (B, H, W, C).
+    """
+
+    def __init__(self, dim: int, slots: int, key_dim: int, hidden: int, local: bool):
+        super().__init__()
+        self.local = local
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)  # depthwise: local context per channel
+        self.query = Mlp(dim, hidden, key_dim)
+        self.keys = nn.Parameter(torch.randn(slots, key_dim) * key_dim ** -0.5)
+        # Small values: at initialisation the memories barely perturb Z (a near-identity block).
+        self.values = nn.Parameter(torch.randn(slots, dim) * 0.02)
+        self.scale = key_dim ** -0.5
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.conv(z.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if not self.local:
+            feats = feats.mean(dim=(1, 2))
+        q = self.query(feats)
+        attn = torch.softmax((q @ self.keys.t()) * self.scale, dim=-1)
+        return attn @ self.values, q
+
+
+def similarity(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
+    """Similarity of (B, C) vectors -> (B,). Distances map to (0, 1] as 1 / (1 + d), with
+    d the mean absolute (l1) or root-mean-square (l2) difference, so the weights do not
+    grow with the width C."""
+    if kind == "cosine":
+        return F.cosine_similarity(a, b, dim=-1, eps=1e-6)
+    if kind == "l1":
+        return 1.0 / (1.0 + (a - b).abs().mean(dim=-1))
+    return 1.0 / (1.0 + (a - b).pow(2).mean(dim=-1).add(1e-12).sqrt())
+
+
+class MemSSMBlock(nn.Module):
+    """One Mem-SSM block; ``forward`` returns (X, aux) with the vectors the losses need."""
+
+    def __init__(self, dim: int, cfg: MemoryMambaConfig, drop_path: float):
+        super().__init__()
+        self.similarity = cfg.similarity
+        self.use_fusion = cfg.use_fusion
+        key_dim = cfg.mem_key_dim or dim
+        hidden = max(1, int(round(cfg.mem_mlp_ratio * dim)))
+        self.norm = nn.LayerNorm(dim)
+        self.in_proj = nn.Linear(dim, dim)
+        self.coarse = MemoryNetwork(dim, cfg.coarse_slots, key_dim, hidden, local=False) if cfg.use_coarse else None
+        self.fine = MemoryNetwork(dim, cfg.fine_slots, key_dim, hidden, local=True) if cfg.use_fine else None
+        self.ssm = SS2D(dim, d_state=cfg.d_state, d_conv=cfg.d_conv, d_inner=int(round(cfg.ssm_expand * dim)),
+                        scan_backend=cfg.scan_backend)
+        self.ssm_norm = nn.LayerNorm(dim)
+        self.drop_path = DropPath(drop_path)
+        self.mlp = None
+        if cfg.mlp_ratio > 0:
+            self.norm2 = nn.LayerNorm(dim)
+            self.mlp = Mlp(dim, int(round(cfg.mlp_ratio * dim)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z = self.in_proj(self.norm(x))
+        pooled = z.mean(dim=(1, 2))
+        aux = {"z": pooled}
+        fused = z
+        if self.coarse is not None:
+            m_c, aux["q_c"] = self.coarse(z)
+            w_c = similarity(pooled, m_c, self.similarity)[:, None] if self.use_fusion else 1.0
+            fused = fused + (w_c * m_c)[:, None, None, :]
+        if self.fine is not None:
+            m_f, _ = self.fine(z)
+            aux["m_f"] = m_f.mean(dim=(1, 2))
+            w_f = similarity(pooled, aux["m_f"], self.similarity)[:, None, None, None] if self.use_fusion else 1.0
+            fused = fused + w_f * m_f
+        x = x + self.drop_path(self.ssm_norm(self.ssm(fused)))
+        if self.mlp is not None:
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, aux
+
+
+class ConvStem(nn.Module):
+    """The released code's patch embedding ("v2"): two overlapping 3x3 convs of stride 2
+    (LayerNorm + GELU between) instead of one 4x4 patchify conv: a locality prior that
+    helps when training from scratch on a few hundred images."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1)
+        self.norm1 = nn.LayerNorm(dim // 2)
+        self.conv2 = nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(self.conv1(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.conv2(F.gelu(h))
+
+
+class PatchMerging(nn.Module):
+    """VMamba's downsampling: 2x2 neighbours concatenated -> LayerNorm -> Linear 4C -> 2C."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x))
+
+
+# --- the model -----------------------------------------------------------------------
+_EDGE = {"d_state": 1, "mem_mlp_ratio": 1.0, "coarse_slots": 4, "fine_slots": 4, "lambda_c": 0.1, "lambda_f": 0.1}
+
+
+@register_model("memorymamba", variants={
+    # The published configuration (released code, vssm_tiny): 224 px, 96 -> 768.
+    "memorymamba_t": {},
+    # Edge variants, trained from scratch on a CPU in minutes. Memory size 4 is the
+    # paper's best coarse memory size (Aluminum).
+    # nano patchifies 8x8 (16x16 tokens at 128 px): a quarter of the scan length of 4x4
+    # patches, which is what makes a CPU epoch take minutes, not a quarter of an hour.
+    "memorymamba_nano": {**_EDGE, "image_size": 128, "patch_size": 8, "depths": [1, 1, 2, 1],
+                         "dims": [32, 64, 128, 256], "mlp_ratio": 2.0, "drop_path": 0.05},
+    "memorymamba_micro": {**_EDGE, "image_size": 160, "depths": [1, 2, 3, 1], "dims": [32, 64, 128, 256],
+                          "mlp_ratio": 4.0, "drop_path": 0.1},
+})
+class MemoryMamba(ImageClassifier):
+    """MemoryMamba classifier (see the module docstring for the equations and losses)."""
+
+    Config = MemoryMambaConfig
+    # The paper fine-tunes ImageNet weights with Adam, lr 2e-5, weight decay 0.01, 10 epochs,
+    # 5 % warm-up then linear decay, batch 64. Nothing can be downloaded here, so training
+    # is from scratch: a 25x larger learning rate with AdamW, stronger weight decay and
+    # more epochs (docs/models/memorymamba.md has the runs behind these values).
+    train_defaults = {"epochs": 30, "batch_size": 32, "lr": 5e-4, "weight_decay": 0.05, "optimizer": "adamw",
+                      "warmup": 0.05, "schedule": "linear", "grad_clip": 1.0}
+
+    def __init__(self, config: MemoryMambaConfig):
+        super().__init__(config)
+        c = config
+        if not c.dims or len(c.dims) != len(c.depths) or min(c.depths) < 1:
+            raise UserError("memorymamba: dims and depths need the same (non-zero) length, depths >= 1")
+        if c.similarity not in ("cosine", "l1", "l2"):
+            raise UserError(f"memorymamba: similarity must be cosine, l1 or l2, not {c.similarity!r}")
+        stride = c.patch_size * 2 ** (len(c.dims) - 1)
+        if c.image_size % stride:
+            raise UserError(f"memorymamba: image_size {c.image_size} must be a multiple of {stride} "
+                            f"(patch {c.patch_size}, {len(c.dims) - 1} patch mergings)")
+        if (c.use_coarse and c.coarse_slots < 1) or (c.use_fine and c.fine_slots < 1):
+            raise UserError("memorymamba: memory sizes (coarse_slots, fine_slots) must be >= 1")
+        if c.stem == "patch":
+            self.patch_embed = nn.Conv2d(c.in_chans, c.dims[0], c.patch_size, stride=c.patch_size)
+        elif c.stem == "conv" and c.patch_size == 4:
+            self.patch_embed = ConvStem(c.in_chans, c.dims[0])
+        else:
+            raise UserError(f"memorymamba: stem must be patch or conv (conv needs patch_size 4), not {c.stem!r}")
+        self.embed_norm = nn.LayerNorm(c.dims[0])
+        n_blocks = sum(c.depths)
+        rates = [c.drop_path * i / max(1, n_blocks - 1) for i in range(n_blocks)]  # linear in depth
+        self.stages = nn.ModuleList()
+        self.merges = nn.ModuleList()
+        for i, (dim, depth) in enumerate(zip(c.dims, c.depths)):
+            start = sum(c.depths[:i])
+            self.stages.append(nn.ModuleList(MemSSMBlock(dim, c, rates[start + j]) for j in range(depth)))
+            self.merges.append(PatchMerging(dim, c.dims[i + 1]) if i + 1 < len(c.dims) else nn.Identity())
+        self.norm = nn.LayerNorm(c.dims[-1])
+        head = [nn.Dropout(c.head_dropout)] if c.head_dropout else []
+        if c.head_hidden:
+            head += [nn.Linear(c.dims[-1], c.head_hidden), nn.GELU(), nn.Linear(c.head_hidden, c.n_classes)]
+        else:
+            head += [nn.Linear(c.dims[-1], c.n_classes)]
+        self.head = nn.Sequential(*head)
+        self.apply(self._init_weights)
+        for blocks in self.stages:
+            for block in blocks:
+                # Zero-init residual: the paper's LayerNorm after SS2D would otherwise add a
+                # unit-variance branch in every block from the first step, burying the input
+                # signal under random features; with a zero gain each block starts as the
+                # identity (as ResNets zero their last BatchNorm). From scratch this is the
+                # difference between learning and staying at chance (docs/models/memorymamba.md).
+                nn.init.zeros_(block.ssm_norm.weight)
+        self.apply_pruned_widths()
+
+    def pruning_fixed_layers(self) -> list[nn.Module]:
+        """Every layer that writes the residual stream (its width is each stage's ``dims``
+        entry) and the head: structured pruning keeps the stream and prunes inside the
+        blocks - SS2D's inner channels, the MLP and memory-network hidden units. (The
+        stream runs channels-last through LayerNorms, memory read-outs and 2x2 patch
+        merging, which torch-pruning's index mapping does not follow.)"""
+        fixed: list[nn.Module] = [self.patch_embed, self.embed_norm, self.norm, self.head]
+        for blocks, merge in zip(self.stages, self.merges):
+            fixed.append(merge)
+            for b in blocks:
+                fixed += [b.norm, b.in_proj, b.ssm, b.ssm_norm]
+                fixed += [m for m in (b.coarse, b.fine) if m is not None]
+                if b.mlp is not None:
+                    fixed += [b.norm2, b.mlp[2]]
+        return fixed
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # VMamba's initialisation of linear layers; SS2D's own parameters (dt, A, D) keep theirs.
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """[0, 1] images -> (logits, per-block auxiliary vectors for the memory losses)."""
+        h = self.patch_embed(self.normalize(x)).permute(0, 2, 3, 1)
+        h = self.embed_norm(h)
+        aux = []
+        for blocks, merge in zip(self.stages, self.merges):
+            for block in blocks:
+                h, a = block(h)
+                aux.append(a)
+            h = merge(h)
+        return self.head(self.norm(h).mean(dim=(1, 2))), aux
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)[0]
+
+    # --- losses --------------------------------------------------------------------
+    def coarse_contrastive(self, q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Pull the coarse queries of one class together, push other classes' apart to at
+        least ``margin`` cosine distance."""
+        qn = F.normalize(q.float(), dim=-1)
+        dist = 1.0 - qn @ qn.t()
+        same = (y[:, None] == y[None, :]).float()
+        off_diag = 1.0 - torch.eye(len(y), device=q.device)
+        pos, neg = same * off_diag, (1.0 - same)
+        pull = (pos * dist.pow(2)).sum() / pos.sum().clamp(min=1)
+        push = (neg * F.relu(self.config.margin - dist).pow(2)).sum() / neg.sum().clamp(min=1)
+        return pull + push
+
+    def fine_infonce(self, z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Symmetric InfoNCE: each item's pooled Z must pick its own fine memory read-out
+        among the batch's (the other items are the negatives)."""
+        a, b = F.normalize(z.float(), dim=-1), F.normalize(m.float(), dim=-1)
+        logits = a @ b.t() / self.config.temperature
+        target = torch.arange(len(a), device=a.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+    def training_step(self, batch: dict, phase: str = "main") -> dict[str, torch.Tensor]:
+        x = batch["x"]
+        y = torch.as_tensor(batch["y"], device=x.device)
+        logits, aux = self.forward_features(x)
+        ce = self.classification_loss(logits, y)
+        zero = logits.new_zeros(())
+        l_c = torch.stack([self.coarse_contrastive(a["q_c"], y) for a in aux]).mean() if self.config.use_coarse else zero
+        l_f = torch.stack([self.fine_infonce(a["z"], a["m_f"]) for a in aux]).mean() \
+            if self.config.use_fine and len(y) > 1 else zero
+        loss = ce + self.config.lambda_c * l_c + self.config.lambda_f * l_f
+        return {"loss": loss, "ce": ce.detach(), "l_coarse": l_c.detach(), "l_fine": l_f.detach(),
+                "acc": (logits.argmax(-1) == y).float().mean()}

@@ -1,0 +1,225 @@
+"""Will the TensorRT ONNX parser of a given version take this graph? A static check run by
+``python -m edgediag.export`` before a user carries the file to a board.
+
+The tables below are transcribed from onnx-tensorrt's ``docs/operators.md`` support
+matrix (branches release/8.4-GA, release/8.5-GA, release/8.6-GA, the 10.x docs) and its
+``docs/Changelog.md`` (what each release added). They have NOT been verified on a device:
+a clean report means "nothing the parser documents as unsupported", not "the engine
+builds". Only the parser is checked; layer-level limits (DLA, INT8 kernels) are not.
+
+Versions are looked up by the newest table at or below the requested one ("8.5.2" ->
+8.5, "10.4" -> 10.4, "10.3.0" -> 10.3); versions older than 8.4 are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Iterable
+
+import onnx
+
+from edgediag.cli import UserError
+
+SOURCE = ("onnx-tensorrt docs/operators.md support matrix and docs/Changelog.md "
+          "(tables transcribed, not verified on a device)")
+
+# --- unsupported operators (default ONNX domain), per parser version ------------------------
+_SEQUENCE_OPS = {"SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase", "SequenceInsert",
+                 "SequenceLength", "SequenceMap", "ConcatFromSequence", "SplitToSequence"}
+_OPTIONAL_OPS = {"Optional", "OptionalGetElement", "OptionalHasElement"}
+# Never supported by any version covered here (training losses, integer/quantised linear
+# algebra, string ops, ...).
+_ALWAYS = _SEQUENCE_OPS | _OPTIONAL_OPS | {
+    "Bernoulli", "BitShift", "Compress", "ConvInteger", "Det", "DynamicQuantizeLinear", "MatMulInteger",
+    "MaxRoiPool", "MaxUnpool", "MelWeightMatrix", "Multinomial", "NegativeLogLikelihoodLoss", "QLinearConv",
+    "QLinearMatMul", "SoftmaxCrossEntropyLoss", "StringNormalizer", "TfIdfVectorizer", "Unique", "DFT",
+}
+
+_UNSUPPORTED: dict[tuple[int, int], set[str]] = {}
+# TensorRT 8.4 (JetPack 5.0.2): the 8.4 matrix's "N" rows (STFT and the window ops are
+# opset 17, newer than 8.4's opset 13 parser).
+_UNSUPPORTED[(8, 4)] = _ALWAYS | {
+    "Hardmax", "IsInf", "LayerNormalization", "GroupNormalization", "MeanVarianceNormalization", "Mod", "NonZero",
+    "OneHot", "RandomNormal", "RandomNormalLike", "Reciprocal", "RoiAlign", "Shrink", "GridSample", "Trilu",
+    "STFT", "BlackmanWindow", "HammingWindow", "HannWindow",
+}
+# 8.5 (JetPack 5.1.x) added RandomNormal, RandomUniform, MeanVarianceNormalization, RoiAlign,
+# Mod, Trilu, GridSample, NonZero (and the matrix marks OneHot, Reciprocal, Shrink as "Y").
+_UNSUPPORTED[(8, 5)] = _UNSUPPORTED[(8, 4)] - {
+    "RandomNormal", "RandomNormalLike", "MeanVarianceNormalization", "RoiAlign", "Mod", "Trilu", "GridSample",
+    "NonZero", "OneHot", "Reciprocal", "Shrink"}
+# 8.6 (JetPack 6.0) added LayerNormalization, GroupNormalization, IsInf.
+_UNSUPPORTED[(8, 6)] = _UNSUPPORTED[(8, 5)] - {"LayerNormalization", "GroupNormalization", "IsInf"}
+# 9.2 added Hardmax; 10.0 is the first 10.x. Newer ops of opsets 18-20 it lacks:
+_UNSUPPORTED[(10, 0)] = (_UNSUPPORTED[(8, 6)] - {"Hardmax"}) | {
+    "AffineGrid", "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "Col2Im", "CenterCropPad",
+    "ImageDecoder", "RegexFullMatch", "StringConcat", "StringSplit", "DeformConv"}
+_UNSUPPORTED[(10, 1)] = _UNSUPPORTED[(10, 0)] - {"DeformConv"}
+_UNSUPPORTED[(10, 3)] = _UNSUPPORTED[(10, 1)]  # JetPack 6.1 / 6.2
+_UNSUPPORTED[(10, 4)] = _UNSUPPORTED[(10, 3)] - {"BlackmanWindow", "HammingWindow", "HannWindow"}
+_UNSUPPORTED[(10, 5)] = _UNSUPPORTED[(10, 4)] - {"STFT"}  # real-valued STFT only
+
+# Highest ONNX opset each parser reads (8.4: "up to Opset 13"; 8.5/8.6: 17; 10.0: "opset 9 to opset 20").
+_MAX_OPSET = {(8, 4): 13, (8, 5): 17, (8, 6): 17, (10, 0): 20}
+
+KNOWN_VERSIONS = sorted(_UNSUPPORTED)
+
+
+@dataclasses.dataclass
+class Issue:
+    """One problem: ``kind`` is "unsupported_op", "restriction", "known_bad_pattern",
+    "opset" or "note" (notes do not count as problems)."""
+
+    kind: str
+    op: str
+    count: int
+    message: str
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_version(version: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in str(version).strip().split(".")[:2]]
+    except ValueError:
+        raise UserError(f"cannot read TensorRT version {version!r} (expected e.g. 8.5 or 10.3)") from None
+    return (parts[0], parts[1] if len(parts) > 1 else 0)
+
+
+def table_version(version: str) -> tuple[int, int]:
+    """The newest table at or below ``version``."""
+    wanted = parse_version(version)
+    usable = [v for v in KNOWN_VERSIONS if v <= wanted]
+    if not usable:
+        raise UserError(f"no operator table for TensorRT {version} (known: from "
+                        f"{'.'.join(map(str, KNOWN_VERSIONS[0]))})")
+    return usable[-1]
+
+
+def unsupported_ops(version: str) -> set[str]:
+    return set(_UNSUPPORTED[table_version(version)])
+
+
+def max_opset(version: str) -> int:
+    wanted = parse_version(version)
+    return _MAX_OPSET[max(v for v in _MAX_OPSET if v <= wanted)] if wanted >= (8, 4) else 0
+
+
+def _constant_names(graph: onnx.GraphProto) -> set[str]:
+    """Tensors known at build time: initializers and Constant outputs."""
+    names = {init.name for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            names.update(node.output)
+    return names
+
+
+def _constant_values(graph: onnx.GraphProto) -> dict[str, list]:
+    values = {}
+    for init in graph.initializer:
+        if init.dims == [] or len(init.dims) == 1 and init.dims[0] <= 8:
+            values[init.name] = onnx.numpy_helper.to_array(init).reshape(-1).tolist()
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = onnx.numpy_helper.to_array(attr.t).reshape(-1).tolist()
+    return values
+
+
+def _input_must_be_constant(graph, consts, op: str, index: int, what: str, where: str) -> list[Issue]:
+    bad = [n for n in graph.node if n.op_type == op and len(n.input) > index and n.input[index]
+           and n.input[index] not in consts]
+    if not bad:
+        return []
+    return [Issue("restriction", op, len(bad), f"{op}: `{what}` must be {where} ({len(bad)} node(s) compute it, "
+                                                f"e.g. {bad[0].name or bad[0].output[0]})")]
+
+
+def check_model(model: onnx.ModelProto, version: str) -> list[Issue]:
+    """Issues of ``model`` (main graph) for the TensorRT ONNX parser of ``version``."""
+    tv = table_version(version)
+    graph = model.graph
+    consts = _constant_names(graph)
+    counts = Counter((n.domain or "ai.onnx", n.op_type) for n in graph.node)
+    issues: list[Issue] = []
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    top = max_opset(version)
+    if opset > top:
+        issues.append(Issue("opset", "opset", 1, f"opset {opset} is newer than TensorRT {version}'s parser reads "
+                                                  f"(up to {top}): export with --opset {top}"))
+
+    unsupported = _UNSUPPORTED[tv]
+    for (domain, op), n in sorted(counts.items()):
+        if domain not in ("ai.onnx", ""):
+            issues.append(Issue("unsupported_op", f"{domain}::{op}", n,
+                                f"{domain}::{op} x{n}: custom-domain op, needs a TensorRT plugin"))
+        elif op in unsupported:
+            hint = " (arrived in TensorRT 8.6; export with --layernorm decompose)" if op == "LayerNormalization" else ""
+            issues.append(Issue("unsupported_op", op, n, f"{op} x{n}: not supported by the TensorRT {version} "
+                                                         f"ONNX parser{hint}"))
+
+    # Inputs the parser needs as build-time constants (per the matrix's Restrictions column).
+    where = "an initializer" if tv < (10, 0) else "a build-time constant"
+    issues += _input_must_be_constant(graph, consts, "CumSum", 1, "axis", where)
+    issues += _input_must_be_constant(graph, consts, "Conv", 1, "W", "an initializer") if tv < (8, 5) else []
+    issues += _input_must_be_constant(graph, consts, "ConvTranspose", 1, "W", "an initializer") if tv < (8, 5) else []
+    if tv < (10, 3):  # 10.3 added tensor `axes` for Slice
+        issues += _input_must_be_constant(graph, consts, "Slice", 3, "axes", "an initializer")
+    for op in ("Squeeze", "Unsqueeze"):  # opset >= 13 takes axes as an input; 10.7 added dynamic axes
+        issues += _input_must_be_constant(graph, consts, op, 1, "axes", "a constant")
+    if tv < (8, 6):  # 8.6 added dynamic K
+        issues += _input_must_be_constant(graph, consts, "TopK", 1, "K", "an initializer")
+    for op in sorted({n.op_type for n in graph.node if n.op_type.startswith("Reduce")}):
+        issues += _input_must_be_constant(graph, consts, op, 1, "axes", "an initializer")
+
+    # Known-bad pattern: since TensorRT 10.8 (ICumulativeLayer), several CumSums on
+    # different axes in one network compute as if on the same axis (onnx/onnx-tensorrt#1034,
+    # NVIDIA/TensorRT#4551).
+    if parse_version(version) >= (10, 8):
+        values = _constant_values(graph)
+        axes = {tuple(values.get(n.input[1], ["?"])) for n in graph.node if n.op_type == "CumSum" and len(n.input) > 1}
+        if len(axes) > 1:
+            issues.append(Issue("known_bad_pattern", "CumSum", counts[("ai.onnx", "CumSum")],
+                                "several CumSum nodes on different axes: TensorRT >= 10.8 computes them as if on "
+                                "one axis (onnx/onnx-tensorrt#1034)"))
+
+    # Notes (not problems): what the parser converts on its own.
+    doubles = [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.DOUBLE]
+    doubles += [n.name for n in graph.node if n.op_type == "Cast"
+                and any(a.name == "to" and a.i == onnx.TensorProto.DOUBLE for a in n.attribute)]
+    if doubles:
+        issues.append(Issue("note", "DOUBLE", len(doubles), f"{len(doubles)} float64 tensor(s): TensorRT casts "
+                                                            "DOUBLE down to FLOAT (clamped to +-FLT_MAX)"))
+    if tv < (10, 0) and any(t.data_type == onnx.TensorProto.INT64 for t in graph.initializer):
+        issues.append(Issue("note", "INT64", 1, "INT64 tensors: TensorRT 8.x casts them down to INT32"))
+    return issues
+
+
+def problems(issues: Iterable[Issue]) -> list[Issue]:
+    return [i for i in issues if i.kind != "note"]
+
+
+def summary_line(issues: list[Issue], version: str, board: str = "") -> str:
+    """One line for the terminal."""
+    where = f"TensorRT {version}" + (f" ({board})" if board else "")
+    bad = problems(issues)
+    if not bad:
+        return f"{where}: no unsupported ops or known-bad patterns"
+    listed = "; ".join(i.message for i in bad[:4]) + (f"; and {len(bad) - 4} more" if len(bad) > 4 else "")
+    return f"{where}: {len(bad)} problem(s) - {listed}"
+
+
+def report(model: onnx.ModelProto, version: str, board: str = "") -> dict:
+    """The export.json section: version, table used, issues, and the source of the tables."""
+    issues = check_model(model, version)
+    return {"tensorrt": version, "table": ".".join(map(str, table_version(version))), "board": board or None,
+            "ok": not problems(issues), "issues": [i.as_dict() for i in issues], "source": SOURCE,
+            "verified_on_device": False}
+
+
+__all__ = ["Issue", "check_model", "report", "summary_line", "problems", "unsupported_ops", "table_version",
+           "KNOWN_VERSIONS", "SOURCE"]

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Build a TensorRT engine on the Jetson from an edgediag export folder.
+#
+#   jetson/build_engine.sh EXPORT_DIR [PRESET] [extra trtexec flags...]
+#
+# EXPORT_DIR: the folder `python -m edgediag.export` wrote (model.onnx, export.json, and, for
+# `--target trt` without a GPU, build_engine.sh with the preset's exact trtexec command).
+# If that folder has its own build_engine.sh (written for the preset it was exported with,
+# including INT8 calibration and dynamic shapes) it is run. Otherwise the command is built
+# here from PRESET (export/presets/<board>.yaml or a path): precision = default_precision
+# (fp32/fp16; INT8 needs the calibration files only an export with --precision int8 writes),
+# builder workspace = workspace_mb. Static-batch graphs only (the export default).
+# Then a one-line latency check of the engine with trtexec --loadEngine.
+set -euo pipefail
+
+usage() { echo "usage: $0 EXPORT_DIR [PRESET] [extra trtexec flags]" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+EXPORT_DIR=$(cd "$1" && pwd) || { echo "error: export folder not found: $1" >&2; exit 2; }
+shift
+[ -f "$EXPORT_DIR/model.onnx" ] || { echo "error: no model.onnx in $EXPORT_DIR" >&2; exit 2; }
+HERE=$(cd "$(dirname "$0")" && pwd)
+
+TRTEXEC=${TRTEXEC:-/usr/src/tensorrt/bin/trtexec}
+if [ ! -x "$TRTEXEC" ]; then TRTEXEC=$(command -v trtexec || true); fi
+[ -n "$TRTEXEC" ] || { echo "error: trtexec not found (JetPack: /usr/src/tensorrt/bin/trtexec; or set TRTEXEC)" >&2; exit 2; }
+export TRTEXEC
+
+if [ -x "$EXPORT_DIR/build_engine.sh" ] || [ -f "$EXPORT_DIR/build_engine.sh" ]; then
+  echo "running the export's own build script: $EXPORT_DIR/build_engine.sh"
+  bash "$EXPORT_DIR/build_engine.sh" "$@"
+else
+  PRESET=${1:-}
+  [ -n "$PRESET" ] || { echo "error: $EXPORT_DIR has no build_engine.sh: name a preset (e.g. orin-nano)" >&2; exit 2; }
+  shift
+  if [ ! -f "$PRESET" ]; then PRESET="$HERE/../export/presets/$PRESET.yaml"; fi
+  [ -f "$PRESET" ] || { echo "error: preset not found: $PRESET" >&2; exit 2; }
+  # flat `key: value` YAML: read one key (quotes and comments stripped)
+  key() { sed -n "s/^$1:[[:space:]]*\([^#]*\).*/\1/p" "$PRESET" | tr -d "\"' " ; }
+  PRECISION=${PRECISION:-$(key default_precision)}
+  WORKSPACE=$(key workspace_mb)
+  case "$PRECISION" in
+    fp32) FLAGS=() ;;
+    fp16) FLAGS=(--fp16) ;;
+    int8) echo "error: INT8 needs calibration: export with --target trt --precision int8 --preset $(key board)" >&2; exit 2 ;;
+    *) echo "error: unknown precision '$PRECISION' in $PRESET" >&2; exit 2 ;;
+  esac
+  echo "building for $(key board) (JetPack $(key jetpack), TensorRT $(key tensorrt)), $PRECISION, workspace ${WORKSPACE:-1024} MiB"
+  (cd "$EXPORT_DIR" && "$TRTEXEC" --onnx=model.onnx --saveEngine=model.engine "${FLAGS[@]}" \
+      --memPoolSize=workspace:"${WORKSPACE:-1024}" --timingCacheFile=timing.cache "$@")
+fi
+
+[ -f "$EXPORT_DIR/model.engine" ] || { echo "error: no model.engine was written" >&2; exit 1; }
+echo "engine: $EXPORT_DIR/model.engine"
+# latency of the engine alone (GPU compute, no pre-processing): trtexec's summary lines
+"$TRTEXEC" --loadEngine="$EXPORT_DIR/model.engine" --iterations=200 --warmUp=500 2>&1 \
+  | grep -E "Throughput|Latency: min|GPU Compute Time: min" || true
+echo "check the engine against the graph before trusting it: python3 -m edgediag.bench --model $EXPORT_DIR/model.onnx $EXPORT_DIR/model.engine --out bench/"

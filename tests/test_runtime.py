@@ -1,0 +1,256 @@
+"""edgediag.runtime: one predictor over checkpoints (.pt) and ONNX graphs (.onnx), with the
+threshold and pre-processing from the artifact's metadata; streaming graphs stepped with
+carried states. The models here are small test models fitted on synthetic machine sounds
+(edgediag.data.synth_audio), exported with the real export verb."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgediag import cli, export, runtime
+from edgediag.checkpoint import make_checkpoint, save_checkpoint
+from edgediag.data.synth_audio import machine_clip
+from edgediag.models import DiagnosisModel, register_model
+from edgediag.nn.features import LogMel
+
+SR = 16000
+FAST = ["--latency-runs", "2", "--parity-items", "4", "--threads", "1"]
+
+
+# --- a fitted audio model: log-mel band energies, z-scored against normal clips ----------------
+@dataclasses.dataclass
+class BandConfig:
+    sample_rate: int = SR
+    clip_seconds: float = 0.5
+    n_fft: int = 512
+    hop: int = 256
+    n_mels: int = 32
+
+
+@register_model("test_runtime_bands")
+class BandEnergyModel(DiagnosisModel):
+    """Score = mean squared z-score of the clip's mean log-mel bands against normal clips."""
+
+    Config = BandConfig
+    data_kind = "audio"
+
+    def __init__(self, config):
+        super().__init__(config)
+        c = config
+        self.n_samples = int(round(c.clip_seconds * c.sample_rate))
+        self.logmel = LogMel(c.sample_rate, c.n_fft, c.hop, c.n_mels, log="db")
+        self.register_buffer("band_mean", torch.zeros(c.n_mels))
+        self.register_buffer("band_std", torch.ones(c.n_mels))
+
+    def bands(self, x):
+        return self.logmel(x, conv=True).mean(-1)  # the DFT-conv form exports without an STFT op
+
+    def fit(self, waves: torch.Tensor) -> None:
+        b = self.bands(waves)
+        self.band_mean.copy_(b.mean(0))
+        self.band_std.copy_(b.std(0) + 1e-3)
+
+    def score(self, x):
+        return ((self.bands(x) - self.band_mean) / self.band_std).pow(2).mean(1)
+
+    def example_input(self, batch_size=1):
+        return torch.randn(batch_size, self.n_samples, generator=torch.Generator().manual_seed(batch_size)) * 0.1
+
+    def input_spec(self):
+        spec = super().input_spec()
+        spec.update(sample_rate=self.config.sample_rate)
+        return spec
+
+
+def clips(n: int, seconds: float, anomaly: str | None = None, seed: int = 0) -> np.ndarray:
+    """``n`` synthetic machine clips (source domain, 30 Hz shaft), float32 at SR."""
+    return np.stack([machine_clip(np.random.default_rng([seed, i]), SR, int(seconds * SR), 30.0, "source", anomaly)
+                     for i in range(n)]).astype(np.float32)
+
+
+def fitted_band_model() -> BandEnergyModel:
+    torch.manual_seed(0)
+    model = BandEnergyModel(BandConfig()).eval()
+    with torch.no_grad():
+        model.fit(torch.from_numpy(clips(24, 0.5, seed=1)))
+        # threshold well above every held-out normal window (a monitor must not chatter on normal sound)
+        normal = model.score(torch.from_numpy(clips(16, 0.5, seed=2)))
+        model.threshold.fill_(float(normal.max()) * 1.5)
+    return model
+
+
+def run_export(*args) -> int:
+    return cli.run(export.main, [str(a) for a in args])
+
+
+def build_band_artifacts(root: Path) -> dict[str, Path]:
+    """model.pt and its ONNX export (the real export verb, parity-checked)."""
+    model = fitted_band_model()
+    ckpt = root / "model.pt"
+    save_checkpoint(ckpt, make_checkpoint(model, data={"kind": "audio", "classes": ["normal"],
+                                                        "normal_classes": ["normal"]}))
+    assert run_export("--checkpoint", ckpt, "--out", root / "onnx", *FAST) == 0
+    return {"pt": ckpt, "onnx": root / "onnx" / "model.onnx", "root": root}
+
+
+@pytest.fixture(scope="module")
+def band_artifacts(tmp_path_factory) -> dict[str, Path]:
+    return build_band_artifacts(tmp_path_factory.mktemp("bands"))
+
+
+# --- a streaming model: an exponential moving average of sensor rows, state carried ------------
+@dataclasses.dataclass
+class EmaConfig:
+    n_features: int = 3
+    seq_len: int = 8
+    decay: float = 0.8
+
+
+class EmaStep(nn.Module):
+    input_names = ("x_t", "ema")
+    output_names = ("score", "ema_out")
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_t, ema):
+        new = self.model.config.decay * ema + (1 - self.model.config.decay) * x_t
+        return new.pow(2).mean(1), new
+
+    def example_inputs(self, batch_size=1):
+        return torch.zeros(batch_size, self.model.config.n_features), torch.zeros(batch_size, self.model.config.n_features)
+
+
+@register_model("test_runtime_ema")
+class EmaModel(DiagnosisModel):
+    """Sensor rows (T, F) -> squared EMA of the rows; a causal model with a streaming form."""
+
+    Config = EmaConfig
+    data_kind = "sequence"
+
+    def score(self, x):
+        ema = torch.zeros(x.shape[0], x.shape[2])
+        for t in range(x.shape[1]):  # fixed T: unrolled at export
+            ema = self.config.decay * ema + (1 - self.config.decay) * x[:, t]
+        return ema.pow(2).mean(1)
+
+    def example_input(self, batch_size=1):
+        return torch.randn(batch_size, self.config.seq_len, self.config.n_features,
+                           generator=torch.Generator().manual_seed(batch_size))
+
+    def streaming_module(self):
+        return EmaStep(self)
+
+
+def build_ema_artifacts(root: Path) -> dict[str, Path]:
+    """model.pt of the EMA model and its streaming ONNX export."""
+    model = EmaModel(EmaConfig()).eval()
+    model.threshold.fill_(1.0)
+    ckpt = root / "model.pt"
+    save_checkpoint(ckpt, make_checkpoint(model, data={"kind": "sequence", "classes": ["normal"],
+                                                        "normal_classes": ["normal"]}))
+    assert run_export("--checkpoint", ckpt, "--streaming", "--stream-steps", "12", "--out", root / "stream", *FAST) == 0
+    return {"pt": ckpt, "onnx": root / "stream" / "model.onnx"}
+
+
+@pytest.fixture(scope="module")
+def ema_artifacts(tmp_path_factory) -> dict[str, Path]:
+    return build_ema_artifacts(tmp_path_factory.mktemp("ema"))
+
+
+# --- tests -------------------------------------------------------------------------------------
+def test_pt_and_onnx_agree_and_decide_alike(band_artifacts):
+    pt, ox = runtime.load(band_artifacts["pt"], threads=1), runtime.load(band_artifacts["onnx"], threads=1)
+    assert (pt.backend, ox.backend) == ("pytorch", "onnxruntime")
+    assert pt.threshold == pytest.approx(ox.threshold) and np.isfinite(ox.threshold)
+    assert ox.input_spec["sample_rate"] == SR and ox.input_spec["shape"] == [SR // 2]
+    assert ox.batch == 1  # a static-batch graph: batches are chunked to it
+    x = np.concatenate([clips(3, 0.5, seed=5), clips(3, 0.5, "rub", seed=6)])
+    items = np.stack([ox.prepare(w) for w in x])
+    s_pt, s_ox = pt.score(items), ox.score(torch.from_numpy(items))
+    assert s_ox.shape == (6,)
+    np.testing.assert_allclose(s_ox, s_pt, rtol=1e-4, atol=1e-4 * float(np.abs(s_pt).max()))
+    assert (pt.is_anomalous(s_pt) == ox.is_anomalous(s_ox)).all()
+    assert not ox.is_anomalous(s_ox[:3]).any() and ox.is_anomalous(s_ox[3:]).all()
+    assert list(ox.outputs(items)) == ["score"]
+
+
+def test_prepare_pads_and_crops_like_the_reader(band_artifacts):
+    pred = runtime.load(band_artifacts["onnx"])
+    short = np.arange(100, dtype=np.float32)
+    padded = pred.prepare(short)
+    assert padded.shape == (SR // 2,) and padded[100] == 0.0 and padded[250] == 50.0  # wrap = repeat
+    assert pred.prepare(np.ones(SR, np.float32)).shape == (SR // 2,)
+
+
+def test_streaming_graph_steps_with_carried_state(ema_artifacts):
+    ox = runtime.load(ema_artifacts["onnx"])
+    pt = runtime.load(ema_artifacts["pt"], streaming=True)
+    assert ox.streaming and pt.streaming
+    assert ox.stream_info["state_inputs"] == ["ema"]
+    xs = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+    s_ox, s_pt = ox.initial_states(1), pt.initial_states(1)
+    assert [s.shape for s in s_ox] == [(1, 3)]
+    ema = np.zeros(3)
+    for x in xs:
+        out_ox, s_ox = ox.step(x[None], s_ox)
+        out_pt, s_pt = pt.step(x[None], s_pt)
+        ema = 0.8 * ema + 0.2 * x
+        assert out_ox["score"][0] == pytest.approx(np.mean(ema ** 2), rel=1e-5)
+        assert out_pt["score"][0] == pytest.approx(out_ox["score"][0], rel=1e-5)
+    with pytest.raises(cli.UserError, match="streaming graph"):
+        ox.score(xs[None])
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.onnx", None, "artifact not found"),
+    ("model.bin", b"x", "unknown artifact type"),
+    ("broken.onnx", b"not a graph", "not a loadable ONNX graph"),
+    ("model.engine", b"x", "no model.onnx beside the engine"),
+])
+def test_bad_artifacts_are_one_line_user_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(cli.UserError, match=message):
+        runtime.load(path)
+
+
+def test_graph_without_edgediag_metadata_is_refused(tmp_path):
+    path = tmp_path / "plain.onnx"
+    torch.onnx.export(nn.Linear(4, 1), (torch.zeros(1, 4),), str(path), dynamo=False)
+    with pytest.raises(cli.UserError, match="no edgediag metadata"):
+        runtime.load(path)
+
+
+def test_runtime_imports_without_torch_for_onnx(band_artifacts):
+    """A board with only the runtime extra: loading and scoring an ONNX graph never imports torch."""
+    code = ("import sys, numpy as np\n"
+            "sys.modules['torch'] = None  # any 'import torch' now fails\n"
+            "from edgediag import runtime\n"
+            f"p = runtime.load({str(band_artifacts['onnx'])!r}, threads=1)\n"
+            "x = p.prepare(np.zeros(100, np.float32))\n"
+            "print(p.score(x[None]).shape, p.threshold > 0)\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(1,) True"
+
+
+def test_metadata_contract_parsed(band_artifacts):
+    pred = runtime.load(band_artifacts["onnx"])
+    meta = pred.metadata
+    assert meta["model_name"] == "test_runtime_bands" and isinstance(meta["model_config"], dict)
+    assert meta["input_spec"]["score_output"] == "score" and meta["normal_classes"] == ["normal"]
+    assert json.loads(json.dumps(meta["export"]))["opset"] == 17
