@@ -2,6 +2,7 @@
 
     python -m edgediag.bench --model runs/a/best.pt export/a/model.onnx --data DIR --out bench/ \\
         [--backends eager,onnxruntime,tensorrt] [--threads N] [--batch 1,8] [--warmup W --iters I]
+        [--rounds R]   # interleave the timed runs of all artifacts in R rounds (shared machines)
 
 Each artifact runs on its own backend: a checkpoint (.pt) in eager PyTorch, an ONNX
 graph (.onnx) in ONNX Runtime, a TensorRT engine (.engine/.plan) in TensorRT (needs
@@ -59,6 +60,10 @@ def parser():
     p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8 (default 1)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs before timing (default 5)")
     p.add_argument("--iters", type=int, default=50, help="timed runs per figure (default 50)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="split the timed runs into R rounds that go through every artifact in turn, so "
+                        "the machine's drift hits every row alike (RSS is then the peak over all rows; "
+                        "default 1: each artifact timed in one block, as power logs need)")
     p.add_argument("--split", default="test", choices=["test", "val", "train"], help="split for accuracy")
     p.add_argument("--max-items", type=int, default=0, help="score at most this many items (0 = all)")
     p.add_argument("--device", default="cpu", help="eager device: cpu or cuda (default cpu)")
@@ -307,20 +312,50 @@ def time_runs(run: Callable, x: torch.Tensor, warmup: int, iters: int, cuda: boo
     rss_method = reset_peak_rss()
     for _ in range(warmup):
         run(x)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - t0)
-    ms = np.asarray(times) * 1e3
-    out = {"latency_ms": {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
-                          "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean()),
-                          "min": float(ms.min())},
-           "items_per_s": float(len(x) * iters / max(sum(times), 1e-12)),
-           "rss_peak_mb": round(peak_rss_mb(), 1), "rss_method": rss_method}
+    times = timed_calls(run, x, iters)
+    out = {**latency_stats(times, len(x)), "rss_peak_mb": round(peak_rss_mb(), 1), "rss_method": rss_method}
     if cuda:
         out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
+
+
+def timed_calls(run: Callable, x: torch.Tensor, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def latency_stats(times: list[float], batch: int) -> dict:
+    ms = np.asarray(times) * 1e3
+    return {"latency_ms": {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+                           "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean()),
+                           "min": float(ms.min())},
+            "items_per_s": float(batch * len(times) / max(sum(times), 1e-12))}
+
+
+def time_interleaved(jobs: list[tuple[dict, Callable, torch.Tensor]], warmup: int, iters: int, rounds: int) -> None:
+    """Time every (row, run, x) in ``rounds`` rounds that go through all of them in turn, so
+    a shared machine's drift (other jobs, clock changes) hits every row alike instead of
+    whichever artifact happened to be timed at the time; fills each row's latency fields."""
+    rss_method = reset_peak_rss()
+    for _, run, x in jobs:
+        for _ in range(warmup):
+            run(x)
+    samples: list[list[float]] = [[] for _ in jobs]
+    started = datetime.datetime.now()
+    for r in range(rounds):
+        n = iters // rounds + (1 if r < iters % rounds else 0)
+        for k, (_, run, x) in enumerate(jobs):
+            samples[k] += timed_calls(run, x, n)
+    span = {"start": started.isoformat(timespec="milliseconds"),
+            "end": datetime.datetime.now().isoformat(timespec="milliseconds"), "interleaved": True}
+    peak = round(peak_rss_mb(), 1)  # the process's peak over all rows: they ran together
+    for (row, _, x), times in zip(jobs, samples):
+        row.update(latency_stats(times, len(x)), rss_peak_mb=peak, rss_method=rss_method, span=span,
+                   rounds=rounds)
 
 
 def _batches(dataset, static_batch: int | None, max_items: int):
@@ -518,6 +553,12 @@ def _int_list(text: str, what: str) -> list[int]:
     return values
 
 
+def _print_row(row: dict, art: Artifact, acc: dict) -> None:
+    lat = row["latency_ms"]
+    print(f"{art.model_name} {art.variant} {art.backend} batch {row['batch']}: p50 {lat['p50']:.3f} ms, "
+          f"{row['items_per_s']:.1f} items/s, {acc.get('metric_name')} {acc.get('metric')}")
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -526,6 +567,8 @@ def main(argv=None) -> int:
         raise cli.UserError(f"unknown backend {', '.join(unknown) or repr(args.backends)} "
                             f"(choose from {', '.join(BACKENDS)})")
     batches = _int_list(args.batch, "batch")
+    if not 1 <= args.rounds <= max(args.iters, 1):
+        raise cli.UserError(f"--rounds must be between 1 and --iters ({args.iters}), not {args.rounds}")
     if args.threads < 1 or args.iters < 1 or args.warmup < 0:
         raise cli.UserError("--threads and --iters must be >= 1, --warmup >= 0")
     if args.data and not Path(args.data).exists():
@@ -538,6 +581,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
     cache: dict = {}
     rows = []
+    interleaved: list[tuple[dict, Callable, torch.Tensor]] = []  # --rounds > 1: timed together
     for art in arts:
         base = {"artifact": str(art.path), "model": art.model_name, "model_name": art.model_name,
                 "group": art.group, "variant": art.variant, "backend": art.backend, "threads": args.threads,
@@ -565,20 +609,27 @@ def main(argv=None) -> int:
                 rows.append({**row, "status": "skipped", "reason": f"the graph has a static batch of {static}"})
                 continue
             x = batch_input(dataset, art, b)
+            if args.rounds > 1:  # timed below, all rows together
+                rows.append({**row, "status": "ok"})
+                interleaved.append((rows[-1], run, x))
+                continue
             started = datetime.datetime.now()  # local time, as tegrastats stamps its lines
             rows.append({**row, "status": "ok", **time_runs(run, x, args.warmup, args.iters, device.type == "cuda"),
                          "span": {"start": started.isoformat(timespec="milliseconds"),
                                   "end": datetime.datetime.now().isoformat(timespec="milliseconds")}})
-            lat = rows[-1]["latency_ms"]
-            print(f"{art.model_name} {art.variant} {art.backend} batch {b}: p50 {lat['p50']:.3f} ms, "
-                  f"{rows[-1]['items_per_s']:.1f} items/s, {acc.get('metric_name')} {acc.get('metric')}")
+            _print_row(rows[-1], art, acc)
+    if interleaved:
+        time_interleaved(interleaved, args.warmup, args.iters, args.rounds)
+        for row, _, _ in interleaved:
+            _print_row(row, next(a for a in arts if str(a.path) == row["artifact"]), row)
     for r in rows:
         for k in ("auc", "pauc", "metric", "decision_accuracy"):
             if k in r:
                 r[k] = _finite(r[k])
     power = attach_power(rows, args.tegrastats, args.tegrastats_interval_ms, args.iters) if args.tegrastats else None
     write_json(out / "report.json", {"edgediag_version": __version__, "env": env,
-                                     "settings": {"warmup": args.warmup, "iters": args.iters, "batches": batches,
+                                     "settings": {"warmup": args.warmup, "iters": args.iters, "rounds": args.rounds,
+                                                  "batches": batches,
                                                   "threads": args.threads, "split": args.split,
                                                   "data": args.data, "tegrastats": args.tegrastats},
                                      "power": power, "rows": rows})

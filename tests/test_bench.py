@@ -131,6 +131,27 @@ def test_bench_reports_eager_and_onnxruntime_rows(toy_artifacts, tmp_path, capsy
     assert (out / ok[0]["plots"] / "roc.png").is_file()
 
 
+def test_interleaved_rounds_time_every_row_with_all_its_runs(toy_artifacts, tmp_path, capsys):
+    """--rounds R: the timed runs of all rows alternate in R rounds (drift hits every row
+    alike); each row still gets exactly --iters timed runs, over one shared span."""
+    _, data, ckpt, graph = toy_artifacts
+    out = tmp_path / "bench"
+    rc = cli.run(bench.main, ["--model", str(ckpt), str(graph), "--data", str(data), "--out", str(out),
+                              "--backends", "eager,onnxruntime", "--warmup", "1", "--iters", "7", "--rounds", "3",
+                              "--threads", "1"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    ok = [r for r in report["rows"] if r["status"] == "ok"]
+    assert len(ok) == 2 and report["settings"]["rounds"] == 3
+    for r in ok:
+        assert r["rounds"] == 3 and r["span"]["interleaved"] and 0 < r["latency_ms"]["min"] <= r["latency_ms"]["p50"]
+        assert math.isclose(r["items_per_s"] * r["latency_ms"]["mean"] / 1e3, 1.0, rel_tol=1e-6)  # 7 runs of 1 item
+    assert ok[0]["span"] == ok[1]["span"]
+    rc = cli.run(bench.main, ["--model", str(ckpt), "--data", str(data), "--out", str(tmp_path / "o2"),
+                              "--iters", "4", "--rounds", "5"])
+    assert rc == 2 and "--rounds" in capsys.readouterr().err
+
+
 def test_bench_bad_input_is_one_line(toy_artifacts, tmp_path, capsys):
     _, data, ckpt, _ = toy_artifacts
     # as a user runs it: one error line, exit 2, no traceback, nothing written
