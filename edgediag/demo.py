@@ -140,7 +140,7 @@ def main(argv=None) -> int:
             raise cli.UserError(f"nothing to benchmark under {out}: run the train (and export) stages first")
         started = time.perf_counter()
         _verb("bench", ["--model", *artifacts, "--out", report, "--backends", "eager,onnxruntime",
-                        "--threads", args.threads or os.cpu_count() or 1, "--warmup", "3", "--iters", "20"])
+                        "--threads", args.threads or os.cpu_count() or 1, "--warmup", "3", "--iters", "20", "--rounds", "4"])
         seconds["bench"] = {"bench": time.perf_counter() - started}
     total = time.perf_counter() - t0
     summary = {"runs": _headline(report / "report.json") if (report / "report.json").exists() else [],
