@@ -20,6 +20,7 @@ zero states, ``step(x_t, states) -> (outputs, new_states)`` one time step.
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 from collections.abc import Sequence
@@ -161,8 +162,9 @@ class Preprocess:
 
 
 # --- predictors ---------------------------------------------------------------------------------------
-class Predictor:
-    """Common part: metadata, batching to a static graph batch, decisions, streaming."""
+class Predictor(abc.ABC):
+    """Common part: metadata, batching to a static graph batch, decisions, streaming.
+    Each backend (ONNX Runtime, TensorRT, PyTorch) implements :meth:`_run`."""
 
     backend = ""
 
@@ -190,9 +192,9 @@ class Predictor:
     def prepare(self, window: np.ndarray) -> np.ndarray:
         return self.preprocess(window)
 
-    # backend hook: one call with the graph's inputs in order -> outputs in order
+    @abc.abstractmethod
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        raise NotImplementedError
+        """One call with the graph's inputs in order -> its outputs in order."""
 
     def outputs(self, batch) -> dict[str, np.ndarray]:
         """All graph outputs for a batch of prepared items, chunked/padded to a static batch."""

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("EDGEDIAG_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -21,3 +22,13 @@ def run_cli(*args, timeout=600, env=None, cwd=ROOT) -> subprocess.CompletedProce
     """Run ``python -m <args>`` as a user would; capture text output."""
     return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the models these tests build are small, and on a shared CPU
+    extra threads only wait on each other."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

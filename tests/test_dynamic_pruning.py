@@ -29,15 +29,7 @@ from edgediag.dynamic_pruning import (
 )
 from edgediag.models.base import DiagnosisModel
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are small, and on a shared CPU extra threads
-    only wait on each other."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclasses.dataclass

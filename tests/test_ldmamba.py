@@ -20,15 +20,7 @@ from edgediag.models import create_model
 from edgediag.models.ldmamba import DynamicScreening
 from tests.conftest import run_cli
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are small, and on a shared CPU extra threads
-    only wait on each other."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _close_random(model, fraction=0.3, seed=0):

@@ -235,32 +235,6 @@ class SequenceClassifier(DiagnosisModel):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
-    def recalibrate_batchnorm(self, loader) -> None:
-        """Recompute every BatchNorm's running statistics with the final weights, as the
-        plain average over the training data ("precise BN"). The running averages kept
-        during training trail weights that were still moving; after short runs (a few dozen
-        steps) the lag alone dropped a video model from 96 % to chance in eval mode."""
-        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not norms:
-            return
-        was_training = self.training
-        self.eval()  # everything else (dropout, screens) as at inference
-        momenta = [bn.momentum for bn in norms]
-        for bn in norms:
-            bn.reset_running_stats()
-            bn.train()
-        seen = 0
-        for batch in loader:
-            n = len(batch["x"])
-            for bn in norms:  # running average weighted by items (a short last batch counts less)
-                bn.momentum = n / (seen + n)
-            self.embed(batch["x"])
-            seen += n
-        for bn, momentum in zip(norms, momenta):
-            bn.momentum = momentum
-        self.train(was_training)
-
-    @torch.no_grad()
     def fit_normal(self, loader, max_bank: int = 2048) -> None:
         """After training, on the training loader: recalibrate BatchNorm statistics, then
         fit the kNN bank and the Mahalanobis model on the normal items (anomaly == 0)."""

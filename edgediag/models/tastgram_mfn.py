@@ -360,30 +360,6 @@ class TASTgramMFN(DiagnosisModel):
         return {"loss": loss, "acc": acc.detach()}
 
     @torch.no_grad()
-    def recalibrate_batchnorm(self, loader) -> None:
-        """Recompute every BatchNorm's running statistics as exact averages over ``loader``
-        ("precise BN"). With few optimiser steps (small sets) the feature statistics drift
-        faster than the momentum-0.1 running averages follow - the BatchNorm right before
-        the embedding then shifts every eval-mode embedding the same way, and the cosine
-        classifier gives all clips one class. Called by ``fit_normal`` after training."""
-        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not norms:
-            return
-        momenta = [m.momentum for m in norms]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over all batches
-        was_training = self.training
-        self.train()
-        device = self.threshold.device
-        for batch in loader:
-            if len(batch["x"]) > 1:  # batch statistics of one clip are undefined
-                self.embed(batch["x"].to(device).float())
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        self.train(was_training)
-
-    @torch.no_grad()
     def fit_normal(self, loader) -> None:
         """After training: precise BatchNorm statistics, then the kNN bank (L2-normalised
         embeddings of the normal training clips)."""

@@ -32,6 +32,15 @@ def _resolve_dt_rank(dt_rank, d_model: int) -> int:
     return math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
 
 
+def _set_sizes(mixer: nn.Module, d_model: int, d_state: int, d_conv: int, expand: float, dt_rank,
+               d_inner: int | None) -> None:
+    """The size attributes every mixer keeps (mamba-ssm names); d_inner overrides expand
+    (pruned widths)."""
+    mixer.d_model, mixer.d_state, mixer.d_conv, mixer.expand = d_model, d_state, d_conv, expand
+    mixer.d_inner = int(d_inner) if d_inner is not None else int(expand * d_model)
+    mixer.dt_rank = _resolve_dt_rank(dt_rank, d_model)
+
+
 def _dt_bias(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float) -> Tensor:
     """mamba-ssm's dt init: dt ~ log-uniform in [dt_min, dt_max] (floored),
     returned as the bias b with softplus(b) = dt."""
@@ -95,12 +104,7 @@ class MambaMixer(nn.Module):
                  dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True,
                  bias: bool = False, scan_backend: str = "auto", d_inner: int | None = None):
         super().__init__()
-        self.d_model = d_model
-        self.d_state = d_state
-        self.d_conv = d_conv
-        self.expand = expand
-        self.d_inner = int(d_inner) if d_inner is not None else int(expand * d_model)
-        self.dt_rank = _resolve_dt_rank(dt_rank, d_model)
+        _set_sizes(self, d_model, d_state, d_conv, expand, dt_rank, d_inner)
         self.scan_backend = scan_backend
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
@@ -194,12 +198,7 @@ class BiMambaMixer(nn.Module):
                  bias: bool = False, divide_out: bool = True, scan_backend: str = "auto",
                  d_inner: int | None = None):
         super().__init__()
-        self.d_model = d_model
-        self.d_state = d_state
-        self.d_conv = d_conv
-        self.expand = expand
-        self.d_inner = int(d_inner) if d_inner is not None else int(expand * d_model)
-        self.dt_rank = _resolve_dt_rank(dt_rank, d_model)
+        _set_sizes(self, d_model, d_state, d_conv, expand, dt_rank, d_inner)
         self.divide_out = divide_out
         self.scan_backend = scan_backend
 
@@ -262,12 +261,7 @@ class SS2D(nn.Module):
                  dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True,
                  bias: bool = False, scan_backend: str = "auto", d_inner: int | None = None):
         super().__init__()
-        self.d_model = d_model
-        self.d_state = d_state
-        self.d_conv = d_conv
-        self.expand = expand
-        self.d_inner = int(d_inner) if d_inner is not None else int(expand * d_model)
-        self.dt_rank = _resolve_dt_rank(dt_rank, d_model)
+        _set_sizes(self, d_model, d_state, d_conv, expand, dt_rank, d_inner)
         self.scan_backend = scan_backend
         K, d_inner, R, N = self.K, self.d_inner, self.dt_rank, d_state
 
