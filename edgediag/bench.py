@@ -64,6 +64,10 @@ def parser():
                    help="split the timed runs into R rounds that go through every artifact in turn, so "
                         "the machine's drift hits every row alike (RSS is then the peak over all rows; "
                         "default 1: each artifact timed in one block, as power logs need)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall: elapsed time (default); cpu: the timing thread's CPU time, which leaves out "
+                        "time the thread was preempted or its virtual CPU stolen (a shared or virtual "
+                        "machine); needs --threads 1, where it equals the compute latency")
     p.add_argument("--split", default="test", choices=["test", "val", "train"], help="split for accuracy")
     p.add_argument("--max-items", type=int, default=0, help="score at most this many items (0 = all)")
     p.add_argument("--device", default="cpu", help="eager device: cpu or cuda (default cpu)")
@@ -306,25 +310,29 @@ def runner(art: Artifact, threads: int, device: torch.device) -> tuple[Callable,
 
 
 # --- measuring ---------------------------------------------------------------------------------
-def time_runs(run: Callable, x: torch.Tensor, warmup: int, iters: int, cuda: bool) -> dict:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def time_runs(run: Callable, x: torch.Tensor, warmup: int, iters: int, cuda: bool, clock: str = "wall") -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     rss_method = reset_peak_rss()
     for _ in range(warmup):
         run(x)
-    times = timed_calls(run, x, iters)
+    times = timed_calls(run, x, iters, clock)
     out = {**latency_stats(times, len(x)), "rss_peak_mb": round(peak_rss_mb(), 1), "rss_method": rss_method}
     if cuda:
         out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
 
 
-def timed_calls(run: Callable, x: torch.Tensor, n: int) -> list[float]:
+def timed_calls(run: Callable, x: torch.Tensor, n: int, clock: str = "wall") -> list[float]:
+    now = CLOCKS[clock]
     times = []
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0 = now()
         run(x)
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
     return times
 
 
@@ -336,7 +344,8 @@ def latency_stats(times: list[float], batch: int) -> dict:
             "items_per_s": float(batch * len(times) / max(sum(times), 1e-12))}
 
 
-def time_interleaved(jobs: list[tuple[dict, Callable, torch.Tensor]], warmup: int, iters: int, rounds: int) -> None:
+def time_interleaved(jobs: list[tuple[dict, Callable, torch.Tensor]], warmup: int, iters: int, rounds: int,
+                     clock: str = "wall") -> None:
     """Time every (row, run, x) in ``rounds`` rounds that go through all of them in turn, so
     a shared machine's drift (other jobs, clock changes) hits every row alike instead of
     whichever artifact happened to be timed at the time; fills each row's latency fields."""
@@ -349,7 +358,7 @@ def time_interleaved(jobs: list[tuple[dict, Callable, torch.Tensor]], warmup: in
     for r in range(rounds):
         n = iters // rounds + (1 if r < iters % rounds else 0)
         for k, (_, run, x) in enumerate(jobs):
-            samples[k] += timed_calls(run, x, n)
+            samples[k] += timed_calls(run, x, n, clock)
     span = {"start": started.isoformat(timespec="milliseconds"),
             "end": datetime.datetime.now().isoformat(timespec="milliseconds"), "interleaved": True}
     peak = round(peak_rss_mb(), 1)  # the process's peak over all rows: they ran together
@@ -478,7 +487,10 @@ def markdown(rows: list[dict], env: dict) -> str:
                      f"{metric} | {'n/a' if r.get('auc') is None else format(r['auc'], '.4f')} |")
     if skipped:
         lines += ["", "Skipped:", *skipped]
-    lines += ["", "Latency: wall time of one call on a prepared batch, after the warm-up; RSS: the process's "
+    clocks = {r.get("clock", "wall") for r in rows if r["status"] == "ok"}
+    what = ("CPU time of the timing thread (one thread; preemption and stolen time left out)" if clocks == {"cpu"}
+            else "wall time")
+    lines += ["", f"Latency: {what} of one call on a prepared batch, after the warm-up; RSS: the process's "
               "peak resident memory during the timed runs (models, runtime and data included)."]
     return "\n".join(lines) + "\n"
 
@@ -571,6 +583,8 @@ def main(argv=None) -> int:
         raise cli.UserError(f"--rounds must be between 1 and --iters ({args.iters}), not {args.rounds}")
     if args.threads < 1 or args.iters < 1 or args.warmup < 0:
         raise cli.UserError("--threads and --iters must be >= 1, --warmup >= 0")
+    if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
+        raise cli.UserError("--clock cpu times one CPU thread: use it with --threads 1 on the cpu device")
     if args.data and not Path(args.data).exists():
         raise cli.UserError(f"data folder not found: {args.data}")
     arts = [load_artifact(Path(p)) for p in args.model]
@@ -585,6 +599,7 @@ def main(argv=None) -> int:
     for art in arts:
         base = {"artifact": str(art.path), "model": art.model_name, "model_name": art.model_name,
                 "group": art.group, "variant": art.variant, "backend": art.backend, "threads": args.threads,
+                "clock": args.clock,
                 "params_total": (art.params or {}).get("total"), "params_trainable": (art.params or {}).get("trainable"),
                 "params_nonzero": (art.params or {}).get("nonzero"),
                 "flops_per_item": art.flops["flops"] if art.flops else None,
@@ -614,12 +629,12 @@ def main(argv=None) -> int:
                 interleaved.append((rows[-1], run, x))
                 continue
             started = datetime.datetime.now()  # local time, as tegrastats stamps its lines
-            rows.append({**row, "status": "ok", **time_runs(run, x, args.warmup, args.iters, device.type == "cuda"),
+            rows.append({**row, "status": "ok", **time_runs(run, x, args.warmup, args.iters, device.type == "cuda", args.clock),
                          "span": {"start": started.isoformat(timespec="milliseconds"),
                                   "end": datetime.datetime.now().isoformat(timespec="milliseconds")}})
             _print_row(rows[-1], art, acc)
     if interleaved:
-        time_interleaved(interleaved, args.warmup, args.iters, args.rounds)
+        time_interleaved(interleaved, args.warmup, args.iters, args.rounds, args.clock)
         for row, _, _ in interleaved:
             _print_row(row, next(a for a in arts if str(a.path) == row["artifact"]), row)
     for r in rows:
@@ -629,6 +644,7 @@ def main(argv=None) -> int:
     power = attach_power(rows, args.tegrastats, args.tegrastats_interval_ms, args.iters) if args.tegrastats else None
     write_json(out / "report.json", {"edgediag_version": __version__, "env": env,
                                      "settings": {"warmup": args.warmup, "iters": args.iters, "rounds": args.rounds,
+                                                  "clock": args.clock,
                                                   "batches": batches,
                                                   "threads": args.threads, "split": args.split,
                                                   "data": args.data, "tegrastats": args.tegrastats},

@@ -175,7 +175,7 @@ def costs(model, with_latency: bool, runs: int) -> dict:
     model.eval()
     module = model.export_module()
     fl = count_flops(module, model.example_input(1))
-    # The fixed feature front ends (log-mel by a DFT conv) are no pruning's business but can
+    # The fixed feature front ends (log-mel by a matrix DFT) are no pruning's business but can
     # dominate the total: report the network's own FLOPs as well.
     front = sum(v for k, v in fl["by_module_total"].items()
                 if k.split(".")[-1] in ("logmel",) and k.count(".") <= 2)

@@ -138,11 +138,13 @@ def test_interleaved_rounds_time_every_row_with_all_its_runs(toy_artifacts, tmp_
     out = tmp_path / "bench"
     rc = cli.run(bench.main, ["--model", str(ckpt), str(graph), "--data", str(data), "--out", str(out),
                               "--backends", "eager,onnxruntime", "--warmup", "1", "--iters", "7", "--rounds", "3",
-                              "--threads", "1"])
+                              "--threads", "1", "--clock", "cpu"])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     ok = [r for r in report["rows"] if r["status"] == "ok"]
     assert len(ok) == 2 and report["settings"]["rounds"] == 3
+    assert report["settings"]["clock"] == "cpu" and {r["clock"] for r in ok} == {"cpu"}
+    assert "CPU time of the timing thread" in (out / "report.md").read_text()
     for r in ok:
         assert r["rounds"] == 3 and r["span"]["interleaved"] and 0 < r["latency_ms"]["min"] <= r["latency_ms"]["p50"]
         assert math.isclose(r["items_per_s"] * r["latency_ms"]["mean"] / 1e3, 1.0, rel_tol=1e-6)  # 7 runs of 1 item
@@ -162,6 +164,7 @@ def test_bench_bad_input_is_one_line(toy_artifacts, tmp_path, capsys):
     # the same wrapper in-process (saves a second interpreter start)
     for args, needle in [(["--model", str(ckpt), "--backends", "eager,tpu"], "unknown backend tpu"),
                          (["--model", str(ckpt), "--batch", "0"], "--batch"),
+                         (["--model", str(ckpt), "--clock", "cpu", "--threads", "2"], "--threads 1"),
                          (["--model", str(tmp_path / "m.txt")], "not found")]:
         rc = cli.run(bench.main, [*args, "--data", str(data), "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err.strip().splitlines()

@@ -397,3 +397,21 @@ def test_onnx_node_count_grows_with_chunks_not_length():
     per_chunk_1024 = (counts[1024] - counts[512]) / (1024 // 32 - 512 // 32)
     # affine in the number of chunks, a few nodes each (the carried-state update)
     assert per_chunk_512 == per_chunk_1024 and per_chunk_512 <= 8, counts
+
+
+def test_export_chunk_size_minimises_the_graph():
+    """While tracing, chunk_size=None takes export_chunk_size(L) ~ sqrt(L / 4): the exported
+    graph is smaller than with the eager default (32) and stays exact."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    assert [ops.export_chunk_size(L) for L in (1, 16, 64, 256, 1024, 10 ** 6)] == [2, 2, 4, 8, 16, 64]
+    args = _scan_args(8, 4, L=64)
+    auto, fixed = _ScanModule(8, 4, chunk_size=None).eval(), _ScanModule(8, 4, chunk_size=32).eval()
+    proto = _export(auto, args)
+    assert len(onnx.load_from_string(proto).graph.node) < 0.5 * len(onnx.load_from_string(_export(fixed, args)).graph.node)
+    y, _ = ort.InferenceSession(proto, providers=["CPUExecutionProvider"]).run(
+        None, {k: v.numpy() for k, v in zip(["u", "delta", "B", "C", "z"], args)})
+    with torch.no_grad():
+        ref = selective_scan_ref(args[0], args[1], auto.A, args[2], args[3], auto.D, args[4], auto.delta_bias,
+                                 delta_softplus=True)
+    torch.testing.assert_close(torch.from_numpy(y), ref, **FWD)

@@ -52,25 +52,43 @@ def machine_wave(seconds=1.0, f0=30.0, seed=0, batch=1):
 
 
 # --- features ------------------------------------------------------------------------
-@pytest.mark.parametrize("conv", [False, True])
-def test_logmel_matches_librosa(conv):
-    """Both STFT paths agree with librosa to 1e-3 dB (measured: ~2e-5 dB)."""
+@pytest.mark.parametrize("method", ["fft", "factored", "conv"])
+def test_logmel_matches_librosa(method):
+    """Every STFT path agrees with librosa to 1e-3 dB (measured: ~2e-5 dB)."""
     wave = machine_wave(2.0, seed=1)
     ref = librosa.feature.melspectrogram(y=wave[0].numpy(), sr=SR, n_fft=2048, hop_length=512, n_mels=128)
-    ours = LogMel(SR, 2048, 512, 128, log="db")(wave, conv=conv)[0].numpy()
+    ours = LogMel(SR, 2048, 512, 128, log="db")(wave, method)[0].numpy()
     assert ours.shape == ref.shape == (128, 1 + 32000 // 512)
     np.testing.assert_allclose(ours, 10 * np.log10(ref + np.finfo(float).eps), atol=1e-3)
-    db = LogMel(SR, 2048, 512, 128, log="power_to_db", top_db=80)(wave, conv=conv)[0].numpy()
+    db = LogMel(SR, 2048, 512, 128, log="power_to_db", top_db=80)(wave, method)[0].numpy()
     np.testing.assert_allclose(db, librosa.power_to_db(ref, top_db=80), atol=1e-3)
 
 
-def test_logmel_other_sizes_and_no_center():
+@pytest.mark.parametrize("n_fft,hop,center,factored", [(512, 160, False, False), (512, 128, False, True),
+                                                       (400, 100, True, True), (1024, 256, True, True),
+                                                       (509, 100, True, False)])
+def test_logmel_export_paths_on_other_sizes(n_fft, hop, center, factored):
+    """The graph paths (factored where hop divides n_fft and n_fft is not prime, else the
+    conv fallback) against librosa, with and without centring."""
     wave = machine_wave(0.5, seed=2)
-    m = LogMel(SR, 512, 160, 40, center=False, log="none")
-    ref = librosa.feature.melspectrogram(y=wave[0].numpy(), sr=SR, n_fft=512, hop_length=160, n_mels=40, center=False)
-    out = m(wave, conv=True)[0].numpy()
-    assert out.shape == ref.shape and m.n_frames(8000) == ref.shape[1]
-    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-9 * ref.max())
+    m = LogMel(SR, n_fft, hop, 40, center=center, log="none")
+    ref = librosa.feature.melspectrogram(y=wave[0].numpy(), sr=SR, n_fft=n_fft, hop_length=hop, n_mels=40,
+                                         center=center)
+    assert m.factored is factored
+    for method in ("factored", "conv"):
+        out = m(wave, method)[0].numpy()
+        assert out.shape == ref.shape and m.n_frames(8000) == ref.shape[1]
+        np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-9 * ref.max())
+
+
+def test_factored_dft_equals_the_dense_dft():
+    """The two-factor matrices reproduce numpy's rfft of windowed frames (float32 tolerance)."""
+    m = LogMel(SR, 2048, 512, 128)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 8192)).astype(np.float32))
+    ours = m.spectrogram(x, "factored").numpy()
+    frames = m.frames(x).double().numpy()
+    ref = np.abs(np.fft.rfft(frames, axis=-1)) ** 2
+    np.testing.assert_allclose(ours, ref.transpose(0, 2, 1), rtol=1e-4, atol=1e-4 * ref.max())
 
 
 def test_feature_buffers_stay_out_of_checkpoints():

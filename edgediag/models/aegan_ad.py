@@ -352,9 +352,9 @@ class AEGANAD(DiagnosisModel):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # --- features ----------------------------------------------------------------------
-    def features(self, wave: torch.Tensor, conv_stft: bool = False) -> torch.Tensor:
+    def features(self, wave: torch.Tensor) -> torch.Tensor:
         """Waveform (B, L) -> scaled log-mel (B, 128, frames) in [-1, 1] on training data."""
-        db = self.logmel(wave.float(), conv=conv_stft)
+        db = self.logmel(wave.float())
         return 2.0 * (db - self.input_min) / (self.input_max - self.input_min) - 1.0
 
     def windows(self, mel: torch.Tensor) -> torch.Tensor:
@@ -450,9 +450,9 @@ class AEGANAD(DiagnosisModel):
         parts = [self._window_terms(w[i:i + chunk], gx, gz, d) for i in range(0, len(w), chunk)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-    def clip_embeddings(self, wave: torch.Tensor, conv_stft: bool = False) -> torch.Tensor:
+    def clip_embeddings(self, wave: torch.Tensor) -> torch.Tensor:
         """Clip embedding (B, 512): the mean of its windows' discriminator embeddings."""
-        w = self.windows(self.features(wave, conv_stft))
+        w = self.windows(self.features(wave))
         emb = self._windows_in_chunks(w, False, False, True)["emb"]
         return emb.view(wave.shape[0], -1, emb.shape[-1]).mean(1)
 
@@ -478,7 +478,7 @@ class AEGANAD(DiagnosisModel):
     def _lof_k(self) -> int:
         return max(1, min(self.config.lof_k, self.bank.shape[0] - 1))
 
-    def clip_scores(self, wave: torch.Tensor, names=SCORE_NAMES, conv_stft: bool = False) -> dict[str, torch.Tensor]:
+    def clip_scores(self, wave: torch.Tensor, names=SCORE_NAMES) -> dict[str, torch.Tensor]:
         """The named scores (each (B,)) of clips ``wave`` (B, n_samples)."""
         names = tuple(names)
         gx, gz, d = _score_parts(names)
@@ -488,7 +488,7 @@ class AEGANAD(DiagnosisModel):
             if d and not self._d_fitted():
                 raise RuntimeError("D-* scores need fit_normal() on the normal training clips first")
         b = wave.shape[0]
-        terms = self._windows_in_chunks(self.windows(self.features(wave, conv_stft)), gx, gz, d)
+        terms = self._windows_in_chunks(self.windows(self.features(wave)), gx, gz, d)
         out = {}
         for name in names:
             if name.startswith("G-"):
@@ -597,7 +597,7 @@ class AEGANAD(DiagnosisModel):
 class AEGANExport(nn.Module):
     """Raw waveform (B, n_samples) -> the chosen score (B,).
 
-    Log-mel by the DFT conv1d (no STFT operator), scaling by the stored training range,
+    Log-mel by the factored matrix DFT (no STFT operator), scaling by the stored training range,
     windows by a constant-index gather, then only the networks the score needs: the
     generator for G scores, the discriminator and its fitted normal statistics (constants
     in the graph) for D scores, LOF included.
@@ -612,7 +612,7 @@ class AEGANExport(nn.Module):
         self.score_name = model.config.score
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        return self.model.clip_scores(wave, (self.score_name,), conv_stft=True)[self.score_name]
+        return self.model.clip_scores(wave, (self.score_name,))[self.score_name]
 
 
 def dcase_groups(meta: dict[str, list]) -> dict[str, list]:

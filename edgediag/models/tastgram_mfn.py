@@ -5,7 +5,7 @@ STgram-MFN by Liu et al.), with the front end moved into the model so it takes r
 waveform end to end:
 
 * Sgram: log-mel (n_fft 2048, hop 512, 128 mels, 10·log10(mel + eps)), computed by
-  :class:`edgediag.nn.features.LogMel` (torch.stft in training, a DFT conv1d for export);
+  :class:`edgediag.nn.features.LogMel` (torch.stft in eager runs, a factored matrix DFT when traced for export);
 * Tgram: Conv1d(1→128, k 1024, s 512, p 512) + 3 × (LayerNorm over frames, LeakyReLU 0.2,
   Conv1d k3 p1) on the waveform;
 * TAgram: log-mel × sigmoid(max + mean over mel bins, per frame) (parameter-free);
@@ -325,8 +325,8 @@ class TASTgramMFN(DiagnosisModel):
             channels.append(temporal_attention(mel))
         return self.backbone(torch.stack(channels, dim=1))
 
-    def embed(self, wave: torch.Tensor, conv_stft: bool = False) -> torch.Tensor:
-        return self.embed_features(wave, self.logmel(wave, conv=conv_stft))
+    def embed(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.embed_features(wave, self.logmel(wave))
 
     def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cosine similarity to each class (B, C), embedding (B, D))."""
@@ -486,7 +486,7 @@ class TASTgramExport(nn.Module):
     * ``score``: the class-agnostic score ``model.score(x)`` (kNN distance, or the best
       class's score) - what the model's calibrated threshold applies to;
     * ``embedding``: the 128-d embedding.
-    The STFT is the DFT conv1d, so the graph needs no STFT operator.
+    The STFT is the factored matrix DFT (LogMel ``factored``), so the graph needs no STFT operator.
     """
 
     output_names = ("score", "class_scores", "embedding")
@@ -497,7 +497,7 @@ class TASTgramExport(nn.Module):
         self.use_knn = model.score_mode == "knn"
 
     def forward(self, wave: torch.Tensor):
-        emb = self.model.embed(wave, conv_stft=True)
+        emb = self.model.embed(wave)
         class_scores = self.model.arcface.class_scores(self.model.arcface.cosine(emb))
         score = self.model.knn_distance(emb) if self.use_knn else class_scores.min(dim=1).values
         return score, class_scores, emb

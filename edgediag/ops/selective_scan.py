@@ -225,8 +225,21 @@ def _softplus_traceable(x: Tensor) -> Tensor:
     return torch.relu(x) + (torch.log(w) - ((w - 1) - y) / w)
 
 
+def export_chunk_size(L: int) -> int:
+    """Chunk size of exported scans: the power of two nearest sqrt(L / 4), in [2, 64].
+
+    An exported scan has ~10 nodes per step of a chunk (two passes) plus ~2 per chunk, so
+    the node count is smallest near T = sqrt(L / 4), and at the batch sizes of edge
+    inference ONNX Runtime's time follows the node count, not the FLOPs (equal for every T).
+    Measured (b1 d64 n16, one thread, ``benchmarks/bench_selective_scan.py``-style): L 64:
+    T 4 1.1 ms vs T 32 5.5 ms; L 256: T 8 1.8 ms vs T 32 2.6 ms; L 1024 (d256): T 16 18.4 ms
+    vs T 32 20.3 ms. Eager runs keep DEFAULT_CHUNK_SIZE (fewer, larger kernels win there).
+    """
+    return int(min(64, max(2, 2 ** round(math.log2(max(1.0, L / 4) ** 0.5)))))
+
+
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                           return_last_state=False, chunk_size: int = DEFAULT_CHUNK_SIZE):
+                           return_last_state=False, chunk_size: int | None = None):
     """Pure-PyTorch scan, vectorised over all chunks at once, for autograd and ONNX export.
 
     L is padded to n_chunks * T (T = min(chunk_size, L)); padded steps have
@@ -245,15 +258,18 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     need a (D, L, T, N) tensor: T times the work of the recurrence itself.)
 
     Exported, the graph has about 10 nodes per step of a chunk plus 2 per
-    chunk (~560 at L=1024, T=32). Layout (T, batch, G, H, N, n_chunks),
+    chunk (~560 at L=1024, T=32); ``chunk_size=None`` takes :func:`export_chunk_size`
+    while tracing (the smallest graph) and ``DEFAULT_CHUNK_SIZE`` in eager runs. Layout (T, batch, G, H, N, n_chunks),
     H = D / G: the chunk index innermost keeps the per-step slabs dense and
     the broadcast multiplies on contiguous rows (measured faster, eager and
     in ONNX Runtime, than N or H innermost).
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    tracing = is_tracing()
+    if chunk_size is None:
+        chunk_size = export_chunk_size(_shape(u)[2]) if tracing else DEFAULT_CHUNK_SIZE
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
-    tracing = _is_tracing()
     dtype_in = u.dtype
     u = u.float()
     delta = delta.float()
@@ -363,7 +379,8 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _is_tracing() -> bool:
+def is_tracing() -> bool:
+    """Inside torch.jit.trace / ONNX export / torch.compile: graph-friendly code paths apply."""
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return True
     compiler = getattr(torch, "compiler", None)
@@ -380,7 +397,7 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if _needs_grad(u, delta, A, B, C, D, z, delta_bias):
         raise RuntimeError("the 'cpu' selective-scan backend is forward-only; use backend='chunked' "
                            "(or 'auto') when gradients are needed")
-    if _is_tracing():
+    if is_tracing():
         raise RuntimeError("the 'cpu' selective-scan backend cannot be traced or exported; use 'chunked'")
     ext = _cpu_ext.load_extension()
     if ext is None:
@@ -471,7 +488,7 @@ def resolve_backend(backend: str, u: Tensor, *tensors) -> str:
     forced = forced_backend()
     if forced is not None:
         return forced
-    if _is_tracing() or _needs_grad(u, *tensors):
+    if is_tracing() or _needs_grad(u, *tensors):
         return "chunked"
     if u.device.type == "cuda" and _mamba_scan_fn() is not None:
         return "cuda"
