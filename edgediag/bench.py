@@ -344,12 +344,27 @@ def latency_stats(times: list[float], batch: int) -> dict:
             "items_per_s": float(batch * len(times) / max(sum(times), 1e-12))}
 
 
+REFERENCE = "fp32 matmul 384x384x384 (torch, the bench's threads)"
+
+
+def reference_kernel() -> tuple[Callable, torch.Tensor]:
+    """A fixed workload timed with the artifacts: how fast the machine was at the time. Two
+    reports of one machine compare by ``p50 / reference`` even when the machine's speed
+    drifted between them (a shared or virtual machine's does, by 10-30 % within minutes)."""
+    a = torch.randn(384, 384, generator=torch.Generator().manual_seed(0))
+    return (lambda x: torch.matmul(x, x)), a
+
+
 def time_interleaved(jobs: list[tuple[dict, Callable, torch.Tensor]], warmup: int, iters: int, rounds: int,
-                     clock: str = "wall") -> None:
+                     clock: str = "wall") -> dict:
     """Time every (row, run, x) in ``rounds`` rounds that go through all of them in turn, so
     a shared machine's drift (other jobs, clock changes) hits every row alike instead of
-    whichever artifact happened to be timed at the time; fills each row's latency fields."""
+    whichever artifact happened to be timed at the time; fills each row's latency fields,
+    ``relative_p50`` included (p50 over the reference kernel's p50, timed in the same
+    rounds). Returns the reference kernel's figures."""
     rss_method = reset_peak_rss()
+    ref_row: dict = {}
+    jobs = [(ref_row, *reference_kernel()), *jobs]
     for _, run, x in jobs:
         for _ in range(warmup):
             run(x)
@@ -362,9 +377,12 @@ def time_interleaved(jobs: list[tuple[dict, Callable, torch.Tensor]], warmup: in
     span = {"start": started.isoformat(timespec="milliseconds"),
             "end": datetime.datetime.now().isoformat(timespec="milliseconds"), "interleaved": True}
     peak = round(peak_rss_mb(), 1)  # the process's peak over all rows: they ran together
-    for (row, _, x), times in zip(jobs, samples):
+    reference = {"what": REFERENCE, **latency_stats(samples[0], 1)["latency_ms"]}
+    for (row, _, x), times in zip(jobs[1:], samples[1:]):
         row.update(latency_stats(times, len(x)), rss_peak_mb=peak, rss_method=rss_method, span=span,
                    rounds=rounds)
+        row["relative_p50"] = row["latency_ms"]["p50"] / reference["p50"]
+    return reference
 
 
 def _batches(dataset, static_batch: int | None, max_items: int):
@@ -465,7 +483,7 @@ def _finite(v):
 
 
 # --- report ------------------------------------------------------------------------------------
-def markdown(rows: list[dict], env: dict) -> str:
+def markdown(rows: list[dict], env: dict, reference: dict | None = None) -> str:
     head = ["model", "variant", "backend", "batch", "params", "MFLOPs/item", "p50 ms", "p90 ms", "items/s",
             "RSS MB", "metric", "AUC"]
     lines = ["# edgediag benchmark", "",
@@ -492,6 +510,10 @@ def markdown(rows: list[dict], env: dict) -> str:
             else "wall time")
     lines += ["", f"Latency: {what} of one call on a prepared batch, after the warm-up; RSS: the process's "
               "peak resident memory during the timed runs (models, runtime and data included)."]
+    if reference:
+        lines += ["", f"Reference kernel ({reference['what']}), timed in the same rounds: p50 "
+                  f"{reference['p50']:.3f} ms. Divide a p50 by it (`relative_p50` in report.json) to compare "
+                  "reports taken at different times on one machine: a machine's speed drifts."]
     return "\n".join(lines) + "\n"
 
 
@@ -633,8 +655,9 @@ def main(argv=None) -> int:
                          "span": {"start": started.isoformat(timespec="milliseconds"),
                                   "end": datetime.datetime.now().isoformat(timespec="milliseconds")}})
             _print_row(rows[-1], art, acc)
+    reference = None
     if interleaved:
-        time_interleaved(interleaved, args.warmup, args.iters, args.rounds, args.clock)
+        reference = time_interleaved(interleaved, args.warmup, args.iters, args.rounds, args.clock)
         for row, _, _ in interleaved:
             _print_row(row, next(a for a in arts if str(a.path) == row["artifact"]), row)
     for r in rows:
@@ -648,9 +671,9 @@ def main(argv=None) -> int:
                                                   "batches": batches,
                                                   "threads": args.threads, "split": args.split,
                                                   "data": args.data, "tegrastats": args.tegrastats},
-                                     "power": power, "rows": rows})
+                                     "reference": reference, "power": power, "rows": rows})
     with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(markdown(rows, env))
+        tmp.write_text(markdown(rows, env, reference))
     pareto_png(out / "pareto.png", rows)
     print(f"report: {out / 'report.md'} ({len(rows)} rows), {out / 'report.json'}, {out / 'pareto.png'}")
     return 0

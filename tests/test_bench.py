@@ -144,6 +144,8 @@ def test_interleaved_rounds_time_every_row_with_all_its_runs(toy_artifacts, tmp_
     ok = [r for r in report["rows"] if r["status"] == "ok"]
     assert len(ok) == 2 and report["settings"]["rounds"] == 3
     assert report["settings"]["clock"] == "cpu" and {r["clock"] for r in ok} == {"cpu"}
+    ref = report["reference"]["p50"]  # the reference kernel, timed in the same rounds
+    assert ref > 0 and all(math.isclose(r["relative_p50"], r["latency_ms"]["p50"] / ref) for r in ok)
     assert "CPU time of the timing thread" in (out / "report.md").read_text()
     for r in ok:
         assert r["rounds"] == 3 and r["span"]["interleaved"] and 0 < r["latency_ms"]["min"] <= r["latency_ms"]["p50"]
