@@ -490,7 +490,7 @@ def _build_cwru(root, data_cfg, model_cfg):
     classes, normal = _class_order([r[label_col] for r in rows], data_cfg.normal_labels)
     window = int(getattr(model_cfg, "window", 0) or 0) or 4096
     stride = int(getattr(model_cfg, "window_stride", 0) or 0) or window // 2
-    items = {k: [] for k in ("raws", "labels", "anomaly", "keys", "domains")}
+    items = _new_items()
     split_of, skipped, rates = [], [], set()
     for r in rows:
         path = root / r["file"]
@@ -506,11 +506,8 @@ def _build_cwru(root, data_cfg, model_cfg):
         cls = r[label_col]
         for split, starts in _time_split_items(len(sig), window, stride, data_cfg).items():
             for s in starts:
-                items["raws"].append(sig[s:s + window])
-                items["labels"].append(classes.index(cls))
-                items["anomaly"].append(_anomaly(cls, normal, data_cfg))
-                items["keys"].append(f"{r['file']}@{s}")
-                items["domains"].append(r.get("fault_diameter", "") or "")
+                _append(items, sig[s:s + window], classes.index(cls), cls, f"{r['file']}@{s}",
+                        r.get("fault_diameter", "") or "", normal, data_cfg)
                 split_of.append(split)
     _warn_skipped(skipped)
     if not items["raws"]:
@@ -550,7 +547,7 @@ def _build_audio(root, data_cfg, model_cfg):
         raise UserError(f"{labels_csv}: audio at several sample rates {sorted(rates)}; set model.sample_rate")
     sr = rates.pop()
     seg = int(round(clip_s * sr)) if clip_s > 0 else min(len(w) for w in waves)
-    items = {k: [] for k in ("raws", "labels", "anomaly", "keys", "domains")}
+    items = _new_items()
     split_rows = _split_rows(kept_rows, [classes.index(r["label"]) for r in kept_rows], data_cfg, labels_csv)
     split_of = []
     for wave, r, split in zip(waves, kept_rows, split_rows):
@@ -560,11 +557,8 @@ def _build_audio(root, data_cfg, model_cfg):
             wave = np.resize(wave, seg)
         n_seg = len(wave) // seg if clip_s > 0 else 1
         for k in range(n_seg):
-            items["raws"].append(wave[k * seg:(k + 1) * seg])
-            items["labels"].append(classes.index(r["label"]))
-            items["anomaly"].append(_anomaly(r["label"], normal, data_cfg))
-            items["keys"].append(r["path"] if n_seg == 1 else f"{r['path']}#{k}")
-            items["domains"].append(r.get("domain", ""))
+            _append(items, wave[k * seg:(k + 1) * seg], classes.index(r["label"]), r["label"],
+                    r["path"] if n_seg == 1 else f"{r['path']}#{k}", r.get("domain", ""), normal, data_cfg)
             split_of.append(split)
             lengths.append(seg)
     frontend = _resolve_1d_frontend(model_cfg, "logmel", seg, sr)
@@ -582,7 +576,7 @@ def _build_video(root, data_cfg, model_cfg):
     channels = int(getattr(model_cfg, "in_channels", 3) or 3)
     if channels not in (1, 3):
         raise UserError(f"model.in_channels must be 1 or 3 for video, not {channels}")
-    items = {k: [] for k in ("raws", "labels", "anomaly", "keys", "domains")}
+    items = _new_items()
     kept, skipped = [], []
     for r in rows:
         path = root / r["path"]
@@ -591,11 +585,7 @@ def _build_video(root, data_cfg, model_cfg):
         except (ValueError, OSError) as exc:
             _bad(path, str(exc) if path.exists() else "missing", data_cfg, skipped)
             continue
-        items["raws"].append(clip)
-        items["labels"].append(classes.index(r["label"]))
-        items["anomaly"].append(_anomaly(r["label"], normal, data_cfg))
-        items["keys"].append(r["path"])
-        items["domains"].append(r.get("domain", ""))
+        _append(items, clip, classes.index(r["label"]), r["label"], r["path"], r.get("domain", ""), normal, data_cfg)
         kept.append(r)
     _warn_skipped(skipped)
     if not kept:
@@ -634,7 +624,7 @@ def _build_sensor(root, data_cfg, model_cfg):
         raise UserError(f"{root / odd}: {len(widths)} different feature counts among the sequences "
                         f"({sorted(widths)}); every sequence needs the same columns")
     labels = [classes.index(r["label"]) for r in kept]
-    items = {k: [] for k in ("raws", "labels", "anomaly", "keys", "domains")}
+    items = _new_items()
     split_of = []
     has_split = "split" in kept[0] and any(r["split"] for r in kept)
     row_split = _split_rows(kept, labels, data_cfg, labels_csv) if (has_split or not window) else None
@@ -648,13 +638,14 @@ def _build_sensor(root, data_cfg, model_cfg):
                 parts = _time_split_items(len(a), window, stride, data_cfg)
             for split, starts in parts.items():
                 for s in starts:
-                    _append(items, a[s:s + window], labels[i], r, normal, f"{r['path']}@{s}", data_cfg)
+                    _append(items, a[s:s + window], labels[i], r["label"], f"{r['path']}@{s}", r.get("domain", ""),
+                            normal, data_cfg)
                     split_of.append(split)
         else:
             if len(a) != len(arrays[0]):
                 raise UserError(f"{root / r['path']}: {len(a)} rows but {kept[0]['path']} has {len(arrays[0])}; "
                                 "set model.window to cut equal windows")
-            _append(items, a, labels[i], r, normal, r["path"], data_cfg)
+            _append(items, a, labels[i], r["label"], r["path"], r.get("domain", ""), normal, data_cfg)
             split_of.append(row_split[i])
     frontend = Frontend("none", {"seq_len": window or len(arrays[0])})
     train, val, test = _finish_split(items, split_of, data_cfg, frontend)
@@ -664,12 +655,17 @@ def _build_sensor(root, data_cfg, model_cfg):
     return train, val, test, classes, normal, info
 
 
-def _append(items, raw, label, row, normal, key, data_cfg):
+def _new_items() -> dict[str, list]:
+    return {k: [] for k in ("raws", "labels", "anomaly", "keys", "domains")}
+
+
+def _append(items, raw, label: int, label_name: str, key: str, domain: str, normal, data_cfg) -> None:
+    """One item: its raw signal, class index, anomaly flag (from the label name), key and domain."""
     items["raws"].append(raw)
     items["labels"].append(label)
-    items["anomaly"].append(_anomaly(row["label"], normal, data_cfg))
+    items["anomaly"].append(_anomaly(label_name, normal, data_cfg))
     items["keys"].append(key)
-    items["domains"].append(row.get("domain", ""))
+    items["domains"].append(domain)
 
 
 def _warn_skipped(skipped: list) -> None:
