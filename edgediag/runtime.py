@@ -290,10 +290,12 @@ class _TrtPredictor(Predictor):
                             "(keep the export folder together)")
         meta = parse_metadata(_onnx_metadata(graph), graph)
         try:
-            import tensorrt  # noqa: F401
+            # TensorRT I/O with CUDA buffers through torch, cuda-python or pycuda: the export's
+            # own runner (edgediag/trt_tool.py, torch-free), shared with its engine parity check
+            from edgediag.trt_tool import EngineRunner
         except ImportError:
             raise UserError("tensorrt is not installed here (JetPack brings it: python3 -c 'import tensorrt')") from None
-        self.runner = _engine_runner_class()(str(path))
+        self.runner = EngineRunner(str(path))
         shapes = (meta.get("input_spec") or {}).get("inputs") or []
         b = shapes[0]["shape"][0] if shapes and shapes[0].get("shape") else None
         super().__init__(path, meta, self.runner.inputs, self.runner.outputs, b if isinstance(b, int) else None)
@@ -301,18 +303,6 @@ class _TrtPredictor(Predictor):
     def _run(self, arrays):
         out = self.runner(dict(zip(self.input_names, arrays)))
         return [out[n] for n in self.output_names]
-
-
-def _engine_runner_class():
-    """export.EngineRunner: TensorRT I/O with CUDA buffers through torch, cuda-python or
-    pycuda (one implementation, shared with the export's engine parity check)."""
-    try:
-        from edgediag import export
-
-        return export.EngineRunner
-    except ImportError:
-        raise UserError("running a TensorRT engine here needs edgediag.export's TensorRT tool (torch and onnx "
-                        "installed); or use the model.onnx of the export folder with onnxruntime") from None
 
 
 def _onnx_metadata(path: Path) -> dict[str, str]:

@@ -6,7 +6,9 @@ carried states. The models here are small test models fitted on synthetic machin
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -246,6 +248,28 @@ def test_runtime_imports_without_torch_for_onnx(band_artifacts):
                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(1,) True"
+
+
+def test_engine_runner_needs_tensorrt_not_torch(band_artifacts, tmp_path):
+    """.engine artifacts go through edgediag.trt_tool (torch-free): where tensorrt is missing
+    the one-line error names it, even with torch unimportable."""
+    pytest.importorskip("onnx")
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here")
+    shutil.copy(band_artifacts["onnx"], tmp_path / "model.onnx")
+    (tmp_path / "model.engine").write_bytes(b"serialized engine")
+    code = ("import sys\n"
+            "sys.modules['torch'] = None\n"
+            "from edgediag import cli, runtime\n"
+            "try:\n"
+            f"    runtime.load({str(tmp_path / 'model.engine')!r})\n"
+            "except cli.UserError as exc:\n"
+            "    print(exc)\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "tensorrt is not installed" in out.stdout and "torch" not in out.stdout, out.stdout
 
 
 def test_metadata_contract_parsed(band_artifacts):
