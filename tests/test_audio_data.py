@@ -95,6 +95,20 @@ def test_root_that_is_a_machine_folder_and_val_split(synth):
     assert keys.isdisjoint(bundle.val[i]["key"] for i in range(len(bundle.val)))
 
 
+def test_val_from_test_is_a_labelled_held_out_split(synth):
+    """data.val_from_test: half of every (normal/anomalous, domain) test group becomes
+    a validation split with both kinds of clips; the test split keeps the rest, disjoint."""
+    full = build_data("audio", DataConfig(root=str(synth / "fan")), MODEL)
+    bundle = build_data("audio", DataConfig(root=str(synth / "fan"), val_from_test=0.5), MODEL)
+    val = [bundle.val[i] for i in range(len(bundle.val))]
+    test = [bundle.test[i] for i in range(len(bundle.test))]
+    assert len(val) + len(test) == len(full.test) and len(bundle.train) == len(full.train)
+    assert {v["anomaly"] for v in val} == {0, 1} and {v["domain"] for v in val} == {"source", "target"}
+    assert {v["key"] for v in val}.isdisjoint(t["key"] for t in test) and {t["anomaly"] for t in test} == {0, 1}
+    with pytest.raises(UserError, match="val_from_test"):
+        build_data("audio", DataConfig(root=str(synth / "fan"), val_from_test=1.0), MODEL)
+
+
 def _write(path: Path, y, sr=SR, subtype="PCM_16"):
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), y, sr, subtype=subtype)

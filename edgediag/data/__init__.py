@@ -29,6 +29,11 @@ class DataConfig:
     ignore_labels: list[str] = dataclasses.field(default_factory=lambda: ["OFF"])
     on_bad_file: str = "error"  # error | skip (skip warns with a count)
     val_fraction: float = 0.0  # held out of train for validation / threshold calibration
+    # Audio anomaly sets whose training clips are all normal (DCASE): this fraction of each
+    # (normal/anomalous, domain) group of the test split becomes a labelled validation
+    # split, on which a model's calibrate() chooses its detection score (AEGAN-AD); the test
+    # split keeps the rest, so the reported test figures stay held out.
+    val_from_test: float = 0.0
     test_fraction: float = 0.25  # when the data has no split column / folder
     split_seed: int = 0
     train_normal_only: bool = False  # anomaly-detection models train on normal data only

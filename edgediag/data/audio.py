@@ -12,6 +12,11 @@ Layouts, detected from the folder's contents (first match wins):
 2. The root is one DCASE machine folder: ``<root>/{train,test}/*.wav``.
 3. The root holds several: ``<root>/<machine>/{train,test}/*.wav``.
 
+``data.val_from_test`` (a fraction) moves that share of each (normal/anomalous, domain)
+group of the test split into a labelled validation split: DCASE training clips
+are all normal, so this is where a model can choose its detection score (AEGAN-AD's
+``calibrate``) while the rest of the test split stays held out.
+
 DCASE labels come from the file names (:func:`edgediag.dcase.parse_name`). Classes for a
 classifier: machine type × section (2021+) or × id (2020); a machine type with a single
 section but several attribute values in its training clips is split by attribute
@@ -237,14 +242,14 @@ def _labelled_records(root: Path, data_cfg: DataConfig) -> list[ClipRecord]:
 
 
 def _stratified_split(records: list[ClipRecord], fraction: float, seed: int, name: str,
-                      pool: str = "") -> None:
-    """Mark ``fraction`` of each label's records in split ``pool`` as split ``name``
-    (the rest of an unsplit pool becomes train)."""
+                      pool: str = "", by=lambda r: r.label) -> None:
+    """Mark ``fraction`` of each group's records (``by``: the label) in split ``pool`` as
+    split ``name`` (the rest of an unsplit pool becomes train)."""
     rng = np.random.default_rng(seed)
     groups = defaultdict(list)
     for r in records:
         if r.split == pool:
-            groups[r.label].append(r)
+            groups[by(r)].append(r)
     for label in sorted(groups):
         rs = groups[label]
         n_out = int(round(len(rs) * fraction))
@@ -350,6 +355,14 @@ def build_audio(root: Path, data_cfg: DataConfig, model_cfg) -> DataBundle:
         raise UserError(f"no training clips in {root}")
     if data_cfg.val_fraction > 0 and not any(r.split == "val" for r in records):
         _stratified_split(train_records, data_cfg.val_fraction, data_cfg.split_seed, "val", pool="train")
+    if data_cfg.val_from_test:
+        if not 0 < data_cfg.val_from_test < 1:
+            raise UserError(f"data.val_from_test must be in (0, 1), not {data_cfg.val_from_test}")
+        test = [r for r in records if r.split == "test"]
+        if len({r.anomaly for r in test} - {-1}) < 2:
+            raise UserError(f"data.val_from_test needs a test split with normal and anomalous clips ({root})")
+        _stratified_split(test, data_cfg.val_from_test, data_cfg.split_seed + 1, "val", pool="test",
+                          by=lambda r: (r.anomaly, r.domain))
 
     seconds = float(getattr(model_cfg, "clip_seconds", 0.0) or 0.0)
     if seconds <= 0:
