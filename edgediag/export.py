@@ -469,7 +469,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 # One implementation of the TensorRT side (edgediag/trt_tool.py, torch-free), used twice:
 # imported here when tensorrt and a GPU are present, and copied to the output folder as
 # calibrate_int8.py for the board.
-TRT_TOOL = Path(__file__).with_name("trt_tool.py")  # also written to the board as calibrate_int8.py
+TRT_TOOL = Path(__file__).with_name("trt_tool.py")
 
 
 def trt_tool() -> dict[str, Any]:

@@ -15,8 +15,8 @@ numerically equivalent paths (``method``):
 ``method="auto"`` (the default) takes ``fft`` in eager runs and ``factored`` while tracing for
 export (as the selective scan's ``auto`` backend does), or what ``with stft_method(name):``
 forces (the FLOP counter counts the exported form). The choice is a Python branch, fixed at
-trace time, so the graph has no data-dependent branch. librosa stays the reference: tests compare every path against
-``librosa.feature.melspectrogram`` / ``librosa.power_to_db``.
+trace time, so the graph has no data-dependent branch. librosa stays the reference: tests
+compare every path against ``librosa.feature.melspectrogram`` / ``librosa.power_to_db``.
 """
 
 from __future__ import annotations
@@ -131,16 +131,16 @@ class LogMel(nn.Module):
         self.win_length = int(win_length or n_fft)
         self.top_db, self.eps, self.amin = top_db, float(eps), float(amin)
         mel = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)
-        # Not persistent: rebuilt from the config, so checkpoints stay small (the DFT basis
-        # alone is 16 MB for n_fft=2048).
+        # Not persistent: rebuilt from the config, so checkpoints stay small.
         self.register_buffer("mel_fb", torch.from_numpy(mel.astype(np.float32)), persistent=False)
-        self.register_buffer("basis", dft_basis(n_fft, self.win_length), persistent=False)
         self.register_buffer("window", torch.from_numpy(hann_window(n_fft, self.win_length).astype(np.float32)),
                              persistent=False)
         if self.factored:
             first, second = factored_dft_matrices(self.n_fft)
             self.register_buffer("dft_first", first, persistent=False)
             self.register_buffer("dft_second", second, persistent=False)
+        else:  # the dense basis (16 MB at n_fft 2048) only where the factored form does not apply
+            self.register_buffer("basis", dft_basis(n_fft, self.win_length), persistent=False)
 
     def n_frames(self, n_samples: int) -> int:
         padded = n_samples + 2 * (self.n_fft // 2) if self.center else n_samples
@@ -186,7 +186,8 @@ class LogMel(nn.Module):
             power = power.permute(1, 2, 0).reshape(-1, t, k2 * n1)[..., :n_bins].transpose(1, 2)
         elif method == "conv":
             # The conv's own zero padding is the centre padding (no separate Pad node).
-            spec = F.conv1d(x.unsqueeze(1), self.basis, stride=self.hop,
+            basis = self.basis if hasattr(self, "basis") else dft_basis(self.n_fft, self.win_length).to(x)
+            spec = F.conv1d(x.unsqueeze(1), basis, stride=self.hop,
                             padding=self.n_fft // 2 if self.center else 0)
             power = spec[:, :n_bins] ** 2 + spec[:, n_bins:] ** 2
         elif method == "fft":

@@ -231,7 +231,7 @@ def export_chunk_size(L: int) -> int:
     An exported scan has ~10 nodes per step of a chunk (two passes) plus ~2 per chunk, so
     the node count is smallest near T = sqrt(L / 4), and at the batch sizes of edge
     inference ONNX Runtime's time follows the node count, not the FLOPs (equal for every T).
-    Measured (b1 d64 n16, one thread, ``benchmarks/bench_selective_scan.py``-style): L 64:
+    Measured in ONNX Runtime (one exported scan, b1 d64 n16, one thread): L 64:
     T 4 1.1 ms vs T 32 5.5 ms; L 256: T 8 1.8 ms vs T 32 2.6 ms; L 1024 (d256): T 16 18.4 ms
     vs T 32 20.3 ms. Eager runs keep DEFAULT_CHUNK_SIZE (fewer, larger kernels win there).
     """
@@ -259,10 +259,10 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
 
     Exported, the graph has about 10 nodes per step of a chunk plus 2 per
     chunk (~560 at L=1024, T=32); ``chunk_size=None`` takes :func:`export_chunk_size`
-    while tracing (the smallest graph) and ``DEFAULT_CHUNK_SIZE`` in eager runs. Layout (T, batch, G, H, N, n_chunks),
-    H = D / G: the chunk index innermost keeps the per-step slabs dense and
-    the broadcast multiplies on contiguous rows (measured faster, eager and
-    in ONNX Runtime, than N or H innermost).
+    while tracing (the smallest graph) and ``DEFAULT_CHUNK_SIZE`` in eager runs.
+    Layout (T, batch, G, H, N, n_chunks), H = D / G: the chunk index innermost
+    keeps the per-step slabs dense and the broadcast multiplies on contiguous
+    rows (measured faster, eager and in ONNX Runtime, than N or H innermost).
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     tracing = is_tracing()
