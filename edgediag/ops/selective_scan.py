@@ -330,7 +330,9 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     # linalg.vecdot is one fused kernel in eager but has no ONNX symbolic
     if tracing:
         def dot(a, b):
-            return (a * b).sum(-2)
+            # d_state 1 (VMamba/MemoryMamba): a sum over one element is a squeeze, not a
+            # ReduceSum node (ONNX Runtime copies through its generic reduction kernel)
+            return (a * b).squeeze(-2) if N == 1 else (a * b).sum(-2)
     else:
         def dot(a, b):
             return torch.linalg.vecdot(a, b, dim=-2)
