@@ -235,18 +235,24 @@ def test_graph_without_edgediag_metadata_is_refused(tmp_path):
         runtime.load(path)
 
 
-def test_runtime_imports_without_torch_for_onnx(band_artifacts):
-    """A board with only the runtime extra: loading and scoring an ONNX graph never imports torch."""
-    code = ("import sys, numpy as np\n"
-            "sys.modules['torch'] = None  # any 'import torch' now fails\n"
-            "from edgediag import runtime\n"
-            f"p = runtime.load({str(band_artifacts['onnx'])!r}, threads=1)\n"
-            "x = p.prepare(np.zeros(100, np.float32))\n"
-            "print(p.score(x[None]).shape, p.threshold > 0)\n")
+def run_without_torch(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter where any ``import torch`` fails (a board with only
+    the runtime extra); it must exit 0."""
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+    out = subprocess.run([sys.executable, "-c", "import sys\nsys.modules['torch'] = None\n" + code],
+                         capture_output=True, text=True, cwd=root,
                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_runtime_imports_without_torch_for_onnx(band_artifacts):
+    """A board with only the runtime extra: loading and scoring an ONNX graph never imports torch."""
+    out = run_without_torch("import numpy as np\n"
+                            "from edgediag import runtime\n"
+                            f"p = runtime.load({str(band_artifacts['onnx'])!r}, threads=1)\n"
+                            "x = p.prepare(np.zeros(100, np.float32))\n"
+                            "print(p.score(x[None]).shape, p.threshold > 0)\n")
     assert out.stdout.strip() == "(1,) True"
 
 
@@ -258,17 +264,11 @@ def test_engine_runner_needs_tensorrt_not_torch(band_artifacts, tmp_path):
         pytest.skip("tensorrt is installed here")
     shutil.copy(band_artifacts["onnx"], tmp_path / "model.onnx")
     (tmp_path / "model.engine").write_bytes(b"serialized engine")
-    code = ("import sys\n"
-            "sys.modules['torch'] = None\n"
-            "from edgediag import cli, runtime\n"
-            "try:\n"
-            f"    runtime.load({str(tmp_path / 'model.engine')!r})\n"
-            "except cli.UserError as exc:\n"
-            "    print(exc)\n")
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
-                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = run_without_torch("from edgediag import cli, runtime\n"
+                            "try:\n"
+                            f"    runtime.load({str(tmp_path / 'model.engine')!r})\n"
+                            "except cli.UserError as exc:\n"
+                            "    print(exc)\n")
     assert "tensorrt is not installed" in out.stdout and "torch" not in out.stdout, out.stdout
 
 

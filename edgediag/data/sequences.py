@@ -529,20 +529,8 @@ def _build_audio(root, data_cfg, model_cfg):
     classes, normal = _class_order([r["label"] for r in rows], data_cfg.normal_labels)
     want_sr = int(getattr(model_cfg, "sample_rate", 0) or 0)
     clip_s = float(getattr(model_cfg, "clip_seconds", 0.0) or 0.0)
-    waves, kept_rows, skipped, rates, lengths = [], [], [], set(), []
-    for r in rows:
-        path = root / r["path"]
-        try:
-            wave, sr = read_audio(path, want_sr)
-        except (ValueError, FileNotFoundError, OSError) as exc:
-            _bad(path, str(exc) if path.exists() else "missing", data_cfg, skipped)
-            continue
-        waves.append(wave)
-        kept_rows.append(r)
-        rates.add(sr)
-    _warn_skipped(skipped)
-    if not waves:
-        raise UserError(f"{root}: no readable audio files")
+    kept_rows, decoded = _read_rows(root, rows, lambda path: read_audio(path, want_sr), data_cfg, "audio files")
+    waves, rates = [w for w, _ in decoded], {sr for _, sr in decoded}
     if len(rates) > 1:
         raise UserError(f"{labels_csv}: audio at several sample rates {sorted(rates)}; set model.sample_rate")
     sr = rates.pop()
@@ -560,7 +548,6 @@ def _build_audio(root, data_cfg, model_cfg):
             _append(items, wave[k * seg:(k + 1) * seg], classes.index(r["label"]), r["label"],
                     r["path"] if n_seg == 1 else f"{r['path']}#{k}", r.get("domain", ""), normal, data_cfg)
             split_of.append(split)
-            lengths.append(seg)
     frontend = _resolve_1d_frontend(model_cfg, "logmel", seg, sr)
     train, val, test = _finish_split(items, split_of, data_cfg, frontend)
     info = {"frontend": frontend.kind, "frontend_params": frontend.params, "sample_rate": sr,
@@ -577,19 +564,9 @@ def _build_video(root, data_cfg, model_cfg):
     if channels not in (1, 3):
         raise UserError(f"model.in_channels must be 1 or 3 for video, not {channels}")
     items = _new_items()
-    kept, skipped = [], []
-    for r in rows:
-        path = root / r["path"]
-        try:
-            clip = read_video(path, size, channels)
-        except (ValueError, OSError) as exc:
-            _bad(path, str(exc) if path.exists() else "missing", data_cfg, skipped)
-            continue
+    kept, clips = _read_rows(root, rows, lambda path: read_video(path, size, channels), data_cfg, "video clips")
+    for r, clip in zip(kept, clips):
         _append(items, clip, classes.index(r["label"]), r["label"], r["path"], r.get("domain", ""), normal, data_cfg)
-        kept.append(r)
-    _warn_skipped(skipped)
-    if not kept:
-        raise UserError(f"{root}: no readable video clips")
     # model.seq_len frames per clip, but never more than the shortest clip has (no
     # invented frames); evaluation passes the resolved seq_len back, so it is stable.
     n_frames = min(int(getattr(model_cfg, "seq_len", 16) or 16), min(len(c) for c in items["raws"]))
@@ -607,17 +584,7 @@ def _build_sensor(root, data_cfg, model_cfg):
     classes, normal = _class_order([r["label"] for r in rows], data_cfg.normal_labels)
     window = int(getattr(model_cfg, "window", 0) or 0)
     stride = int(getattr(model_cfg, "window_stride", 0) or 0) or window
-    arrays, kept, skipped = [], [], []
-    for r in rows:
-        path = root / r["path"]
-        try:
-            arrays.append(read_sensor(path))
-            kept.append(r)
-        except (ValueError, OSError) as exc:
-            _bad(path, str(exc) if path.exists() else "missing", data_cfg, skipped)
-    _warn_skipped(skipped)
-    if not arrays:
-        raise UserError(f"{root}: no readable sequences")
+    kept, arrays = _read_rows(root, rows, read_sensor, data_cfg, "sequences")
     widths = {a.shape[1] for a in arrays}
     if len(widths) > 1:
         odd = next(r["path"] for a, r in zip(arrays, kept) if a.shape[1] != arrays[0].shape[1])
@@ -653,6 +620,24 @@ def _build_sensor(root, data_cfg, model_cfg):
         val = None
     info = {"frontend": "none", "frontend_params": frontend.params, "window": window}
     return train, val, test, classes, normal, info
+
+
+def _read_rows(root: Path, rows: list[dict], read, data_cfg, what: str) -> tuple[list[dict], list]:
+    """(the rows whose file ``read`` decoded, the decoded values); an unreadable file stops
+    the run or is skipped and counted (``data.on_bad_file``, see ``_bad``)."""
+    kept, values, skipped = [], [], []
+    for r in rows:
+        path = root / r["path"]
+        try:
+            values.append(read(path))
+        except (ValueError, OSError) as exc:
+            _bad(path, str(exc) if path.exists() else "missing", data_cfg, skipped)
+            continue
+        kept.append(r)
+    _warn_skipped(skipped)
+    if not values:
+        raise UserError(f"{root}: no readable {what}")
+    return kept, values
 
 
 def _new_items() -> dict[str, list]:

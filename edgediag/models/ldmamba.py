@@ -209,7 +209,8 @@ class SequenceClassifier(DiagnosisModel):
         return self.frame_stem(x) if self.frame_stem is not None else x
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(B, T, ...) input -> (B, E) embedding the classifier head reads; each family's own."""
+        raise NotImplementedError(f"{type(self).__name__} must implement embed")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.embed(x))
