@@ -125,8 +125,8 @@ def test_losses_train_the_memories():
 
 
 def test_untrained_blocks_start_as_the_identity():
-    """Zero-init residual: the post-SS2D LayerNorm starts with gain 0, so a fresh block
-    without MLP passes its input through unchanged (and from-scratch training can start)."""
+    """Zero-init residual: the post-SS2D norm starts with gain 0, so a fresh block without
+    MLP passes its input through unchanged (and from-scratch training can start)."""
     model = small(mlp_ratio=0.0).eval()
     block = model.stages[0][0]
     x = torch.randn(2, 8, 8, 8)
@@ -190,6 +190,20 @@ def test_bad_configs_are_user_errors():
         small(image_size=48)
     with pytest.raises(UserError, match="same"):
         small(depths=[1, 1])
+    with pytest.raises(UserError, match="power of two"):
+        small(stem="convbn", patch_size=6, image_size=48)
+
+
+@pytest.mark.parametrize("patch", [2, 4, 8])
+def test_convbn_stem_reaches_the_patch_grid(patch):
+    """The BatchNorm conv stem downsamples by the patch size in log2(patch) stride-2 convs,
+    so the token grid (and everything after it) is the patch stem's."""
+    model = small(stem="convbn", patch_size=patch, image_size=8 * patch).eval()
+    convs = [m for m in model.patch_embed if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == int(math.log2(patch)) and convs[-1].out_channels == SMALL["dims"][0]
+    h = model.patch_embed(model.example_input(2))
+    assert h.shape == (2, SMALL["dims"][0], 8, 8)
+    assert model(model.example_input(2)).shape == (2, 3)
 
 
 def test_checkpoint_round_trip_keeps_normalisation_and_threshold(tmp_path, synth_root):
@@ -207,12 +221,18 @@ def test_checkpoint_round_trip_keeps_normalisation_and_threshold(tmp_path, synth
     assert float(loaded.threshold) == 0.25 and torch.equal(loaded.pixel_std, model.pixel_std)
 
 
-@pytest.mark.parametrize("name", ["memorymamba", "image_cnn"])
+@pytest.mark.parametrize("name", ["memorymamba", "memorymamba_convbn", "image_cnn"])
 def test_onnx_export_matches_pytorch(tmp_path, name):
     import onnxruntime as ort
 
     if name == "memorymamba":
         model = small().eval()
+    elif name == "memorymamba_convbn":
+        model = open_residuals(small(stem="convbn")).eval()
+        with torch.no_grad():  # trained-looking BatchNorm statistics, which the export folds
+            for bn in (m for m in model.patch_embed if isinstance(m, torch.nn.BatchNorm2d)):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
     else:
         model = create_model("image_cnn", n_classes=3, in_chans=1, image_size=32, widths=[8, 16],
                              depths=[1, 1], classes=["good", "pit", "scratch"], normal_classes=["good"]).eval()

