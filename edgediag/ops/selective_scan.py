@@ -251,6 +251,8 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     2. the carried state, chunk by chunk: h_in[c+1] = exp(A * sum_c delta) * h_in[c] + local_end[c]
        (n_chunks steps of (batch, D, N) work);
     3. the chunks re-scanned from their true initial states, emitting y_t.
+       (Adding C_t . exp(A * cumsum(delta)) h_in to pass 1's outputs instead, by linearity,
+       was 2.2-2.6x slower in ONNX Runtime: an extra exp over all D*N*L decays.)
 
     Only products of exp(delta * A) factors appear, as in the reference
     recurrence; nothing is divided by a decay, so there is no exp(-cumsum)
