@@ -17,6 +17,7 @@ plots of each evaluation).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import json
@@ -534,15 +535,20 @@ def pareto_png(path: Path, rows: list[dict]) -> None:
     colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(dict.fromkeys(r["model_name"] for r in ok))}
     markers = {"eager": "o", "onnxruntime": "s", "tensorrt": "^"}
     biggest = max((r.get("params_total") or 1 for r in ok), default=1)
-    for r in ok:
+    for r in ok:  # colour: model, marker: backend, fill: original (filled) or pruned (hollow)
         size = 60 + 440 * math.sqrt((r.get("params_total") or 1) / biggest)
-        ax.scatter(r["latency_ms"]["p50"], r["y"], s=size, color=colours[r["model_name"]], alpha=0.75,
-                   marker=markers.get(r["backend"], "o"), edgecolors="black", linewidths=0.6)
-    # labels cycle through offsets so points at the same accuracy stay readable
+        pruned = r["variant"] == "pruned"
+        ax.scatter(r["latency_ms"]["p50"], r["y"], s=size, marker=markers.get(r["backend"], "o"), alpha=0.8,
+                   facecolors="white" if pruned else colours[r["model_name"]],
+                   edgecolors=colours[r["model_name"]] if pruned else "black", linewidths=1.6 if pruned else 0.6)
+    # Text only where colour, marker and fill leave two points ambiguous (two runs of a model):
+    # their artifact folders; labels cycle through offsets so close points stay readable.
+    seen = collections.Counter((r["model_name"], r["variant"], r["backend"]) for r in ok)
     offsets = [(10, 10), (10, -16), (-10, 22), (-10, -28)]
-    for i, r in enumerate(sorted(ok, key=lambda r: r["latency_ms"]["p50"])):
+    ambiguous = [r for r in ok if seen[(r["model_name"], r["variant"], r["backend"])] > 1]
+    for i, r in enumerate(sorted(ambiguous, key=lambda r: r["latency_ms"]["p50"])):
         dx, dy = offsets[i % len(offsets)]
-        ax.annotate(f"{r['model']} {r['variant']}, {r['backend']}", (r["latency_ms"]["p50"], r["y"]),
+        ax.annotate(Path(r["artifact"]).parent.name or r["artifact"], (r["latency_ms"]["p50"], r["y"]),
                     textcoords="offset points", xytext=(dx, dy), fontsize=7.5, ha="left" if dx > 0 else "right",
                     arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.5})
     for name in colours:  # original -> pruned of one model family and backend, as a line
@@ -557,6 +563,8 @@ def pareto_png(path: Path, rows: list[dict]) -> None:
     for backend, marker in markers.items():
         if any(r["backend"] == backend for r in ok):
             ax.scatter([], [], color="grey", marker=marker, label=backend, s=60)
+    ax.scatter([], [], color="grey", edgecolors="black", linewidths=0.6, label="original", s=60)
+    ax.scatter([], [], facecolors="white", edgecolors="grey", linewidths=1.6, label="pruned", s=60)
     names = ["AUC"] if y_key == "auc" else sorted({r["metric_name"] for r in ok})
     lat = [r["latency_ms"]["p50"] for r in ok]
     if lat and max(lat) > 10 * min(lat):  # latencies over decades: a log axis keeps all visible
