@@ -125,8 +125,8 @@ def test_losses_train_the_memories():
 
 
 def test_untrained_blocks_start_as_the_identity():
-    """Zero-init residual: the post-SS2D norm starts with gain 0, so a fresh block without
-    MLP passes its input through unchanged (and from-scratch training can start)."""
+    """Zero-init residual: the post-SS2D LayerNorm starts with gain 0, so a fresh block
+    without MLP passes its input through unchanged (and from-scratch training can start)."""
     model = small(mlp_ratio=0.0).eval()
     block = model.stages[0][0]
     x = torch.randn(2, 8, 8, 8)

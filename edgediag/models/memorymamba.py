@@ -228,9 +228,9 @@ class ConvBNStem(nn.Sequential):
     generalise instead of memorising. Synthetic defects at 64 px, 3000 steps: test accuracy
     0.47 against 0.17 for the patch stem and 0.19 for the released LayerNorm-GELU conv stem,
     at the same 0.86-0.92 training accuracy. Magnetic tiles: macro-F1 0.53 against 0.14
-    (docs/models/memorymamba.md). BatchNorm keeps each position's contrast against the
-    image (a pit, a scratch), where per-token LayerNorm on narrow maps removes it; it folds
-    into the convs at export.
+    (docs/models/memorymamba.md). A plausible reason, not measured: BatchNorm keeps each
+    position's contrast against the image (a pit, a scratch), which per-token LayerNorm on
+    narrow maps normalises away. It folds into the convs at export.
     """
 
     def __init__(self, in_chans: int, dim: int, patch: int):
@@ -265,8 +265,8 @@ _EDGE = {"stem": "convbn", "d_state": 1, "mem_mlp_ratio": 1.0, "coarse_slots": 4
     "memorymamba_t": {},
     # Edge variants, trained from scratch on a CPU in minutes. Memory size 4 is the
     # paper's best coarse memory size (Aluminum).
-    # nano patchifies 8x8 (16x16 tokens at 128 px): a quarter of the scan length of 4x4
-    # patches, which is what makes a CPU epoch take minutes, not a quarter of an hour.
+    # nano downsamples 8x (16x16 tokens at 128 px): a quarter of the scan length of the
+    # paper's 4x, which is what makes a CPU epoch take minutes, not a quarter of an hour.
     # Both take the BatchNorm conv stem, without which they do not generalise from scratch.
     "memorymamba_nano": {**_EDGE, "image_size": 128, "patch_size": 8, "depths": [1, 1, 2, 1],
                          "dims": [32, 64, 128, 256], "mlp_ratio": 2.0, "drop_path": 0.05},
