@@ -173,8 +173,9 @@ def test_ddp_two_gloo_processes(tmp_path):
 
 
 def test_every_registered_model_implements_the_interface():
-    """The base classes' NotImplementedError methods are the interface, not unfinished work:
-    every registered family overrides each of them (and its family base's hook)."""
+    """The base classes' abstract methods are the interface, not unfinished work: every
+    registered family overrides each of them (and its family base's hook), and a class
+    that leaves one out cannot be built."""
     from edgediag.models import DiagnosisModel, get_model_class, list_models
     from edgediag.models.image_cnn import ImageClassifier
     from edgediag.models.ldmamba import SequenceClassifier
@@ -191,3 +192,33 @@ def test_every_registered_model_implements_the_interface():
             hooks.append((ImageClassifier, "forward"))
         missing = [m for base, m in hooks if getattr(cls, m) is getattr(base, m)]
         assert not missing, f"{name} ({cls.__name__}) does not implement {missing}"
+
+
+def test_a_model_missing_an_interface_method_cannot_be_built():
+    from edgediag.models import DiagnosisModel
+
+    class ScoreOnly(DiagnosisModel):
+        def score(self, x):
+            return x.mean(dim=-1)
+
+    with pytest.raises(TypeError, match="abstract"):
+        ScoreOnly()
+
+
+def test_an_inference_only_model_refuses_training_with_one_line():
+    from edgediag.cli import UserError
+    from edgediag.models import DiagnosisModel
+
+    class Detector(DiagnosisModel):  # fixed signal processing: scores, nothing to train
+        def score(self, x):
+            return x.abs().mean(dim=-1)
+
+        def example_input(self, batch_size=1):
+            return torch.zeros(batch_size, 8)
+
+    model = Detector(None)
+    assert model.score(model.example_input(2)).shape == (2,)
+    with pytest.raises(UserError, match="inference-only"):
+        model.training_step({"x": model.example_input(2)})
+    with pytest.raises(UserError, match="inference-only"):
+        model.evaluate([])

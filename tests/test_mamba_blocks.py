@@ -235,8 +235,10 @@ def test_bimamba_is_mean_of_both_directions(divide_out):
 
 def test_bimamba_has_no_step():
     bi = BiMambaMixer(d_model=16)
-    with pytest.raises(NotImplementedError, match="backward scan"):
+    with pytest.raises(TypeError, match="backward scan"):
         bi.step(torch.randn(1, 16), None, None)
+    with pytest.raises(TypeError, match="backward scan"):
+        bi.allocate_states(1)
     names = {n for n, _ in bi.named_parameters()}
     assert {"A_log", "A_b_log", "D", "D_b", "conv1d_b.weight", "x_proj_b.weight", "dt_proj_b.bias"} <= names
 

@@ -7,6 +7,7 @@ registering itself with :func:`edgediag.models.register_model`.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -14,8 +15,11 @@ import torch
 from torch import nn
 
 
-class DiagnosisModel(nn.Module):
-    """Base class of all models.
+class DiagnosisModel(nn.Module, metaclass=abc.ABCMeta):
+    """Base class of all models. Its abstract methods (``score``, ``example_input``) are what
+    every stage needs: a class that leaves one out cannot be instantiated. ``training_step``
+    and ``evaluate`` are needed to train and evaluate; every registered family defines them
+    (tests/test_foundation.py checks), an inference-only model need not.
 
     Class attributes a subclass sets:
         Config: the model's dataclass config (every field JSON/YAML-serialisable).
@@ -54,8 +58,11 @@ class DiagnosisModel(nn.Module):
         return self.parameters()
 
     def training_step(self, batch: dict, phase: str = "main") -> dict[str, torch.Tensor]:
-        """Losses for one batch; must hold 'loss' (the one backpropagated); others are logged."""
-        raise NotImplementedError(f"{type(self).__name__} must implement training_step")
+        """Losses for one batch; must hold 'loss' (the one backpropagated); others are logged.
+        Every registered family defines it; a model built only for export or runtime (e.g. a
+        fixed signal-processing detector) need not, and then cannot be trained."""
+        from edgediag.cli import UserError
+        raise UserError(f"{type(self).__name__} is inference-only: it has no training_step to train with")
 
     @torch.no_grad()
     def fit_normal(self, loader) -> None:
@@ -100,15 +107,17 @@ class DiagnosisModel(nn.Module):
         return {}
 
     # --- inference -----------------------------------------------------------------
+    @abc.abstractmethod
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """Anomaly score per input (B,), higher = more anomalous."""
-        raise NotImplementedError(f"{type(self).__name__} must implement score")
 
     @torch.no_grad()
     def evaluate(self, loader, out_dir=None) -> dict[str, Any]:
         """Metrics on a labelled loader; must hold ``primary_metric``. Scalars at the top
-        level, optional per-group rows under "table"; plots go to ``out_dir`` if given."""
-        raise NotImplementedError(f"{type(self).__name__} must implement evaluate")
+        level, optional per-group rows under "table"; plots go to ``out_dir`` if given.
+        Every registered family defines it (inference-only models need not)."""
+        from edgediag.cli import UserError
+        raise UserError(f"{type(self).__name__} is inference-only: it has no evaluate()")
 
     def export_module(self) -> nn.Module:
         """The module export traces: raw input (waveform, image, sequence) -> the anomaly
@@ -130,9 +139,9 @@ class DiagnosisModel(nn.Module):
         from edgediag.cli import UserError
         raise UserError(f"{self.model_name} has no streaming form (only causal Mamba models have one)")
 
+    @abc.abstractmethod
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
         """A correctly shaped input for tracing and FLOP counting."""
-        raise NotImplementedError(f"{type(self).__name__} must implement example_input")
 
 
 class ScoreModule(nn.Module):

@@ -15,6 +15,7 @@ the paper compares against (ResNet18 there, from scratch and smaller here).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from pathlib import Path
@@ -120,9 +121,9 @@ class ImageClassifier(DiagnosisModel):
         linears = [m for m in self.head.modules() if isinstance(m, nn.Linear)] if hasattr(self, "head") else []
         return linears[-1:]
 
+    @abc.abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] images (B, C, H, W) -> logits (B, n_classes)."""
-        raise NotImplementedError
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self(x).float(), dim=-1)

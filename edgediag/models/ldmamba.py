@@ -35,6 +35,7 @@ covariance of the normal embeddings), the last two fitted by :meth:`fit_normal`.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from pathlib import Path
@@ -208,9 +209,9 @@ class SequenceClassifier(DiagnosisModel):
         x = self.normalise(x.float())
         return self.frame_stem(x) if self.frame_stem is not None else x
 
+    @abc.abstractmethod
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) input -> (B, E) embedding the classifier head reads; each family's own."""
-        raise NotImplementedError(f"{type(self).__name__} must implement embed")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.embed(x))

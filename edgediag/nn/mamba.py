@@ -233,13 +233,13 @@ class BiMambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
     def step(self, *args, **kwargs):
-        raise NotImplementedError(
+        # A permanent property of the block, not missing code: refuse with the reason.
+        raise TypeError(
             "BiMambaMixer has no step(): its backward scan reads the sequence from the end, so it "
             "cannot run one time step at a time. Run forward() on whole windows, or use MambaMixer "
             "for streaming.")
 
-    def allocate_states(self, *args, **kwargs):
-        raise NotImplementedError("BiMambaMixer has no streaming state; see step()")
+    allocate_states = step  # no streaming state either, for the same reason
 
 
 class SS2D(nn.Module):
