@@ -472,13 +472,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 TRT_TOOL = Path(__file__).with_name("trt_tool.py")
 
 
-def trt_tool() -> dict[str, Any]:
-    """The TensorRT tool's functions and classes (importing it needs tensorrt)."""
-    import edgediag.trt_tool
-
-    return vars(edgediag.trt_tool)
-
-
 def trt_here() -> tuple[bool, str]:
     """(can build engines here, why not)."""
     try:
@@ -569,11 +562,12 @@ def board_readme(preset: ExportPreset | None, precision: str, summary: dict) -> 
 def build_trt_here(stage: Path, graph_path: Path, preset: ExportPreset | None, precision: str, batch: int,
                    max_batch: int, dla_core: int, calib: np.ndarray | None) -> dict:
     """Engine, timing cache (and calibration cache) built in this process."""
-    tool = trt_tool()
-    info = tool["build_engine"](str(graph_path), str(stage / "model.engine"), precision,
-                                preset.workspace_mb if preset else 1024, calib, batch,
-                                str(stage / "calib.cache") if precision == "int8" else None,
-                                str(stage / "timing.cache"), dla_core, batch, max_batch)
+    from edgediag.trt_tool import build_engine  # imports tensorrt: only where it is installed
+
+    info = build_engine(str(graph_path), str(stage / "model.engine"), precision,
+                        preset.workspace_mb if preset else 1024, calib, batch,
+                        str(stage / "calib.cache") if precision == "int8" else None,
+                        str(stage / "timing.cache"), dla_core, batch, max_batch)
     return {"status": "built", **info}
 
 
@@ -970,7 +964,9 @@ def _streaming_parity(module, seq: torch.Tensor, example: tuple, n_out: int, nam
 def _trt_parity(engine_path: Path, inputs: list[np.ndarray], ref: list[np.ndarray], names, threshold,
                 tolerance, batch) -> dict:
     """The built engine against the same PyTorch outputs the ONNX graph was checked on."""
-    runner = trt_tool()["EngineRunner"](str(engine_path))
+    from edgediag.trt_tool import EngineRunner
+
+    runner = EngineRunner(str(engine_path))
     test = run_chunks(lambda a: [runner({runner.inputs[0]: a[0]})[n] for n in names], inputs, batch)
     return {"reference": "PyTorch eager", **parity_metrics(ref, test, names, threshold, tolerance)}
 

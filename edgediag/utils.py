@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -31,6 +32,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def context_value(var: contextvars.ContextVar, value) -> Iterator[None]:
+    """``var`` set to ``value`` inside the block, restored after it (forced backend choices)."""
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
 
 
 def write_json(path: str | Path, data) -> None:

@@ -252,6 +252,11 @@ def _score_parts(names) -> tuple[bool, bool, bool]:
             any(n.startswith("D-") for n in names))
 
 
+def _as_windows(rows: torch.Tensor) -> torch.Tensor:
+    """Gathered frames (B, W·WINDOW, mels), window after window -> (B·W, 1, mels, WINDOW)."""
+    return rows.reshape(-1, WINDOW, rows.shape[-1]).transpose(1, 2).unsqueeze(1)
+
+
 @register_model("aegan_ad", variants={
     # Edge variant: half the widths (16 -> 256 channels), a 128-d latent; ~1/4 of the MACs.
     "aegan_ad_small": {"channels": 16, "d_channels": 16, "latent_dim": 128},
@@ -361,16 +366,14 @@ class AEGANAD(DiagnosisModel):
         """(B, 128, frames) -> (B·W, 1, 128, 128), the clip's windows in order."""
         # Gather whole frames (contiguous rows of the transposed mel), not single values
         # along the last axis: 3.5x faster in eager, 20x in ONNX Runtime (7.5 -> 0.33 ms).
-        rows = mel.transpose(1, 2)[:, self.window_index.reshape(-1)]  # (B, W·128 frames, mels)
-        return rows.reshape(-1, WINDOW, mel.shape[1]).transpose(1, 2).unsqueeze(1)
+        return _as_windows(mel.transpose(1, 2)[:, self.window_index.reshape(-1)])
 
     def random_windows(self, mel: torch.Tensor, k: int) -> torch.Tensor:
         """k windows per clip at random start frames (training)."""
         b = mel.shape[0]
         starts = torch.randint(0, mel.shape[-1] - WINDOW + 1, (b, k), device=mel.device)
         idx = (starts[..., None] + torch.arange(WINDOW, device=mel.device)).view(b, -1, 1)
-        rows = mel.transpose(1, 2).gather(1, idx.expand(-1, -1, mel.shape[1]))  # whole frames, as in windows()
-        return rows.reshape(-1, WINDOW, mel.shape[1]).transpose(1, 2).unsqueeze(1)
+        return _as_windows(mel.transpose(1, 2).gather(1, idx.expand(-1, -1, mel.shape[1])))  # whole frames
 
     # --- training ----------------------------------------------------------------------
     def phase_parameters(self, phase: str):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator
 
 import librosa
 import numpy as np
@@ -33,21 +32,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgediag.ops import is_tracing
+from edgediag.utils import context_value
 
 METHODS = ("fft", "factored", "conv")
 _forced_method: contextvars.ContextVar[str | None] = contextvars.ContextVar("edgediag_stft_method", default=None)
 
 
-@contextlib.contextmanager
-def stft_method(name: str) -> Iterator[None]:
+def stft_method(name: str) -> contextlib.AbstractContextManager[None]:
     """Force what ``method="auto"`` resolves to inside the block."""
     if name not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {name!r}")
-    token = _forced_method.set(name)
-    try:
-        yield
-    finally:
-        _forced_method.reset(token)
+    return context_value(_forced_method, name)
 
 
 def hann_window(n_fft: int, win_length: int) -> np.ndarray:
@@ -154,9 +149,9 @@ class LogMel(nn.Module):
     def frames(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L) -> windowed frames (B, frames, n_fft) by reshape and slices (no Unfold):
         hop-sized blocks, each frame is r = n_fft/hop consecutive blocks."""
+        r, n_frames = self.n_fft // self.hop, self.n_frames(x.shape[-1])
         if self.center:
             x = F.pad(x, (self.n_fft // 2, self.n_fft // 2))
-        r, n_frames = self.n_fft // self.hop, 1 + (x.shape[-1] - self.n_fft) // self.hop
         n_blocks = n_frames + r - 1
         blocks = x[:, :n_blocks * self.hop].reshape(-1, n_blocks, self.hop)
         frames = torch.cat([blocks[:, j:j + n_frames] for j in range(r)], dim=-1)

@@ -39,13 +39,13 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from edgediag.ops import _cpu_ext
+from edgediag.utils import context_value
 
 BACKENDS = ("ref", "chunked", "cpu", "cuda")
 DEFAULT_CHUNK_SIZE = 32
@@ -473,15 +473,10 @@ def forced_backend() -> str | None:
     return _validate_backend(name)
 
 
-@contextlib.contextmanager
-def scan_backend(name: str) -> Iterator[None]:
+def scan_backend(name: str) -> contextlib.AbstractContextManager[None]:
     """Force what backend='auto' resolves to inside the block, e.g. for export:
     ``with scan_backend("chunked"): torch.onnx.export(...)``."""
-    token = _forced_backend.set(_validate_backend(name))
-    try:
-        yield
-    finally:
-        _forced_backend.reset(token)
+    return context_value(_forced_backend, _validate_backend(name))
 
 
 def resolve_backend(backend: str, u: Tensor, *tensors) -> str:
