@@ -311,47 +311,53 @@ def runner(art: Artifact, threads: int, device: torch.device) -> tuple[Callable,
 
 
 # --- measuring ---------------------------------------------------------------------------------
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
-
-
 def time_runs(run: Callable, x: torch.Tensor, warmup: int, iters: int, cuda: bool, clock: str = "wall") -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     rss_method = reset_peak_rss()
     for _ in range(warmup):
         run(x)
-    times = timed_calls(run, x, iters, clock)
-    out = {**latency_stats(times, len(x)), "rss_peak_mb": round(peak_rss_mb(), 1), "rss_method": rss_method}
+    times = timed_calls(run, x, iters)
+    out = {**latency_stats(times, len(x), clock), "rss_peak_mb": round(peak_rss_mb(), 1), "rss_method": rss_method}
     if cuda:
         out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
 
 
-def timed_calls(run: Callable, x: torch.Tensor, n: int, clock: str = "wall") -> list[float]:
-    now = CLOCKS[clock]
-    times = []
+def timed_calls(run: Callable, x: torch.Tensor, n: int) -> dict[str, list[float]]:
+    """Seconds per call on both clocks: wall time and the calling thread's CPU time."""
+    times: dict[str, list[float]] = {"wall": [], "cpu": []}
     for _ in range(n):
-        t0 = now()
+        w0, c0 = time.perf_counter(), time.thread_time()
         run(x)
-        times.append(now() - t0)
+        c1, w1 = time.thread_time(), time.perf_counter()
+        times["wall"].append(w1 - w0)
+        times["cpu"].append(c1 - c0)
     return times
 
 
-def latency_stats(times: list[float], batch: int) -> dict:
-    ms = np.asarray(times) * 1e3
+def latency_stats(times: dict[str, list[float]], batch: int, clock: str = "wall") -> dict:
+    """Percentiles of ``clock`` (``latency_ms``), throughput, and both clocks' p50. The timing
+    thread's CPU time is the whole compute latency only at one thread; ``cpu_share`` (CPU p50
+    / wall p50) under ~0.9 there says the thread waited: preempted, or its virtual CPU stolen."""
+    ms = np.asarray(times[clock]) * 1e3
+    wall_p50, cpu_p50 = (float(np.percentile(np.asarray(times[k]) * 1e3, 50)) for k in ("wall", "cpu"))
     return {"latency_ms": {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
                            "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean()),
                            "min": float(ms.min())},
-            "items_per_s": float(batch * len(times) / max(sum(times), 1e-12))}
+            "items_per_s": float(batch * len(ms) / max(ms.sum() / 1e3, 1e-12)),
+            "wall_p50_ms": wall_p50, "cpu_p50_ms": cpu_p50, "cpu_share": cpu_p50 / max(wall_p50, 1e-12)}
 
 
 REFERENCE = "fp32 matmul 384x384x384 (torch, the bench's threads)"
 
 
 def reference_kernel() -> tuple[Callable, torch.Tensor]:
-    """A fixed workload timed with the artifacts: how fast the machine was at the time. Two
-    reports of one machine compare by ``p50 / reference`` even when the machine's speed
-    drifted between them (a shared or virtual machine's does, by 10-30 % within minutes)."""
+    """A fixed workload timed with the artifacts: how fast the machine's plain compute was at
+    the time. ``p50 / reference`` removes a uniform slow-down (CPU clock, thermal), but not
+    all drift: on the shared 2-core VM the models' speed swung 0.7-1.2x within minutes
+    while the matmul's correlated with it at only 0.46 (a small-operator chain: 0.56;
+    docs/benchmarks.md)."""
     a = torch.randn(384, 384, generator=torch.Generator().manual_seed(0))
     return (lambda x: torch.matmul(x, x)), a
 
@@ -369,18 +375,19 @@ def time_interleaved(jobs: list[tuple[dict, Callable, torch.Tensor]], warmup: in
     for _, run, x in jobs:
         for _ in range(warmup):
             run(x)
-    samples: list[list[float]] = [[] for _ in jobs]
+    samples: list[dict[str, list[float]]] = [{"wall": [], "cpu": []} for _ in jobs]
     started = datetime.datetime.now()
     for r in range(rounds):
         n = iters // rounds + (1 if r < iters % rounds else 0)
         for k, (_, run, x) in enumerate(jobs):
-            samples[k] += timed_calls(run, x, n, clock)
+            for c, t in timed_calls(run, x, n).items():
+                samples[k][c] += t
     span = {"start": started.isoformat(timespec="milliseconds"),
             "end": datetime.datetime.now().isoformat(timespec="milliseconds"), "interleaved": True}
     peak = round(peak_rss_mb(), 1)  # the process's peak over all rows: they ran together
-    reference = {"what": REFERENCE, **latency_stats(samples[0], 1)["latency_ms"]}
+    reference = {"what": REFERENCE, **latency_stats(samples[0], 1, clock)["latency_ms"]}
     for (row, _, x), times in zip(jobs[1:], samples[1:]):
-        row.update(latency_stats(times, len(x)), rss_peak_mb=peak, rss_method=rss_method, span=span,
+        row.update(latency_stats(times, len(x), clock), rss_peak_mb=peak, rss_method=rss_method, span=span,
                    rounds=rounds)
         row["relative_p50"] = row["latency_ms"]["p50"] / reference["p50"]
     return reference
@@ -511,10 +518,19 @@ def markdown(rows: list[dict], env: dict, reference: dict | None = None) -> str:
             else "wall time")
     lines += ["", f"Latency: {what} of one call on a prepared batch, after the warm-up; RSS: the process's "
               "peak resident memory during the timed runs (models, runtime and data included)."]
+    shares = [(r["cpu_share"], r) for r in rows if r["status"] == "ok" and "cpu_share" in r]
+    busy = [(share, r) for share, r in shares if share < 0.9]
+    if busy:
+        share, r = min(busy, key=lambda t: t[0])
+        lines += ["", f"Contention: on {len(busy)} of {len(shares)} rows the timing thread ran less than 90 % of "
+                  f"the wall time (least: {100 * share:.0f} %, {r['model']} {r['variant']} {r['backend']}): the "
+                  "machine was busy or its virtual CPU stolen. `--clock cpu` leaves that time out."]
+    elif shares:
+        lines += ["", "The timing thread ran at least 90 % of the wall time on every row (no contention seen)."]
     if reference:
         lines += ["", f"Reference kernel ({reference['what']}), timed in the same rounds: p50 "
-                  f"{reference['p50']:.3f} ms. Divide a p50 by it (`relative_p50` in report.json) to compare "
-                  "reports taken at different times on one machine: a machine's speed drifts."]
+                  f"{reference['p50']:.3f} ms: how fast the machine's plain compute was (`relative_p50` in "
+                  "report.json divides each p50 by it)."]
     return "\n".join(lines) + "\n"
 
 
@@ -669,6 +685,9 @@ def main(argv=None) -> int:
         for row, _, _ in interleaved:
             _print_row(row, next(a for a in arts if str(a.path) == row["artifact"]), row)
     for r in rows:
+        if args.threads != 1 or r.get("backend") == "tensorrt" or device.type != "cpu":
+            for k in ("cpu_p50_ms", "cpu_share"):  # one thread's CPU time is not the latency there
+                r.pop(k, None)
         for k in ("auc", "pauc", "metric", "decision_accuracy"):
             if k in r:
                 r[k] = _finite(r[k])

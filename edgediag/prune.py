@@ -18,6 +18,11 @@ Methods (docs/pruning.md):
   closed channels are removed between epochs until the budget is met.
 * ``both``: dynamic first (the gates pick what the task does not need), then structured
   pruning for whatever part of the budget is still missing, then fine-tuning.
+
+``--remove-blocks N`` (any method) first removes the N residual blocks whose removal changes
+the outputs least (:mod:`edgediag.depth_pruning`); the channel pruning then covers what the
+budget still asks. Fewer blocks means fewer operator calls, which is what batch-1 eager
+latency on a CPU pays for; fewer channels mostly is not.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ def parser():
     budget.add_argument("--ratio", type=float, help="fraction of the model's cost to remove (default 0.5)")
     budget.add_argument("--target-params", type=float, help="stop at this many parameters")
     budget.add_argument("--target-latency-ms", type=float, help="stop at this eager CPU latency (batch 1, 1 thread)")
-    p.add_argument("--ratio-metric", default="params", choices=("params", "flops"),
+    p.add_argument("--ratio-metric", default="params", choices=("params", "flops", "both"),
                    help="what --ratio is a fraction of (default params)")
     p.add_argument("--importance", default="magnitude", help="magnitude | taylor | lamp")
     p.add_argument("--global", dest="global_pruning", action="store_true",
@@ -65,6 +70,9 @@ def parser():
     p.add_argument("--latency-aware", action="store_true",
                    help="measure per-layer latency and prune time-heavy layers first (implies --global)")
     p.add_argument("--latency-backend", default="eager", choices=("eager", "onnxruntime"))
+    p.add_argument("--remove-blocks", type=int, default=0, metavar="N",
+                   help="depth pruning first: remove the N residual blocks whose removal changes the outputs "
+                        "least (default 0)")
     p.add_argument("--max-channel-ratio", type=float, default=0.9, help="never remove more than this per group")
     p.add_argument("--steps", type=int, default=18, help="pruning steps up to the max channel ratio")
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs (dynamic: gate-training epochs)")
@@ -96,8 +104,12 @@ def _check_args(args) -> None:
         raise cli.UserError("--round-to must be >= 1")
     if not 0.0 < args.max_channel_ratio < 1.0:
         raise cli.UserError("--max-channel-ratio must be in (0, 1)")
+    if args.remove_blocks < 0:
+        raise cli.UserError("--remove-blocks must be >= 0")
     if args.steps < 1 or args.finetune_epochs < 0 or args.distill < 0:
         raise cli.UserError("--steps must be >= 1, --finetune-epochs and --distill >= 0")
+    if args.method == "dynamic" and args.ratio_metric == "both":
+        raise cli.UserError("--ratio-metric both needs structured pruning after the gates: use --method both")
     if args.method in ("dynamic", "both") and args.finetune_epochs < 2:
         raise cli.UserError("--method dynamic/both trains the gates: give --finetune-epochs >= 2")
     if not Path(args.checkpoint).is_file():
@@ -214,11 +226,20 @@ def refit(model, bundle, train_cfg: TrainConfig, device) -> None:
         model.threshold.fill_(calibrate_threshold(scores, train_cfg.threshold_method, train_cfg.threshold_quantile))
 
 
+def calibration_batch(bundle, seed: int, n: int = 32) -> torch.Tensor:
+    """Up to ``n`` training inputs, drawn with a fixed seed (depth pruning's importance)."""
+    loader = DataLoader(bundle.train, batch_size=min(n, len(bundle.train)), shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    return next(iter(loader))["x"].float()
+
+
 # --- distillation ----------------------------------------------------------------------------
 class Distilled:
-    """Adds ``weight`` x MSE between the student's and the frozen teacher's exported outputs
-    (scores, class scores/logits, embeddings: every output whose shape matches) to the
-    model's own loss. Installed on the instance, removed before saving."""
+    """Adds ``weight`` x the mean, over the exported outputs whose shapes match (scores,
+    class scores/logits, embeddings), of the student's MSE to the frozen teacher relative
+    to the teacher's mean square, to the model's own loss. Relative, so each output counts
+    alike whatever its scale (ArcFace class scores are ~100x an embedding's entries).
+    Installed on the instance, removed before saving."""
 
     def __init__(self, model, teacher, weight: float):
         self.model, self.teacher, self.weight = model, teacher.eval(), float(weight)
@@ -236,7 +257,8 @@ class Distilled:
         s_out = self.model.export_module()(x)
         t_out = t_out if isinstance(t_out, (tuple, list)) else (t_out,)
         s_out = s_out if isinstance(s_out, (tuple, list)) else (s_out,)
-        terms = [F.mse_loss(s.float(), t.float()) for s, t in zip(s_out, t_out) if s.shape == t.shape]
+        terms = [F.mse_loss(s.float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-8)
+                 for s, t in zip(s_out, t_out) if s.shape == t.shape]
         if terms:
             kd = torch.stack(terms).mean()
             out = {**out, "loss": out["loss"] + self.weight * kd, "distill": kd.detach()}
@@ -345,8 +367,12 @@ def main(argv=None) -> int:
         start = sp.eager_latency_ms(model)
     else:
         ratio = 0.5 if args.ratio is None else args.ratio
-        start = before[args.ratio_metric]
-        budget = sp.Budget(args.ratio_metric, (1.0 - ratio) * start)
+        if args.ratio_metric == "both":
+            budget = sp.Budget("both", 1.0, {k: (1.0 - ratio) * before[k] for k in ("params", "flops")})
+            start = 1.0 / (1.0 - ratio)
+        else:
+            start = before[args.ratio_metric]
+            budget = sp.Budget(args.ratio_metric, (1.0 - ratio) * start)
     if budget.target >= start:
         raise cli.UserError(f"the target {budget.target:g} {budget.metric} is not smaller than the model's "
                             f"{start:g}: nothing to prune")
@@ -363,9 +389,17 @@ def main(argv=None) -> int:
             loss_batches.append(b)
 
     records: dict = {}
+    if args.remove_blocks:
+        from edgediag.depth_pruning import prune_depth
+
+        records["depth"] = prune_depth(model, args.remove_blocks, calibration_batch(bundle, train_cfg.seed))
+        records["depth"]["cost_after"] = budget.cost(model)
+        log.info("depth pruning: removed %s, %s %.4g (target %.4g)", records["depth"]["removed_blocks"],
+                 budget.metric, records["depth"]["cost_after"], budget.target)
     dynamic_history = None
     if args.method in ("dynamic", "both"):
-        model, dynamic_history = run_dynamic(model, bundle, train_cfg, budget, start, args)
+        current = budget.cost(model) if args.remove_blocks else start
+        model, dynamic_history = run_dynamic(model, bundle, train_cfg, budget, current, args)
         records["dynamic"] = dynamic_history
     if args.method in ("structured", "both") and not budget.met(budget.cost(model)):
         if "pruned_widths" in to_dict(model.config):
@@ -412,7 +446,7 @@ def main(argv=None) -> int:
                                                                       and args.target_latency_ms is None else None),
                    "target_params": args.target_params, "target_latency_ms": args.target_latency_ms},
         "importance": args.importance, "global": args.global_pruning or args.latency_aware,
-        "round_to": args.round_to, "latency_aware": args.latency_aware, "latency_backend": args.latency_backend,
+        "round_to": args.round_to, "remove_blocks": args.remove_blocks, "latency_aware": args.latency_aware, "latency_backend": args.latency_backend,
         "finetune_epochs": args.finetune_epochs, "distill": args.distill,
         "widths_before": widths_before, "widths_after": widths_of(reloaded),
         "before": before, "after_pruning": after_prune, "after_finetune": final,
@@ -480,7 +514,8 @@ def run_dynamic(model, bundle, train_cfg: TrainConfig, budget, start: float, arg
         if not gates.entries:
             raise cli.UserError(f"{model.model_name} has no prunable channel groups")
         gates.install()
-    metric = budget.metric if budget.metric in ("params", "flops") else "latency"
+    # "both": the gates aim at the FLOPs fraction; structured pruning then meets the parameters
+    metric = {"params": "params", "flops": "flops", "both": "flops"}.get(budget.metric, "latency")
     cfg = PruneConfig(target=min(1.0, budget.target / start), metric=metric, start_epoch=0,
                       end_epoch=max(0, int(0.6 * args.finetune_epochs) - 1))
     pruner = DynamicPruner(cfg, total_epochs=args.finetune_epochs)

@@ -504,12 +504,18 @@ def eager_latency_ms(model, runs: int = 20, threads: int = 1) -> float:
 
 @dataclasses.dataclass
 class Budget:
-    """Stop pruning at the first step where the chosen cost is at or below the target."""
+    """Stop pruning at the first step where the chosen cost is at or below the target.
+    ``both``: parameters and FLOPs, each with its own target (``targets``); the cost is the
+    larger of the two as a multiple of its target, so the target is 1."""
 
-    metric: str  # params | flops | latency
+    metric: str  # params | flops | latency | both
     target: float
+    targets: dict[str, float] | None = None
 
     def cost(self, model) -> float:
+        if self.metric == "both":
+            return max(float(model_params(model)) / self.targets["params"],
+                       float(model_flops(model)) / self.targets["flops"])
         if self.metric == "params":
             return float(model_params(model))
         if self.metric == "flops":

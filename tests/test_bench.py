@@ -150,7 +150,12 @@ def test_interleaved_rounds_time_every_row_with_all_its_runs(toy_artifacts, tmp_
     for r in ok:
         assert r["rounds"] == 3 and r["span"]["interleaved"] and 0 < r["latency_ms"]["min"] <= r["latency_ms"]["p50"]
         assert math.isclose(r["items_per_s"] * r["latency_ms"]["mean"] / 1e3, 1.0, rel_tol=1e-6)  # 7 runs of 1 item
+        # both clocks at one thread; the thread's CPU time never exceeds the wall time by much
+        assert r["cpu_p50_ms"] == r["latency_ms"]["p50"] and r["wall_p50_ms"] > 0
+        assert 0 < r["cpu_share"] <= 1.05
     assert ok[0]["span"] == ok[1]["span"]
+    md = (out / "report.md").read_text()
+    assert "the timing thread ran" in md.lower()
     rc = cli.run(bench.main, ["--model", str(ckpt), "--data", str(data), "--out", str(tmp_path / "o2"),
                               "--iters", "4", "--rounds", "5"])
     assert rc == 2 and "--rounds" in capsys.readouterr().err
@@ -194,3 +199,12 @@ def test_bench_attaches_tegrastats_power(toy_artifacts, tmp_path, capsys):
     row = next(r for r in report["rows"] if r["status"] == "ok")
     assert row["power"]["samples"] >= 1 and row["power"]["inferences"] == 20
     assert row["power"]["energy_per_inference_mj"] == pytest.approx(5000 * row["power"]["samples"] / 20)
+
+
+def test_one_threads_cpu_time_is_not_reported_for_several_threads(toy_artifacts, tmp_path):
+    _, data, ckpt, _ = toy_artifacts
+    out = tmp_path / "bench"
+    assert cli.run(bench.main, ["--model", str(ckpt), "--data", str(data), "--out", str(out), "--iters", "3",
+                                "--warmup", "1", "--threads", "2"]) == 0
+    ok = [r for r in json.loads((out / "report.json").read_text())["rows"] if r["status"] == "ok"]
+    assert ok and all("cpu_share" not in r and "cpu_p50_ms" not in r and r["wall_p50_ms"] > 0 for r in ok)

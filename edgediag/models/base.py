@@ -132,6 +132,12 @@ class DiagnosisModel(nn.Module, metaclass=abc.ABCMeta):
         audio, value range for images, frame rate...). Subclasses add their fields."""
         return {"kind": self.data_kind, "shape": list(self.example_input(1).shape[1:]), "dtype": "float32"}
 
+    def removable_blocks(self) -> list[str]:
+        """Module paths of the residual blocks depth pruning may remove (their output is
+        their input plus a branch), not yet removed; the config's ``removed_blocks`` lists
+        the removed ones (edgediag.depth_pruning). Default: none."""
+        return []
+
     def streaming_module(self) -> nn.Module:
         """``(x_t, *states) -> (outputs, *new_states)`` for sample-by-sample inference with
         carried state (causal Mamba models only). Attributes ``input_names``/``output_names``

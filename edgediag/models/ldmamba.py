@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgediag.cli import UserError
+from edgediag.depth_pruning import RemovedBlock, remove_blocks
 from edgediag.dynamic_pruning import ScreeningGate, ScreeningGroup, channel_costs, screening_sparsity
 from edgediag.metrics import auc_pauc, classification_report, decision_report, save_confusion_png, save_roc_png
 from edgediag.models import register_model
@@ -109,6 +110,9 @@ class LDMambaConfig(SequenceInputConfig):
     token_sparsity: float = 0.01  # weight of the fraction of tokens kept, in the loss
     sparsity_weight: float = 0.0  # weight of the channel-screen sparsity (the pruner raises it)
     scan_backend: str = "auto"
+    # Depth pruning (--remove-blocks): blocks removed, by module path ("blocks.1"); their
+    # d_inner/se_hidden entries stay in the lists, unused.
+    removed_blocks: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -638,6 +642,15 @@ class LDMamba(SequenceClassifier):
         self.classifier = nn.Linear(c.head_hidden, c.n_classes)
         self.sparsity_weight = float(c.sparsity_weight)
         self._costs: dict[str, float] | None = None
+        remove_blocks(self, c.removed_blocks)
+
+    def present_blocks(self) -> list[tuple[int, AttentionMambaBlock]]:
+        """(index, block) of the blocks depth pruning left."""
+        return [(i, b) for i, b in enumerate(self.blocks) if not isinstance(b, RemovedBlock)]
+
+    def removable_blocks(self) -> list[str]:
+        """Every attention-Mamba block (residual: x + screened branch)."""
+        return [f"blocks.{i}" for i, _ in self.present_blocks()]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self._embed(x)[0]
@@ -656,7 +669,7 @@ class LDMamba(SequenceClassifier):
             h = self._stem_act(i, bn(conv(h)), dim=1)
         h = h.transpose(1, 2)  # (B, T, d_model)
         keeps = []
-        for block in self.blocks:
+        for _, block in self.present_blocks():
             h, keep = block(h)
             keeps.append(keep)
         return self.norm(h), keeps
@@ -684,7 +697,7 @@ class LDMamba(SequenceClassifier):
         out = self._classification_losses(self.classifier(emb), batch["y"])
         if not self.config.screening:
             return out
-        token_keep = torch.stack(keeps).mean()
+        token_keep = torch.stack(keeps).mean() if keeps else emb.new_ones(())
         loss = out["loss"] + self.config.token_sparsity * token_keep
         groups = self.screening_groups()
         if self._costs is None:
@@ -707,7 +720,7 @@ class LDMamba(SequenceClassifier):
                       (f"stem_gates.{i}.raw_scores", 0, 1)]
             slices += [(f"stem_norms.{i}.{k}", 0, 1) for k in ("weight", "bias", "running_mean", "running_var")]
             groups.append(ScreeningGroup(f"stem.{i}", self.stem_gates[i], slices, "stem_channels", i))
-        for i, block in enumerate(self.blocks):
+        for i, block in self.present_blocks():
             p = f"blocks.{i}"
             slices = [(f"{p}.inner_gate.raw_scores", 0, 1), *_inner_slices(f"{p}.mixer", block.mixer)]
             groups.append(ScreeningGroup(f"blocks.{i}.inner", block.inner_gate, slices, "d_inner", i, min_channels=8))
@@ -746,7 +759,7 @@ class LDMambaStreaming(nn.Module):
         m = self.model
         shapes = [(f"stem{i}", (batch, conv.in_channels, conv.kernel_size[0] - 1))
                   for i, conv in enumerate(m.stem_convs)]
-        for b, block in enumerate(m.blocks):
+        for b, block in m.present_blocks():
             shapes += [(f"block{b}_{k}", v) for k, v in block.state_shapes(batch).items()]
         d = m.config.d_model
         return shapes + [("head_sum", (batch, d)), ("head_max", (batch, d)), ("count", (batch, 1))]
@@ -765,7 +778,7 @@ class LDMambaStreaming(nn.Module):
         for i, (conv, bn) in enumerate(zip(m.stem_convs, m.stem_norms)):
             h, new[f"stem{i}"] = causal_conv_step(conv, st[f"stem{i}"], h)
             h = m._stem_act(i, bn(h), dim=1)
-        for b, block in enumerate(m.blocks):
+        for b, block in m.present_blocks():
             prefix = f"block{b}_"
             h, block_state = block.step(h, n, {k[len(prefix):]: v for k, v in st.items() if k.startswith(prefix)})
             new.update({prefix + k: v for k, v in block_state.items()})

@@ -68,6 +68,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgediag.cli import UserError
+from edgediag.depth_pruning import RemovedBlock, remove_blocks
 from edgediag.models import register_model
 from edgediag.models.image_cnn import ImageClassifier, ImageClassifierConfig
 from edgediag.nn.mamba import SS2D
@@ -103,6 +104,8 @@ class MemoryMambaConfig(ImageClassifierConfig):
     margin: float = 0.5  # contrastive margin on the cosine distance
     temperature: float = 0.5  # InfoNCE temperature (the released code's 0.5)
     scan_backend: str = "auto"  # see edgediag.ops.selective_scan
+    # Depth pruning (--remove-blocks): Mem-SSM blocks removed, by module path.
+    removed_blocks: list[str] = dataclasses.field(default_factory=list)
 
 
 # --- building blocks -----------------------------------------------------------------
@@ -333,6 +336,7 @@ class MemoryMamba(ImageClassifier):
                 # identity (as ResNets zero their last BatchNorm). From scratch this is the
                 # difference between learning and staying at chance (docs/models/memorymamba.md).
                 nn.init.zeros_(block.ssm_norm.weight)
+        remove_blocks(self, c.removed_blocks)
         self.apply_pruned_widths()
 
     def pruning_fixed_layers(self) -> list[nn.Module]:
@@ -344,7 +348,7 @@ class MemoryMamba(ImageClassifier):
         fixed: list[nn.Module] = [self.patch_embed, self.embed_norm, self.norm, self.head]
         for blocks, merge in zip(self.stages, self.merges):
             fixed.append(merge)
-            for b in blocks:
+            for b in self._present(blocks):
                 fixed += [b.norm, b.in_proj, b.ssm, b.ssm_norm]
                 fixed += [m for m in (b.coarse, b.fine) if m is not None]
                 if b.mlp is not None:
@@ -368,7 +372,7 @@ class MemoryMamba(ImageClassifier):
         h = self.embed_norm(h)
         aux = []
         for blocks, merge in zip(self.stages, self.merges):
-            for block in blocks:
+            for block in self._present(blocks):
                 h, a = block(h)
                 aux.append(a)
             h = merge(h)
@@ -376,6 +380,16 @@ class MemoryMamba(ImageClassifier):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[0]
+
+    @staticmethod
+    def _present(blocks: nn.ModuleList) -> list[nn.Module]:
+        return [b for b in blocks if not isinstance(b, RemovedBlock)]
+
+    def removable_blocks(self) -> list[str]:
+        """Every Mem-SSM block (residual: X + SS2D branch + MLP branch); a stage may lose all
+        of its blocks and keep its patch merging."""
+        return [f"stages.{i}.{j}" for i, blocks in enumerate(self.stages) for j, b in enumerate(blocks)
+                if not isinstance(b, RemovedBlock)]
 
     # --- losses --------------------------------------------------------------------
     def coarse_contrastive(self, q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -404,9 +418,10 @@ class MemoryMamba(ImageClassifier):
         logits, aux = self.forward_features(x)
         ce = self.classification_loss(logits, y)
         zero = logits.new_zeros(())
-        l_c = torch.stack([self.coarse_contrastive(a["q_c"], y) for a in aux]).mean() if self.config.use_coarse else zero
+        l_c = torch.stack([self.coarse_contrastive(a["q_c"], y) for a in aux]).mean() \
+            if self.config.use_coarse and aux else zero
         l_f = torch.stack([self.fine_infonce(a["z"], a["m_f"]) for a in aux]).mean() \
-            if self.config.use_fine and len(y) > 1 else zero
+            if self.config.use_fine and aux and len(y) > 1 else zero
         loss = ce + self.config.lambda_c * l_c + self.config.lambda_f * l_f
         return {"loss": loss, "ce": ce.detach(), "l_coarse": l_c.detach(), "l_fine": l_f.detach(),
                 "acc": (logits.argmax(-1) == y).float().mean()}

@@ -75,6 +75,8 @@ class TASTgramConfig:
     # Structured pruning (python -m edgediag.prune): module name -> pruned sizes, as
     # edgediag.structured_pruning.record_widths writes them; empty = unpruned.
     pruned_widths: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    # Depth pruning (--remove-blocks): residual bottlenecks removed, by module path.
+    removed_blocks: list[str] = dataclasses.field(default_factory=list)
 
 
 # --- building blocks (published MobileFaceNet) ----------------------------------------
@@ -286,6 +288,10 @@ class TASTgramMFN(DiagnosisModel):
         # Normal training embeddings for the kNN score (filled by fit_normal). Its row
         # count differs from a fresh model's, so loading resizes it first (below).
         self.register_buffer("knn_bank", torch.zeros(0, c.embedding_dim))
+        if c.removed_blocks:
+            from edgediag.depth_pruning import remove_blocks
+
+            remove_blocks(self, c.removed_blocks)
         if c.pruned_widths:
             from edgediag.structured_pruning import apply_widths
 
@@ -296,6 +302,11 @@ class TASTgramMFN(DiagnosisModel):
         """Layers whose output channels pruning must keep: the front ends (mel bins), the
         embedding (an exported output) and the ArcFace head (class count)."""
         return [self.logmel, self.tgram, self.backbone.linear1, self.arcface]
+
+    def removable_blocks(self) -> list[str]:
+        """The bottlenecks with an identity shortcut (stride 1, same width in and out)."""
+        return [f"backbone.blocks.{i}" for i, b in enumerate(self.backbone.blocks)
+                if isinstance(b, Bottleneck) and b.connect]
 
     # --- configuration -----------------------------------------------------------------
     @classmethod
