@@ -86,7 +86,7 @@ def prune_depth(model, n_blocks: int, x: torch.Tensor) -> dict:
         scores = block_importance(model, x)
         name = min(scores, key=scores.get)
         model.set_submodule(name, RemovedBlock())
-        steps.append({"removed": name, "output_change": scores[name], "importance": scores})
+        steps.append({"removed": name, "stream_change": scores[name], "importance": scores})
     removed = [*model.config.removed_blocks, *[s["removed"] for s in steps]]
     changes = {"removed_blocks": removed}
     widths = getattr(model.config, "pruned_widths", None)

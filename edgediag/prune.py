@@ -19,8 +19,8 @@ Methods (docs/pruning.md):
 * ``both``: dynamic first (the gates pick what the task does not need), then structured
   pruning for whatever part of the budget is still missing, then fine-tuning.
 
-``--remove-blocks N`` (any method) first removes the N residual blocks whose removal changes
-the outputs least (:mod:`edgediag.depth_pruning`); the channel pruning then covers what the
+``--remove-blocks N`` (any method) first removes the N residual blocks that change their
+input least (:mod:`edgediag.depth_pruning`); the channel pruning then covers what the
 budget still asks. Fewer blocks means fewer operator calls, which is what batch-1 eager
 latency on a CPU pays for; fewer channels mostly is not.
 """
@@ -71,8 +71,8 @@ def parser():
                    help="measure per-layer latency and prune time-heavy layers first (implies --global)")
     p.add_argument("--latency-backend", default="eager", choices=("eager", "onnxruntime"))
     p.add_argument("--remove-blocks", type=int, default=0, metavar="N",
-                   help="depth pruning first: remove the N residual blocks whose removal changes the outputs "
-                        "least (default 0)")
+                   help="depth pruning first: remove the N residual blocks that change their input least "
+                        "(default 0)")
     p.add_argument("--max-channel-ratio", type=float, default=0.9, help="never remove more than this per group")
     p.add_argument("--steps", type=int, default=18, help="pruning steps up to the max channel ratio")
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs (dynamic: gate-training epochs)")
@@ -446,7 +446,8 @@ def main(argv=None) -> int:
                                                                       and args.target_latency_ms is None else None),
                    "target_params": args.target_params, "target_latency_ms": args.target_latency_ms},
         "importance": args.importance, "global": args.global_pruning or args.latency_aware,
-        "round_to": args.round_to, "remove_blocks": args.remove_blocks, "latency_aware": args.latency_aware, "latency_backend": args.latency_backend,
+        "round_to": args.round_to, "remove_blocks": args.remove_blocks,
+        "latency_aware": args.latency_aware, "latency_backend": args.latency_backend,
         "finetune_epochs": args.finetune_epochs, "distill": args.distill,
         "widths_before": widths_before, "widths_after": widths_of(reloaded),
         "before": before, "after_pruning": after_prune, "after_finetune": final,

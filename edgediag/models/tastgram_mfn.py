@@ -39,6 +39,7 @@ from torch import nn
 
 from edgediag.cli import UserError
 from edgediag.dcase import anomaly_report
+from edgediag.depth_pruning import remove_blocks
 from edgediag.models import register_model
 from edgediag.models.base import DiagnosisModel
 from edgediag.nn.features import LogMel
@@ -288,10 +289,7 @@ class TASTgramMFN(DiagnosisModel):
         # Normal training embeddings for the kNN score (filled by fit_normal). Its row
         # count differs from a fresh model's, so loading resizes it first (below).
         self.register_buffer("knn_bank", torch.zeros(0, c.embedding_dim))
-        if c.removed_blocks:
-            from edgediag.depth_pruning import remove_blocks
-
-            remove_blocks(self, c.removed_blocks)
+        remove_blocks(self, c.removed_blocks)
         if c.pruned_widths:
             from edgediag.structured_pruning import apply_widths
 
