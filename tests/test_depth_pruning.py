@@ -16,6 +16,7 @@ from edgediag.checkpoint import load_model, make_checkpoint, save_checkpoint
 from edgediag.config import to_dict
 from edgediag.depth_pruning import RemovedBlock, block_importance, prune_depth
 from edgediag.models import create_model
+from tests.toy import trained_image_checkpoint
 
 ATOL = 1e-5  # float32, outputs of order 1
 
@@ -155,26 +156,7 @@ def test_too_many_or_unknown_blocks_are_one_line_errors():
 @pytest.fixture(scope="module")
 def memorymamba_run(tmp_path_factory):
     """A memorymamba checkpoint (two short epochs) on generated defect images."""
-    from edgediag.data import DataConfig, build_data
-    from edgediag.data.synth_images import generate_defect_images
-    from edgediag.engine import TrainConfig, Trainer
-    from edgediag.models.memorymamba import MemoryMamba
-
-    root = tmp_path_factory.mktemp("depth")
-    data = root / "images"
-    generate_defect_images(data, n_per_class=8, size=32, classes=("normal", "scratch", "pit"))
-    torch.manual_seed(0)
-    cfg = create_model("memorymamba", **SMALL["memorymamba"]).config
-    data_cfg = DataConfig(root=str(data), test_fraction=0.25)
-    bundle = build_data("image", data_cfg, cfg)
-    model = MemoryMamba(MemoryMamba.config_for_data(cfg, bundle))
-    model = Trainer(model, TrainConfig(epochs=2, batch_size=8, device="cpu"), progress=False).fit(bundle.train)
-    model.eval().threshold.fill_(0.5)
-    path = root / "model.pt"
-    save_checkpoint(path, make_checkpoint(model, data={"kind": "image", "config": to_dict(data_cfg),
-                                                       "classes": list(bundle.classes),
-                                                       "normal_classes": list(bundle.normal_classes)}))
-    return path, data
+    return trained_image_checkpoint(tmp_path_factory.mktemp("depth"), "memorymamba", **SMALL["memorymamba"])
 
 
 def test_prune_verb_removes_blocks_then_channels_and_the_result_exports(memorymamba_run, tmp_path):

@@ -17,10 +17,11 @@ from torch import nn
 from edgediag import cli, export
 from edgediag import prune as prune_verb
 from edgediag import structured_pruning as sp
-from edgediag.checkpoint import load_model, make_checkpoint, save_checkpoint
+from edgediag.checkpoint import load_model
 from edgediag.config import to_dict
 from edgediag.models import create_model
 from edgediag.nn.mamba import SS2D, BiMambaMixer, MambaMixer
+from tests.toy import trained_image_checkpoint
 
 ATOL = 1e-5  # float32, outputs of order 1
 
@@ -269,26 +270,9 @@ def _outputs(model, x):
 @pytest.fixture(scope="module")
 def cnn_run(tmp_path_factory):
     """An image_cnn checkpoint (a few training steps) on generated defect images."""
-    from edgediag.data import DataConfig, build_data
-    from edgediag.data.synth_images import generate_defect_images
-    from edgediag.engine import TrainConfig, Trainer
-
     root = tmp_path_factory.mktemp("prune")
-    data = root / "images"
-    generate_defect_images(data, n_per_class=8, size=32, classes=("normal", "scratch", "pit"))
-    torch.manual_seed(0)
-    cfg = create_model("image_cnn", n_classes=3, in_chans=1, image_size=32, widths=[16, 32], depths=[1, 1]).config
-    data_cfg = DataConfig(root=str(data), test_fraction=0.25)
-    bundle = build_data("image", data_cfg, cfg)
-    from edgediag.models.image_cnn import ImageCNN
-
-    model = ImageCNN(ImageCNN.config_for_data(cfg, bundle))
-    model = Trainer(model, TrainConfig(epochs=2, batch_size=8, device="cpu"), progress=False).fit(bundle.train)
-    model.eval().threshold.fill_(0.5)
-    path = root / "model.pt"
-    save_checkpoint(path, make_checkpoint(model, data={"kind": "image", "config": to_dict(data_cfg),
-                                                       "classes": list(bundle.classes),
-                                                       "normal_classes": list(bundle.normal_classes)}))
+    path, data = trained_image_checkpoint(root, "image_cnn", n_classes=3, in_chans=1, image_size=32,
+                                          widths=[16, 32], depths=[1, 1])
     return root, path, data
 
 

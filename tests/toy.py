@@ -91,3 +91,29 @@ if __name__ == "__main__":
 
     verb = sys.argv.pop(1)
     cli.entry(importlib.import_module(f"edgediag.{verb}").main)
+
+
+def trained_image_checkpoint(root: Path, name: str, **config) -> tuple[Path, Path]:
+    """A checkpoint of image model ``name`` (two short epochs) on generated defect images
+    under ``root``: returns (model.pt, data folder)."""
+    from edgediag.checkpoint import make_checkpoint, save_checkpoint
+    from edgediag.config import to_dict
+    from edgediag.data import DataConfig, build_data
+    from edgediag.data.synth_images import generate_defect_images
+    from edgediag.engine import TrainConfig, Trainer
+    from edgediag.models import create_model
+
+    data = root / "images"
+    generate_defect_images(data, n_per_class=8, size=32, classes=("normal", "scratch", "pit"))
+    torch.manual_seed(0)
+    model = create_model(name, **config)
+    data_cfg = DataConfig(root=str(data), test_fraction=0.25)
+    bundle = build_data("image", data_cfg, model.config)
+    model = type(model)(type(model).config_for_data(model.config, bundle))
+    model = Trainer(model, TrainConfig(epochs=2, batch_size=8, device="cpu"), progress=False).fit(bundle.train)
+    model.eval().threshold.fill_(0.5)
+    path = root / "model.pt"
+    save_checkpoint(path, make_checkpoint(model, data={"kind": "image", "config": to_dict(data_cfg),
+                                                       "classes": list(bundle.classes),
+                                                       "normal_classes": list(bundle.normal_classes)}))
+    return path, data
