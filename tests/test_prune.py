@@ -26,12 +26,7 @@ from tests.toy import trained_image_checkpoint
 ATOL = 1e-5  # float32, outputs of order 1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _zero_(t: torch.Tensor, dim: int, idx: list[int]) -> None:
