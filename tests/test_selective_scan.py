@@ -316,6 +316,30 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch):
         selective_scan(**inputs, backend="cpu")
 
 
+def test_a_build_killed_while_holding_the_lock_does_not_block_the_next(tmp_path):
+    """torch's lock file outlives a killed build (every later build then waited forever);
+    the OS lock edgediag takes around the build is released with its dead holder, and the
+    stale file is cleared under it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import sys, time\nfrom pathlib import Path\nfrom edgediag.ops._cpu_ext import _exclusive\n"
+            "with _exclusive(Path(sys.argv[1])):\n    (Path(sys.argv[1]) / 'lock').touch()\n"
+            "    print('building', flush=True)\n    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    try:
+        assert proc.stdout.readline().strip() == "building"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (tmp_path / "lock").exists()  # left behind, as by a killed torch build
+    with _cpu_ext._exclusive(tmp_path):  # would block if the dead holder's lock were kept
+        assert not (tmp_path / "lock").exists()
+
+
 @pytest.mark.parametrize("bad", [
     dict(A=torch.zeros(7, 5)),
     dict(B=torch.zeros(2, 5, 36)),

@@ -6,10 +6,15 @@ directory is cached under ``$EDGEDIAG_CACHE`` (default ``~/.cache/edgediag``),
 keyed by torch version, architecture and compiler flags, so a machine builds it
 once. A failed build (no compiler, no ninja, ...) is reported once through
 ``warnings``/``logging`` and the caller falls back to the pure-PyTorch scan.
+
+Concurrent builds (several processes, e.g. a test run beside a demo) take an OS file lock
+around torch's build: the OS releases it when its holder dies. torch's own lock file is
+left behind by a build that was killed, and every later build would wait on it forever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -71,6 +76,27 @@ def _ensure_ninja_on_path() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + path
 
 
+@contextlib.contextmanager
+def _exclusive(build_dir: Path):
+    """Hold an OS lock on ``build_dir`` (released even if this process is killed); then any
+    torch lock file there belongs to a dead build and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock file only
+        yield
+        return
+    with open(build_dir / "edgediag.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        stale = build_dir / "lock"  # torch.utils.file_baton's file
+        if stale.exists():
+            logger.warning("removing %s, left by a build that did not finish", stale)
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _build(verbose: bool):
     from torch.utils.cpp_extension import load
 
@@ -80,14 +106,15 @@ def _build(verbose: bool):
     flags = compile_flags()
     build_dir = build_directory(flags)
     build_dir.mkdir(parents=True, exist_ok=True)
-    return load(
-        name="edgediag_selective_scan_cpu",
-        sources=[str(KERNEL_SOURCE)],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        verbose=verbose,
-    )
+    with _exclusive(build_dir):
+        return load(
+            name="edgediag_selective_scan_cpu",
+            sources=[str(KERNEL_SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
 
 
 def load_extension(verbose: bool = False):
