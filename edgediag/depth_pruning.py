@@ -34,6 +34,11 @@ class RemovedBlock(nn.Module):
         return x
 
 
+def present(blocks: nn.ModuleList) -> list[tuple[int, nn.Module]]:
+    """(index, block) of the blocks in ``blocks`` that depth pruning left."""
+    return [(i, b) for i, b in enumerate(blocks) if not isinstance(b, RemovedBlock)]
+
+
 def remove_blocks(model: nn.Module, names: list[str]) -> None:
     """Replace the named blocks by :class:`RemovedBlock` (from a model's ``__init__``)."""
     allowed = set(model.removable_blocks()) | {n for n, m in model.named_modules() if isinstance(m, RemovedBlock)}
@@ -97,4 +102,4 @@ def prune_depth(model, n_blocks: int, x: torch.Tensor) -> dict:
     return {"removed_blocks": removed, "steps": steps}
 
 
-__all__ = ["RemovedBlock", "remove_blocks", "block_importance", "prune_depth"]
+__all__ = ["RemovedBlock", "present", "remove_blocks", "block_importance", "prune_depth"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 import tempfile
 import time
@@ -226,11 +227,11 @@ def refit(model, bundle, train_cfg: TrainConfig, device) -> None:
         model.threshold.fill_(calibrate_threshold(scores, train_cfg.threshold_method, train_cfg.threshold_quantile))
 
 
-def calibration_batch(bundle, seed: int, n: int = 32) -> torch.Tensor:
-    """Up to ``n`` training inputs, drawn with a fixed seed (depth pruning's importance)."""
-    loader = DataLoader(bundle.train, batch_size=min(n, len(bundle.train)), shuffle=True,
+def train_batches(bundle, seed: int, batch_size: int, n: int) -> list[dict]:
+    """The first ``n`` batches of the training set, shuffled with a fixed seed."""
+    loader = DataLoader(bundle.train, batch_size=min(batch_size, len(bundle.train)), shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
-    return next(iter(loader))["x"].float()
+    return list(itertools.islice(loader, n))
 
 
 # --- distillation ----------------------------------------------------------------------------
@@ -378,27 +379,23 @@ def main(argv=None) -> int:
                             f"{start:g}: nothing to prune")
     original = copy.deepcopy(model).eval()
     teacher = original if args.distill > 0 else None
-    loss_batches = []
-    if args.importance == "taylor":
-        # two small batches: the gradient is recomputed at every pruning step
-        loader = DataLoader(bundle.train, batch_size=min(8, train_cfg.batch_size), shuffle=True,
-                            generator=torch.Generator().manual_seed(train_cfg.seed))
-        for i, b in enumerate(loader):
-            if i >= 2:
-                break
-            loss_batches.append(b)
+    # taylor: two small batches (the gradient is recomputed at every pruning step)
+    loss_batches = (train_batches(bundle, train_cfg.seed, min(8, train_cfg.batch_size), 2)
+                    if args.importance == "taylor" else [])
 
     records: dict = {}
     if args.remove_blocks:
         from edgediag.depth_pruning import prune_depth
 
-        records["depth"] = prune_depth(model, args.remove_blocks, calibration_batch(bundle, train_cfg.seed))
+        # importance on up to 32 training inputs
+        x = train_batches(bundle, train_cfg.seed, 32, 1)[0]["x"].float()
+        records["depth"] = prune_depth(model, args.remove_blocks, x)
         records["depth"]["cost_after"] = budget.cost(model)
         log.info("depth pruning: removed %s, %s %.4g (target %.4g)", records["depth"]["removed_blocks"],
                  budget.metric, records["depth"]["cost_after"], budget.target)
     dynamic_history = None
     if args.method in ("dynamic", "both"):
-        current = budget.cost(model) if args.remove_blocks else start
+        current = records["depth"]["cost_after"] if args.remove_blocks else start
         model, dynamic_history = run_dynamic(model, bundle, train_cfg, budget, current, args)
         records["dynamic"] = dynamic_history
     if args.method in ("structured", "both") and not budget.met(budget.cost(model)):

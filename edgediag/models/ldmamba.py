@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgediag.cli import UserError
-from edgediag.depth_pruning import RemovedBlock, remove_blocks
+from edgediag.depth_pruning import present, remove_blocks
 from edgediag.dynamic_pruning import ScreeningGate, ScreeningGroup, channel_costs, screening_sparsity
 from edgediag.metrics import auc_pauc, classification_report, decision_report, save_confusion_png, save_roc_png
 from edgediag.models import register_model
@@ -646,7 +646,7 @@ class LDMamba(SequenceClassifier):
 
     def present_blocks(self) -> list[tuple[int, AttentionMambaBlock]]:
         """(index, block) of the blocks depth pruning left."""
-        return [(i, b) for i, b in enumerate(self.blocks) if not isinstance(b, RemovedBlock)]
+        return present(self.blocks)
 
     def removable_blocks(self) -> list[str]:
         """Every attention-Mamba block (residual: x + screened branch)."""

@@ -68,7 +68,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgediag.cli import UserError
-from edgediag.depth_pruning import RemovedBlock, remove_blocks
+from edgediag.depth_pruning import present, remove_blocks
 from edgediag.models import register_model
 from edgediag.models.image_cnn import ImageClassifier, ImageClassifierConfig
 from edgediag.nn.mamba import SS2D
@@ -348,7 +348,7 @@ class MemoryMamba(ImageClassifier):
         fixed: list[nn.Module] = [self.patch_embed, self.embed_norm, self.norm, self.head]
         for blocks, merge in zip(self.stages, self.merges):
             fixed.append(merge)
-            for b in self._present(blocks):
+            for _, b in present(blocks):
                 fixed += [b.norm, b.in_proj, b.ssm, b.ssm_norm]
                 fixed += [m for m in (b.coarse, b.fine) if m is not None]
                 if b.mlp is not None:
@@ -372,7 +372,7 @@ class MemoryMamba(ImageClassifier):
         h = self.embed_norm(h)
         aux = []
         for blocks, merge in zip(self.stages, self.merges):
-            for block in self._present(blocks):
+            for _, block in present(blocks):
                 h, a = block(h)
                 aux.append(a)
             h = merge(h)
@@ -381,15 +381,10 @@ class MemoryMamba(ImageClassifier):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[0]
 
-    @staticmethod
-    def _present(blocks: nn.ModuleList) -> list[nn.Module]:
-        return [b for b in blocks if not isinstance(b, RemovedBlock)]
-
     def removable_blocks(self) -> list[str]:
         """Every Mem-SSM block (residual: X + SS2D branch + MLP branch); a stage may lose all
         of its blocks and keep its patch merging."""
-        return [f"stages.{i}.{j}" for i, blocks in enumerate(self.stages) for j, b in enumerate(blocks)
-                if not isinstance(b, RemovedBlock)]
+        return [f"stages.{i}.{j}" for i, blocks in enumerate(self.stages) for j, _ in present(blocks)]
 
     # --- losses --------------------------------------------------------------------
     def coarse_contrastive(self, q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
