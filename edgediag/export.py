@@ -360,17 +360,20 @@ def parity_line(p: dict) -> str:
 # --- latency -----------------------------------------------------------------------------------------
 def timed_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any], runs: int, warmup: int = 3):
     """Per-run times (ms) of two functions, run alternately so that both see the same load
-    on a shared machine."""
+    on a shared machine: ``{"wall": (a, b), "cpu": (a, b)}``, the CPU clock being the
+    calling thread's (the latency itself at one thread, without preemption or stolen time)."""
     for _ in range(min(warmup, runs)):
         fn_a()
         fn_b()
-    a, b = [], []
+    times: dict[str, tuple[list[float], list[float]]] = {"wall": ([], []), "cpu": ([], [])}
     for _ in range(max(1, runs)):
-        for fn, times in ((fn_a, a), (fn_b, b)):
-            t0 = time.perf_counter()
+        for i, fn in enumerate((fn_a, fn_b)):
+            w0, c0 = time.perf_counter(), time.thread_time()
             fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return a, b
+            c1, w1 = time.thread_time(), time.perf_counter()
+            times["wall"][i].append((w1 - w0) * 1e3)
+            times["cpu"][i].append((c1 - c0) * 1e3)
+    return times
 
 
 @contextlib.contextmanager
@@ -391,11 +394,18 @@ def latency(module: nn.Module, model_proto: onnx.ModelProto, args: list[np.ndarr
     feeds = dict(zip([i.name for i in sess.get_inputs()], args))
     tensors = [torch.from_numpy(a) for a in args]
     with torch_threads(threads), torch.inference_mode():
-        ort_t, eager_t = timed_pair(lambda: sess.run(None, feeds), lambda: module(*tensors), runs)
+        times = timed_pair(lambda: sess.run(None, feeds), lambda: module(*tensors), runs)
+    ort_t, eager_t = times["wall"]
     ort_ms, eager_ms = statistics.median(ort_t), statistics.median(eager_t)
     result = {"batch": int(len(args[0])), "runs": runs, "threads": threads, "onnxruntime_ms": ort_ms,
               "pytorch_eager_ms": eager_ms, "ratio": ort_ms / eager_ms if eager_ms > 0 else None,
               "onnxruntime_min_ms": min(ort_t), "pytorch_eager_min_ms": min(eager_t)}
+    if threads == 1:
+        # One thread's CPU time is its latency minus what others took from it: the steadier
+        # figure on a shared machine (docs/benchmarks.md). With more threads it is not the latency.
+        ort_cpu, eager_cpu = (statistics.median(t) for t in times["cpu"])
+        result.update(onnxruntime_cpu_ms=ort_cpu, pytorch_eager_cpu_ms=eager_cpu,
+                      ratio_cpu=ort_cpu / eager_cpu if eager_cpu > 0 else None)
     if any(type(m).__name__ in ("MambaMixer", "BiMambaMixer", "SS2D") for m in module.modules()):
         from edgediag.ops import resolve_backend
 
@@ -896,6 +906,9 @@ def print_summary(report: dict, cfg: Settings, parity_source: str, threads: int)
     print(f"latency, batch {lat['batch']}, {threads} thread(s), median (min) of {lat['runs']}: onnxruntime "
           f"{lat['onnxruntime_ms']:.2f} ({lat['onnxruntime_min_ms']:.2f}) ms, PyTorch eager "
           f"{lat['pytorch_eager_ms']:.2f} ({lat['pytorch_eager_min_ms']:.2f}) ms: ratio {ratio}")
+    if lat.get("ratio_cpu") is not None:
+        print(f"  on the thread's CPU clock (median): onnxruntime {lat['onnxruntime_cpu_ms']:.2f} ms, PyTorch eager "
+              f"{lat['pytorch_eager_cpu_ms']:.2f} ms: ratio {lat['ratio_cpu']:.2f}x")
     compat = "; ".join(trt_compat.summary_line([trt_compat.Issue(**i) for i in r["issues"]], v, r["board"] or "")
                        for v, r in report["trt_compat"].items())
     print(f"TensorRT parser check (onnx-tensorrt tables, not verified on a device): {compat}")

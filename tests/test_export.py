@@ -80,7 +80,11 @@ def test_onnx_export_metadata_and_parity(toy_ckpt, tmp_path, capsys):
     parity = report["parity"]
     assert parity["passed"] and parity["max_abs_error_std"] <= 1e-4 and parity["decisions_identical"]
     assert "test items of" in parity["data"]  # real items of the recorded data folder
-    assert report["latency"]["onnxruntime_ms"] > 0 and report["latency"]["pytorch_eager_ms"] > 0
+    lat = report["latency"]
+    assert lat["onnxruntime_ms"] > 0 and lat["pytorch_eager_ms"] > 0
+    # one thread (FAST): its CPU clock too, which leaves out other jobs' time
+    assert lat["threads"] == 1 and 0 < lat["onnxruntime_cpu_ms"] and 0 < lat["pytorch_eager_cpu_ms"]
+    assert lat["ratio_cpu"] == pytest.approx(lat["onnxruntime_cpu_ms"] / lat["pytorch_eager_cpu_ms"])
     assert set(report["trt_compat"]) == {"8.5", "10.3"} and all(r["ok"] for r in report["trt_compat"].values())
     printed = capsys.readouterr().out
     assert "parity vs PyTorch" in printed and "TensorRT parser check" in printed

@@ -141,6 +141,35 @@ def test_chunked_any_chunk_size(chunk_size, L):
     torch.testing.assert_close(state, ref_state, **FWD)
 
 
+def _traced_chunked(inputs: dict, **kw):
+    """selective_scan_chunked on the exported graphs' path (its channels-last layout): run
+    under torch.jit.trace, where is_tracing() holds, then the traced graph run again."""
+    names = [k for k, v in inputs.items() if v is not None]
+
+    def fn(*tensors):
+        return selective_scan_chunked(**dict(zip(names, tensors)), **kw)
+
+    args = tuple(inputs[k].detach() for k in names)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(fn, args, check_trace=False)
+        return traced(*args)
+
+
+@pytest.mark.parametrize("dstate", [1, 5])
+@pytest.mark.parametrize("bc", ["const", "var", "grouped", "mixed"])
+@pytest.mark.parametrize("chunk_size", [None, 4, 7, 64])
+def test_export_layout_matches_ref(bc, dstate, chunk_size):
+    """The exported graphs' layout (channels innermost, sums over N as a MatMul; a squeeze
+    at d_state 1, as in MemoryMamba) against the reference: B/C time-invariant, variable,
+    grouped and mixed, padded and unpadded lengths, batch 2, and the final state."""
+    inputs = make_inputs(bc=bc, dstate=dstate, groups=4, L=37 if chunk_size != 64 else 64)
+    ref, ref_state = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True)
+    out, state = _traced_chunked(inputs, delta_softplus=True, return_last_state=True, chunk_size=chunk_size)
+    torch.testing.assert_close(out, ref, **FWD)
+    torch.testing.assert_close(state, ref_state, **FWD)
+
+
 def test_chunked_inference_scratch_is_not_aliased():
     """No-grad eager calls reuse per-thread scratch buffers: results must not
     alias them, and inference_mode / no_grad calls may alternate."""

@@ -18,6 +18,7 @@ from edgediag.data.synth_audio import generate_machine_sounds
 from edgediag.models.tastgram_mfn import (
     PUBLISHED_BOTTLENECKS,
     ArcMarginProduct,
+    PReLU,
     TASTgramConfig,
     TASTgramMFN,
     change_rate,
@@ -122,6 +123,21 @@ def test_temporal_attention_weights_frames_by_their_energy():
     out = temporal_attention(mel)
     assert torch.allclose(out[0, :, 1], torch.full((4,), 5.0 * torch.sigmoid(torch.tensor(10.0)).item()))
     assert torch.all(out[0, :, 0] == -50.0 * torch.sigmoid(torch.tensor(-100.0)))
+
+
+@pytest.mark.parametrize("channels", [1, 6])
+def test_prelu_exports_as_the_same_function(channels):
+    """Traced (the exported graph), PReLU is relu(x) + a * min(x, 0): equal to nn.PReLU for
+    slopes inside and outside [0, 1], one shared slope or one per channel."""
+    prelu = PReLU(channels)
+    with torch.no_grad():
+        prelu.weight.copy_(torch.linspace(-0.7, 1.8, channels))
+    x = torch.randn(2, 6, 5, 3)
+    with torch.no_grad():
+        traced = torch.jit.trace(prelu, (x,))
+        assert "aten::prelu" not in str(traced.graph) and "aten::relu" in str(traced.graph)
+        torch.testing.assert_close(traced(x), F.prelu(x, prelu.weight), rtol=0, atol=0)
+        torch.testing.assert_close(prelu(x), F.prelu(x, prelu.weight), rtol=0, atol=0)
 
 
 # --- losses and scores -----------------------------------------------------------------

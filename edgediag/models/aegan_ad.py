@@ -66,6 +66,7 @@ from edgediag.metrics import auc_pauc
 from edgediag.models import register_model
 from edgediag.models.base import DiagnosisModel
 from edgediag.nn.features import LogMel
+from edgediag.ops import is_tracing
 
 log = logging.getLogger("edgediag.models.aegan_ad")
 
@@ -237,12 +238,6 @@ def window_starts(n_frames: int, hop: int) -> list[int]:
     if starts[-1] != last:
         starts.append(last)
     return starts
-
-
-def _exporting() -> bool:
-    """True while a graph is being captured (jit trace, ONNX export, torch.export/compile):
-    eager-only checks and chunking are skipped so the graph has no data-dependent branch."""
-    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
 
 
 def _score_parts(names) -> tuple[bool, bool, bool]:
@@ -450,7 +445,7 @@ class AEGANAD(DiagnosisModel):
     def _windows_in_chunks(self, w: torch.Tensor, gx, gz, d, chunk: int = 256) -> dict[str, torch.Tensor]:
         # Chunks bound the memory of eager scoring (hop 1: 186 windows per clip); a traced
         # export takes one pass (the chunk count would fix the batch size in the graph).
-        if _exporting() or len(w) <= chunk:
+        if is_tracing() or len(w) <= chunk:
             return self._window_terms(w, gx, gz, d)
         parts = [self._window_terms(w[i:i + chunk], gx, gz, d) for i in range(0, len(w), chunk)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -487,7 +482,7 @@ class AEGANAD(DiagnosisModel):
         """The named scores (each (B,)) of clips ``wave`` (B, n_samples)."""
         names = tuple(names)
         gx, gz, d = _score_parts(names)
-        if not _exporting():
+        if not is_tracing():  # graph capture: no eager-only checks, no data-dependent branch
             if not self._scaler_fitted():
                 raise RuntimeError("AEGAN-AD input scaling is not fitted (config_for_data or a training step)")
             if d and not self._d_fitted():

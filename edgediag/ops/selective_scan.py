@@ -166,20 +166,25 @@ def _pad_time(x: Tensor, pad: int) -> Tensor:
     return torch.cat([x, zeros], dim=-1)
 
 
+def _grouped(X: Tensor, groups: int) -> Tensor:
+    """Variable B or C as (batch, groups, N, L) fp32; a coarser grouping is repeated."""
+    X = X.float()
+    if X.dim() == 3:
+        X = X.unsqueeze(1)
+    if _shape(X)[1] != groups:
+        X = X.repeat_interleave(groups // _shape(X)[1], dim=1)
+    return X
+
+
 def _bc_time_major(X: Tensor, groups: int, heads: int, n_chunks: int, chunk: int, pad: int) -> Tensor:
-    """B or C in the chunked layout (T, batch, G, H, N, n_chunks), broadcastable.
+    """B or C in the eager layout (T, batch, G, H, N, n_chunks), broadcastable.
 
     Time-invariant (D, N) becomes (1, 1, G, H, N, 1); variable inputs become
     (T, batch, G, 1, N, n_chunks), a group's row shared by its H channels.
     """
-    X = X.float()
     if X.dim() == 2:
-        return X.reshape(1, 1, groups, heads, _shape(X)[-1], 1)
-    if X.dim() == 3:
-        X = X.unsqueeze(1)
-    if _shape(X)[1] != groups:  # a coarser grouping than the layout's: repeat groups
-        X = X.repeat_interleave(groups // _shape(X)[1], dim=1)
-    X = _pad_time(X, pad)
+        return X.float().reshape(1, 1, groups, heads, _shape(X)[-1], 1)
+    X = _pad_time(_grouped(X, groups), pad)
     N = _shape(X)[2]
     # -1, not the traced batch size: a graph exported with a dynamic batch axis must
     # run at any batch
@@ -229,13 +234,135 @@ def export_chunk_size(L: int) -> int:
     """Chunk size of exported scans: the power of two nearest sqrt(L / 4), in [2, 64].
 
     An exported scan has ~10 nodes per step of a chunk (two passes) plus ~2 per chunk, so
-    the node count is smallest near T = sqrt(L / 4), and at the batch sizes of edge
-    inference ONNX Runtime's time follows the node count, not the FLOPs (equal for every T).
-    Measured in ONNX Runtime (one exported scan, b1 d64 n16, one thread): L 64:
-    T 4 1.1 ms vs T 32 5.5 ms; L 256: T 8 1.8 ms vs T 32 2.6 ms; L 1024 (d256): T 16 18.4 ms
-    vs T 32 20.3 ms. Eager runs keep DEFAULT_CHUNK_SIZE (fewer, larger kernels win there).
+    the node count is smallest near T = sqrt(L / 4); every T does the same FLOPs.
+    ONNX Runtime, one exported scan, batch 1, one thread, CPU-clock medians:
+    L 32 (d 128, N 16): T 2 0.51, **T 4 0.48**, T 8 0.50 ms;
+    L 64 (d 192, N 16, 2 groups, a BiMambaMixer): T 2 1.21, **T 4 1.09**, T 8 1.08, T 16 1.22 ms;
+    L 256 (d 512, N 1, 4 groups, MemoryMamba's SS2D): T 4 2.92, **T 8 2.85**, T 16 3.04 ms.
+    Eager runs keep DEFAULT_CHUNK_SIZE (fewer, larger kernels win there).
     """
     return int(min(64, max(2, 2 ** round(math.log2(max(1.0, L / 4) ** 0.5)))))
+
+
+def _three_passes(dA: list[Tensor], dBu: list[Tensor], Cs: list[Tensor], dot, chunk_decay, chunk_dim: int,
+                  n_chunks: int, in_place: bool) -> tuple[list[Tensor], Tensor]:
+    """The chunked recurrence over per-step slabs that hold every chunk (any layout): the T
+    outputs dot(h_t, C_t) and the final state. ``chunk_decay()`` gives each chunk's total
+    decay exp(A * sum(delta)), chunks along ``chunk_dim`` as in the slabs."""
+    T = len(dA)
+
+    def step(t: int, h: Tensor) -> Tensor:  # dA_t * h + dBu_t, in place when nothing records it
+        return torch.addcmul(dBu[t], dA[t], h, out=h) if in_place else torch.addcmul(dBu[t], dA[t], h)
+
+    h = dBu[0].clone() if in_place else dBu[0]
+    if n_chunks == 1:
+        # One chunk starts from the zero state: passes 1 and 2 would only repeat pass 3
+        # (half the work, and half the exported graph, for sequences up to chunk_size).
+        ys = [dot(h, Cs[0])]
+        for t in range(1, T):
+            h = step(t, h)
+            ys.append(dot(h, Cs[t]))
+        return ys, h
+    # 1. local end state of every chunk, from a zero state
+    for t in range(1, T):
+        h = step(t, h)
+    # 2. carried state between chunks
+    decays, local_ends = chunk_decay().split(1, dim=chunk_dim), h.split(1, dim=chunk_dim)
+    state = torch.zeros_like(local_ends[0])
+    starts = []
+    for c in range(n_chunks):
+        starts.append(state)
+        state = decays[c] * state + local_ends[c]
+    # 3. rescan each chunk from its true initial state
+    h = torch.cat(starts, dim=chunk_dim)
+    ys = []
+    for t in range(T):
+        h = step(t, h)
+        ys.append(dot(h, Cs[t]))
+    return ys, state
+
+
+def _scan_eager_layout(delta: Tensor, du: Tensor, A: Tensor, B: Tensor, C: Tensor, groups: int, T: int,
+                       n_chunks: int, pad: int, inference: bool) -> tuple[Tensor, Tensor]:
+    """Eager runs: slabs (1, batch, G, H, N, n_chunks), the chunk index innermost (measured
+    faster in eager than N or H innermost: dense slabs, broadcasts on contiguous rows).
+    delta, du: padded (batch, D, L'). Returns y (batch, D, L') and the state (batch, D, N)."""
+    dim, N = _shape(A)
+    heads = dim // groups
+
+    def time_major(x: Tensor) -> Tensor:  # (batch, D, L') -> (T, batch, G, H, 1, n_chunks)
+        # contiguous, so that each step t below reads one dense slab
+        return x.reshape(-1, groups, heads, n_chunks, T).permute(4, 0, 1, 2, 3).unsqueeze(4).contiguous()
+
+    def steps(x: Tensor) -> list[Tensor]:  # T slabs; time-invariant B/C: one slab for all t
+        return list(x.split(1, dim=0)) if _shape(x)[0] > 1 else [x] * T
+
+    A6 = A.reshape(1, 1, groups, heads, N, 1)
+    dt, du = time_major(delta), time_major(du)
+    Bm = _bc_time_major(B, groups, heads, n_chunks, T, pad)
+    if inference:
+        dA, dBu = _scratch_pair((T, _shape(du)[1], groups, heads, N, n_chunks), du.device)
+        dA = steps(torch.mul(dt, A6, out=dA).exp_())
+        dBu = steps(torch.mul(du, Bm, out=dBu))
+    else:
+        dA = steps((dt * A6).exp_())
+        dBu = steps(du * Bm)
+    Cs = steps(_bc_time_major(C, groups, heads, n_chunks, T, pad))
+    ys, state = _three_passes(dA, dBu, Cs, lambda h, c: torch.linalg.vecdot(h, c, dim=-2),
+                              lambda: torch.exp(A6 * dt.sum(0, keepdim=True)), -1, n_chunks, inference)
+    # (T, b, G, H, c) -> (b, G, H, c, T) = (b, D, L')
+    return torch.cat(ys, dim=0).permute(1, 2, 3, 4, 0).reshape(-1, dim, n_chunks * T), state.reshape(-1, dim, N)
+
+
+def _scan_export_layout(delta: Tensor, du: Tensor, A: Tensor, B: Tensor, C: Tensor, groups: int, T: int,
+                        n_chunks: int, pad: int) -> tuple[Tensor, Tensor]:
+    """Exported graphs: slabs (batch, n_chunks, N, G, H), the channels innermost.
+
+    ONNX Runtime runs a broadcast whose operand repeats along an inner axis span by span;
+    with the chunk index innermost those spans are n_chunks long and every decay, input
+    and output product costs ~3x a plain Mul. Here operands repeat along outer axes or
+    over whole channel rows; the time steps are split out of channels-last (batch,
+    chunks, T, D) tensors, copies of whole rows, with no 5-D transpose (the transposes
+    to channels-last cancel against the mixers' own); and the sum over N is a MatMul,
+    not a ReduceSum over a middle axis (measurements: export/README.md, "Latency measured").
+    """
+    dim, N = _shape(A)
+    heads = dim // groups
+
+    def steps(x: Tensor) -> list[Tensor]:  # (batch, D, L') -> T slabs (batch, n_chunks, G, 1, H)
+        x = x.transpose(1, 2).reshape(-1, n_chunks, T, dim)
+        return [s.reshape(-1, n_chunks, groups, 1, heads) for s in x.split(1, dim=2)]
+
+    def bc_steps(X: Tensor, shape: tuple[int, int, int]) -> list[Tensor]:
+        """T slabs (batch, n_chunks, *shape) of a variable B/C, shape (G, N, 1) or (G, 1, N);
+        time-invariant (D, N): one (1, 1, G, N, H) slab for all t."""
+        if X.dim() == 2:
+            return [X.float().reshape(groups, heads, N).transpose(1, 2).reshape(1, 1, groups, N, heads)] * T
+        X = _pad_time(_grouped(X, groups), pad).permute(0, 3, 1, 2).reshape(-1, n_chunks, T, groups, N)
+        return [s.reshape(-1, n_chunks, *shape) for s in X.split(1, dim=2)]
+
+    A5 = A.reshape(groups, heads, N).transpose(1, 2).reshape(1, 1, groups, N, heads)
+    # per-step decays from the small delta rows: an exp over one big (T, ...) tensor
+    # would then be split, i.e. copied (eager slices are views; ONNX splits copy)
+    dA = [torch.exp(dt_t * A5) for dt_t in steps(delta)]
+    dBu = [du_t * B_t for du_t, B_t in zip(steps(du), bc_steps(B, (groups, N, 1)))]
+    Cs = bc_steps(C, (groups, 1, N))
+    if C.dim() > 2:
+        def dot(h, c):  # (b, chunks, G, 1, N) @ (b, chunks, G, N, H): y_t = C_t . h_t as one MatMul
+            return torch.matmul(c, h).reshape(-1, n_chunks, 1, dim)
+    else:
+        ones = torch.ones(1, N, device=A.device)
+
+        def dot(h, c):  # time-invariant C, one row per channel: a product, then the sum over N
+            return torch.matmul(ones, h * c).reshape(-1, n_chunks, 1, dim)
+
+    def chunk_decay() -> Tensor:
+        sums = delta.transpose(1, 2).reshape(-1, n_chunks, T, dim).sum(2)  # (batch, n_chunks, D)
+        return torch.exp(sums.reshape(-1, n_chunks, groups, 1, heads) * A5)
+
+    ys, state = _three_passes(dA, dBu, Cs, dot, chunk_decay, 1, n_chunks, in_place=False)
+    y = torch.cat(ys, dim=2).reshape(-1, n_chunks * T, dim).transpose(1, 2)
+    return y, state.reshape(-1, groups, N, heads).transpose(2, 3).reshape(-1, dim, N)
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -262,9 +389,8 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     Exported, the graph has about 10 nodes per step of a chunk plus 2 per
     chunk (~560 at L=1024, T=32); ``chunk_size=None`` takes :func:`export_chunk_size`
     while tracing (the smallest graph) and ``DEFAULT_CHUNK_SIZE`` in eager runs.
-    Layout (T, batch, G, H, N, n_chunks), H = D / G: the chunk index innermost
-    keeps the per-step slabs dense and the broadcast multiplies on contiguous
-    rows (measured faster, eager and in ONNX Runtime, than N or H innermost).
+    The slabs' layout differs between eager runs and exported graphs, each the faster
+    in its runtime (:func:`_scan_eager_layout`, :func:`_scan_export_layout`).
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     tracing = is_tracing()
@@ -281,8 +407,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
         delta = _softplus_traceable(delta) if tracing else F.softplus(delta)
     # Python ints: the loop bounds must be static while tracing (the exported
     # graph is specialised to this L, which is what unrolling means)
-    batch, dim, L = _shape(u)
-    N = _shape(A)[1]
+    L = _shape(u)[2]
     T = min(int(chunk_size), L)
     n_chunks = -(-L // T)
     pad = n_chunks * T - L
@@ -291,92 +416,20 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     gb = (_shape(B)[1] if B.dim() == 4 else 1) if B.dim() > 2 else None
     gc = (_shape(C)[1] if C.dim() == 4 else 1) if C.dim() > 2 else None
     groups = math.lcm(*[g for g in (gb, gc) if g is not None]) if (gb or gc) else 1
-    heads = dim // groups
 
     delta_p = _pad_time(delta, pad)
-    u_p = _pad_time(u, pad)
-
-    def time_major(x: Tensor) -> Tensor:  # (batch, D, L') -> (T, batch, G, H, 1, n_chunks)
-        # contiguous, so that each step t below reads one dense slab
-        return x.reshape(-1, groups, heads, n_chunks, T).permute(4, 0, 1, 2, 3).unsqueeze(4).contiguous()
-
-    A6 = A.float().reshape(1, 1, groups, heads, N, 1)
-    dt = time_major(delta_p)
-    du = time_major(delta_p * u_p)
-    Bm = _bc_time_major(B, groups, heads, n_chunks, T, pad)
-    Cm = _bc_time_major(C, groups, heads, n_chunks, T, pad)
-
-    def steps(x: Tensor) -> list[Tensor]:
-        # T slabs (1, b, G, H|1, N, c): split() is one ONNX Split node where
-        # T indexing ops would be 2T nodes; time-invariant B/C: one slab for all t
-        return list(x.split(1, dim=0)) if _shape(x)[0] > 1 else [x] * T
-
-    inference = not tracing and not _needs_grad(u, delta, A, B, C)
+    du = delta_p * _pad_time(u, pad)
     if tracing:
-        # Per-step slabs from the small dt / B rows: in ONNX, splitting one big
-        # (T, ...) tensor copies it, 2 x D*N*L floats. (Eager slices are views.)
-        dA = [torch.exp(dt_t * A6) for dt_t in steps(dt)]
-        dBu = [du_t * B_t for du_t, B_t in zip(steps(du), steps(Bm))]
-    elif inference:
-        dA, dBu = _scratch_pair((T, batch, groups, heads, N, n_chunks), u.device)
-        dA = steps(torch.mul(dt, A6, out=dA).exp_())          # T x (1, b, G, H, N, c)
-        dBu = steps(torch.mul(du, Bm, out=dBu))
+        y, state = _scan_export_layout(delta_p, du, A.float(), B, C, groups, T, n_chunks, pad)
     else:
-        dA = steps((dt * A6).exp_())
-        dBu = steps(du * Bm)
-    Cs = steps(Cm)
-
-    def step(t: int, h: Tensor) -> Tensor:  # dA_t * h + dBu_t, in place when nothing records it
-        return torch.addcmul(dBu[t], dA[t], h, out=h) if inference else torch.addcmul(dBu[t], dA[t], h)
-
-    # linalg.vecdot is one fused kernel in eager but has no ONNX symbolic
-    if tracing:
-        def dot(a, b):
-            # d_state 1 (VMamba/MemoryMamba): a sum over one element is a squeeze, not a
-            # ReduceSum node (ONNX Runtime copies through its generic reduction kernel)
-            return (a * b).squeeze(-2) if N == 1 else (a * b).sum(-2)
-    else:
-        def dot(a, b):
-            return torch.linalg.vecdot(a, b, dim=-2)
-
-    h = dBu[0].clone() if inference else dBu[0]
-    if n_chunks == 1:
-        # One chunk starts from the zero state: passes 1 and 2 would only repeat pass 3
-        # (half the work, and half the exported graph, for sequences up to chunk_size).
-        ys = [dot(h, Cs[0])]
-        for t in range(1, T):
-            h = step(t, h)
-            ys.append(dot(h, Cs[t]))
-        state = h
-    else:
-        # 1. local end state of every chunk, from a zero state
-        for t in range(1, T):
-            h = step(t, h)
-        # 2. carried state between chunks; a chunk's total decay is exp(A * sum(delta))
-        chunk_decay = torch.exp(A6 * dt.sum(0, keepdim=True))     # (1, b, G, H, N, c)
-        decays, local_ends = chunk_decay.split(1, dim=-1), h.split(1, dim=-1)
-        state = torch.zeros_like(local_ends[0])
-        starts = []
-        for c in range(n_chunks):
-            starts.append(state)
-            state = decays[c] * state + local_ends[c]
-        # 3. rescan each chunk from its true initial state
-        h = torch.cat(starts, dim=-1)
-        ys = []
-        for t in range(T):
-            h = step(t, h)
-            ys.append(dot(h, Cs[t]))                             # (1, b, G, H, c)
-    # (T, b, G, H, c) -> (b, G, H, c, T) = (b, D, L')
-    y = torch.cat(ys, dim=0).permute(1, 2, 3, 4, 0).reshape(-1, dim, n_chunks * T)
+        inference = not _needs_grad(u, delta, A, B, C)
+        y, state = _scan_eager_layout(delta_p, du, A.float(), B, C, groups, T, n_chunks, pad, inference)
     if pad:
         y = y[..., :L]
     out = _finish(y, u, D, z, dtype_in)
     if return_last_state:
-        return out, state.reshape(-1, dim, N)
+        return out, state
     return out
-
-
-# --------------------------------------------------------------------------- cpu
 
 
 def _needs_grad(*tensors) -> bool:
