@@ -160,8 +160,8 @@ def _traced_chunked(inputs: dict, **kw):
 @pytest.mark.parametrize("bc", ["const", "var", "grouped", "mixed"])
 @pytest.mark.parametrize("chunk_size", [None, 4, 7, 64])
 def test_export_layout_matches_ref(bc, dstate, chunk_size):
-    """The exported graphs' layout (channels innermost, sums over N as a MatMul; a squeeze
-    at d_state 1, as in MemoryMamba) against the reference: B/C time-invariant, variable,
+    """The exported graphs' layout (channels innermost, C_t . h_t as one batched MatMul; a
+    product at d_state 1, as in MemoryMamba) against the reference: B/C time-invariant, variable,
     grouped and mixed, padded and unpadded lengths, batch 2, and the final state."""
     inputs = make_inputs(bc=bc, dstate=dstate, groups=4, L=37 if chunk_size != 64 else 64)
     ref, ref_state = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True)

@@ -316,15 +316,16 @@ def _scan_eager_layout(delta: Tensor, du: Tensor, A: Tensor, B: Tensor, C: Tenso
 
 def _scan_export_layout(delta: Tensor, du: Tensor, A: Tensor, B: Tensor, C: Tensor, groups: int, T: int,
                         n_chunks: int, pad: int) -> tuple[Tensor, Tensor]:
-    """Exported graphs: slabs (batch, n_chunks, N, G, H), the channels innermost.
+    """Exported graphs: state slabs (batch, n_chunks, G, N, H), the channels innermost.
 
     ONNX Runtime runs a broadcast whose operand repeats along an inner axis span by span;
     with the chunk index innermost those spans are n_chunks long and every decay, input
     and output product costs ~3x a plain Mul. Here operands repeat along outer axes or
     over whole channel rows; the time steps are split out of channels-last (batch,
     chunks, T, D) tensors, copies of whole rows, with no 5-D transpose (the transposes
-    to channels-last cancel against the mixers' own); and the sum over N is a MatMul,
-    not a ReduceSum over a middle axis (measurements: export/README.md, "Latency measured").
+    to channels-last cancel against the mixers' own); and y_t = C_t . h_t is one batched
+    MatMul, not a product and a ReduceSum over a middle axis (d_state 1: a product and a
+    reshape). Measurements: export/README.md, "Latency measured".
     """
     dim, N = _shape(A)
     heads = dim // groups
@@ -347,7 +348,10 @@ def _scan_export_layout(delta: Tensor, du: Tensor, A: Tensor, B: Tensor, C: Tens
     dA = [torch.exp(dt_t * A5) for dt_t in steps(delta)]
     dBu = [du_t * B_t for du_t, B_t in zip(steps(du), bc_steps(B, (groups, N, 1)))]
     Cs = bc_steps(C, (groups, 1, N))
-    if C.dim() > 2:
+    if N == 1:  # VMamba/MemoryMamba: nothing to sum (-9 % on memorymamba_nano's graph)
+        def dot(h, c):
+            return (h * c).reshape(-1, n_chunks, 1, dim)
+    elif C.dim() > 2:
         def dot(h, c):  # (b, chunks, G, 1, N) @ (b, chunks, G, N, H): y_t = C_t . h_t as one MatMul
             return torch.matmul(c, h).reshape(-1, n_chunks, 1, dim)
     else:
