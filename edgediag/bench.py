@@ -26,7 +26,6 @@ import os
 import platform
 import re
 import resource
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from edgediag.data import DataConfig, build_data
 from edgediag.engine import DeviceLoader
 from edgediag.flops import count_flops, count_parameters
 from edgediag.metrics import auc_pauc, decision_report, save_roc_png
-from edgediag.utils import atomic_path, write_json
+from edgediag.utils import atomic_path, timed_calls, write_json
 
 BACKENDS = ("eager", "onnxruntime", "tensorrt")
 SUFFIX_BACKEND = {".pt": "eager", ".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt"}
@@ -317,23 +316,11 @@ def time_runs(run: Callable, x: torch.Tensor, warmup: int, iters: int, cuda: boo
     rss_method = reset_peak_rss()
     for _ in range(warmup):
         run(x)
-    times = timed_calls(run, x, iters)
+    times = timed_calls(lambda: run(x), iters)
     out = {**latency_stats(times, len(x), clock), "rss_peak_mb": round(peak_rss_mb(), 1), "rss_method": rss_method}
     if cuda:
         out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
-
-
-def timed_calls(run: Callable, x: torch.Tensor, n: int) -> dict[str, list[float]]:
-    """Seconds per call on both clocks: wall time and the calling thread's CPU time."""
-    times: dict[str, list[float]] = {"wall": [], "cpu": []}
-    for _ in range(n):
-        w0, c0 = time.perf_counter(), time.thread_time()
-        run(x)
-        c1, w1 = time.thread_time(), time.perf_counter()
-        times["wall"].append(w1 - w0)
-        times["cpu"].append(c1 - c0)
-    return times
 
 
 def latency_stats(times: dict[str, list[float]], batch: int, clock: str = "wall") -> dict:
@@ -380,7 +367,7 @@ def time_interleaved(jobs: list[tuple[dict, Callable, torch.Tensor]], warmup: in
     for r in range(rounds):
         n = iters // rounds + (1 if r < iters % rounds else 0)
         for k, (_, run, x) in enumerate(jobs):
-            for c, t in timed_calls(run, x, n).items():
+            for c, t in timed_calls(lambda run=run, x=x: run(x), n).items():
                 samples[k][c] += t
     span = {"start": started.isoformat(timespec="milliseconds"),
             "end": datetime.datetime.now().isoformat(timespec="milliseconds"), "interleaved": True}

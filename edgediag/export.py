@@ -42,7 +42,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,6 +54,7 @@ from torch import nn
 
 from edgediag import __version__, cli, trt_compat
 from edgediag.config import from_dict, load_yaml
+from edgediag.utils import timed_calls
 
 EXIT_OK = 0
 EXIT_BUILD_ON_BOARD = 3
@@ -358,21 +358,17 @@ def parity_line(p: dict) -> str:
 
 
 # --- latency -----------------------------------------------------------------------------------------
-def timed_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any], runs: int, warmup: int = 3):
-    """Per-run times (ms) of two functions, run alternately so that both see the same load
-    on a shared machine: ``{"wall": (a, b), "cpu": (a, b)}``, the CPU clock being the
-    calling thread's (the latency itself at one thread, without preemption or stolen time)."""
+def timed_alternately(fns: Sequence[Callable[[], Any]], runs: int, warmup: int = 3) -> dict[str, list[list[float]]]:
+    """Per-run times (ms) of several functions, run in turn so that all see the same load on
+    a shared machine: ``{"wall": [times of fns[0], ...], "cpu": [...]}`` (utils.timed_calls)."""
     for _ in range(min(warmup, runs)):
-        fn_a()
-        fn_b()
-    times: dict[str, tuple[list[float], list[float]]] = {"wall": ([], []), "cpu": ([], [])}
-    for _ in range(max(1, runs)):
-        for i, fn in enumerate((fn_a, fn_b)):
-            w0, c0 = time.perf_counter(), time.thread_time()
+        for fn in fns:
             fn()
-            c1, w1 = time.thread_time(), time.perf_counter()
-            times["wall"][i].append((w1 - w0) * 1e3)
-            times["cpu"][i].append((c1 - c0) * 1e3)
+    times: dict[str, list[list[float]]] = {"wall": [[] for _ in fns], "cpu": [[] for _ in fns]}
+    for _ in range(max(1, runs)):
+        for i, fn in enumerate(fns):
+            for clock, t in timed_calls(fn, 1).items():
+                times[clock][i].append(t[0] * 1e3)
     return times
 
 
@@ -394,7 +390,7 @@ def latency(module: nn.Module, model_proto: onnx.ModelProto, args: list[np.ndarr
     feeds = dict(zip([i.name for i in sess.get_inputs()], args))
     tensors = [torch.from_numpy(a) for a in args]
     with torch_threads(threads), torch.inference_mode():
-        times = timed_pair(lambda: sess.run(None, feeds), lambda: module(*tensors), runs)
+        times = timed_alternately([lambda: sess.run(None, feeds), lambda: module(*tensors)], runs)
     ort_t, eager_t = times["wall"]
     ort_ms, eager_ms = statistics.median(ort_t), statistics.median(eager_t)
     result = {"batch": int(len(args[0])), "runs": runs, "threads": threads, "onnxruntime_ms": ort_ms,

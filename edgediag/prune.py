@@ -154,7 +154,7 @@ def paired_latency(before, after, runs: int) -> dict:
     which separate measurements minutes apart cannot promise."""
     import statistics
 
-    from edgediag.export import ort_session, torch_threads
+    from edgediag.export import ort_session, timed_alternately, torch_threads
 
     fns = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,17 +164,9 @@ def paired_latency(before, after, runs: int) -> dict:
             feeds = {sess.get_inputs()[0].name: x.numpy()}
             fns[f"{tag}_eager_ms"] = (lambda m=module, x=x: m(x))
             fns[f"{tag}_onnxruntime_ms"] = (lambda s=sess, f=feeds: s.run(None, f))
-    times = {k: [] for k in fns}
     with torch_threads(1), torch.inference_mode():
-        for _ in range(2):
-            for fn in fns.values():
-                fn()
-        for _ in range(max(1, runs)):
-            for k, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    out = {k: statistics.median(v) for k, v in times.items()}
+        times = timed_alternately(list(fns.values()), runs, warmup=2)["wall"]
+    out = {k: statistics.median(t) for k, t in zip(fns, times)}
     out["speedup_eager"] = out["before_eager_ms"] / out["after_eager_ms"]
     out["speedup_onnxruntime"] = out["before_onnxruntime_ms"] / out["after_onnxruntime_ms"]
     out["runs"] = runs

@@ -68,6 +68,14 @@ def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_scale: float, dt_init: st
     dt_proj.bias._no_reinit = True  # mamba-ssm convention: keep through re-initialisation
 
 
+def _project(x: Tensor, x_proj: nn.Linear, dt_proj: nn.Linear) -> tuple[Tensor, Tensor, Tensor]:
+    """x (..., d_inner) channels-last -> (dt, B, C): dt through dt_proj without its bias (it
+    goes into the scan as delta_bias), B and C (..., d_state). The mixers' shared projection."""
+    R, N = dt_proj.in_features, (x_proj.out_features - dt_proj.in_features) // 2
+    dt, B, C = torch.split(x_proj(x), [R, N, N], dim=-1)
+    return F.linear(dt, dt_proj.weight), B, C
+
+
 class MambaMixer(nn.Module):
     """Mamba mixer, mamba-ssm's ``Mamba`` (non-fused path). Input/output (B, L, d_model).
 
@@ -101,12 +109,9 @@ class MambaMixer(nn.Module):
         (conv_state, ssm_state) after the last step, to continue with step()."""
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, L)
         x, z = xz.chunk(2, dim=1)
-        L = x.shape[-1]
-        R, N = self.dt_proj.in_features, self.A_log.shape[1]
-        xc = F.silu(self.conv1d(x)[..., :L])  # causal: drop the right padding
-        dt, B, C = torch.split(self.x_proj(xc.transpose(1, 2)), [R, N, N], dim=-1)  # (B, L, .)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # the bias goes in as delta_bias
-        res = selective_scan(xc, dt, -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
+        xc = F.silu(self.conv1d(x)[..., :x.shape[-1]])  # causal: drop the right padding
+        dt, B, C = _project(xc.transpose(1, 2), self.x_proj, self.dt_proj)  # (B, L, .)
+        res = selective_scan(xc, dt.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
                              self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
                              return_last_state=return_states, backend=self.scan_backend)
         if not return_states:
@@ -146,10 +151,9 @@ class MambaMixer(nn.Module):
         if self.conv1d.bias is not None:
             x = x + self.conv1d.bias
         x = F.silu(x)
-        dt_rank, d_state = self.dt_proj.in_features, self.A_log.shape[1]
-        dt, B, C = torch.split(self.x_proj(x), [dt_rank, d_state, d_state], dim=-1)
+        dt, B, C = _project(x, self.x_proj, self.dt_proj)
         # the recurrence in fp32, as in the scan kernels
-        dt = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        dt = F.softplus(dt.float() + self.dt_proj.bias.float())
         A = -torch.exp(self.A_log.float())
         xf = x.float()
         dA = torch.exp(dt.unsqueeze(-1) * A)                       # (B, d_inner, N)
@@ -207,7 +211,6 @@ class BiMambaMixer(nn.Module):
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, L)
         x, z = xz.chunk(2, dim=1)
         L, d_inner = x.shape[-1], x.shape[1]
-        R, N = self.dt_proj.in_features, self.A_log.shape[1]
         # Both directions run as one scan over 2*d_inner channels (the backward ones on the
         # time-reversed sequence), as SS2D runs its four: half the exported scan nodes and
         # one kernel call in eager runs (ldmamba_small, batch 1: ONNX Runtime -8 %, eager
@@ -222,8 +225,8 @@ class BiMambaMixer(nn.Module):
         dt, B, C = [], [], []
         for x_dir, x_proj, dt_proj in zip(xs.chunk(2, dim=1), (self.x_proj, self.x_proj_b),
                                           (self.dt_proj, self.dt_proj_b)):
-            dt_dir, B_dir, C_dir = torch.split(x_proj(x_dir.transpose(1, 2)), [R, N, N], dim=-1)  # (B, L, .)
-            dt.append(F.linear(dt_dir, dt_proj.weight))  # the bias goes in as delta_bias
+            dt_dir, B_dir, C_dir = _project(x_dir.transpose(1, 2), x_proj, dt_proj)  # (B, L, .)
+            dt.append(dt_dir)
             B.append(B_dir)
             C.append(C_dir)
         dt = torch.cat(dt, dim=-1).transpose(1, 2)                                  # (B, 2D, L)
