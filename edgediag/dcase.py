@@ -167,7 +167,7 @@ def anomaly_report(scores: Sequence[float], anomaly: Sequence[int], *, machines:
                    sections: Sequence[str] | None = None, domains: Sequence[str] | None = None,
                    labels: Sequence[str] | None = None, threshold: float | None = None,
                    decision_scores: Sequence[float] | None = None, out_dir: str | Path | None = None,
-                   title: str = "ROC") -> dict:
+                   title: str = "ROC", keys: Sequence[str] | None = None) -> dict:
     """Everything an anomaly-detection evaluation reports, for any model.
 
     * ``auc``/``pauc``: over all items with a known label (anomaly 0/1);
@@ -178,7 +178,10 @@ def anomaly_report(scores: Sequence[float], anomaly: Sequence[int], *, machines:
       -1 (e.g. a stopped machine, neither normal nor a fault) only appear here;
     * precision/recall/F1/accuracy at ``threshold`` (``decision_scores`` if the threshold
       was calibrated on another score, else ``scores``);
-    * ``roc.png`` in ``out_dir`` (all items, and per domain when there are domains).
+    * ``roc.png`` in ``out_dir`` (all items, and per domain when there are domains);
+    * ``auc_file``/``pauc_file`` when ``keys`` name segments of files (``file#k``,
+      ``data.segments``): each file scored by its segments' mean, as a monitor averages
+      over time.
     """
     s = np.asarray(scores, dtype=np.float64)
     a = np.asarray(anomaly, dtype=int)
@@ -191,6 +194,14 @@ def anomaly_report(scores: Sequence[float], anomaly: Sequence[int], *, machines:
     use_threshold = threshold is not None and np.isfinite(threshold)
     if use_threshold and np.any(known):
         out.update(decision_report(a[known], dscores[known], float(threshold)))
+    files, index = np.unique([str(k).rsplit("#", 1)[0] for k in keys or []], return_inverse=True)
+    if 0 < len(files) < n:  # segments of files (data.segments)
+        file_score = np.bincount(index, weights=s) / np.bincount(index)
+        file_anomaly = np.zeros(len(files), dtype=int)
+        file_anomaly[index] = a  # a file's segments share its label
+        pick = file_anomaly >= 0
+        out["n_files"] = int(len(files))
+        out["auc_file"], out["pauc_file"] = auc_pauc(file_anomaly[pick], file_score[pick], MAX_FPR)
     if sections is not None and any(sections):
         sec = np.asarray(sections)
         mach = np.asarray(machines if machines is not None else [""] * n)

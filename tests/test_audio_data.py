@@ -252,3 +252,34 @@ def test_real_fan_set_off_is_neither_normal_nor_fault():
     assert bundle.info["clip_seconds"] == 5.0 and bundle.info["ignored_labels"] == ["OFF"]
     roles = Counter((bundle.test[i]["label"], bundle.test[i]["anomaly"]) for i in range(len(bundle.test)))
     assert roles == {("ON", 0): 7, ("OFF", -1): 5, ("BLADE FAULT", 1): 3, ("TAPPING", 1): 3, ("FAN_GUARDS", 1): 2}
+
+
+def test_segments_cut_every_file_into_whole_clips(tmp_path):
+    """data.segments: a 2.5 s file at clip_seconds 1 gives two 1 s items (the rest is
+    dropped), a 0.6 s file one padded item; keys name the segment, labels and splits are
+    the file's; without it each file gives its first second."""
+    y = tone(2.5, freq=300.0)
+    _write(tmp_path / "long.wav", y)
+    _write(tmp_path / "short.wav", tone(0.6))
+    (tmp_path / "labels.csv").write_text("path,label,split\nlong.wav,ON,train\nshort.wav,FAULT,test\n")
+    model = SimpleNamespace(**{**vars(MODEL), "clip_seconds": 1.0})
+    bundle = build_data("audio", DataConfig(root=str(tmp_path), normal_labels=["ON"], segments=True), model)
+    train = [bundle.train[i] for i in range(len(bundle.train))]
+    assert [t["key"] for t in train] == ["long.wav#0", "long.wav#1"]
+    assert np.allclose(train[1]["x"].numpy(), y[SR:2 * SR], atol=1e-4)
+    assert len(bundle.test) == 1 and bundle.test[0]["key"] == "short.wav#0" and bundle.test[0]["anomaly"] == 1
+    assert bundle.test[0]["x"].shape == (SR,)
+    plain = build_data("audio", DataConfig(root=str(tmp_path), normal_labels=["ON"]), model)
+    assert len(plain.train) == 1 and np.allclose(plain.train[0]["x"].numpy(), y[:SR], atol=1e-4)
+    with pytest.raises(UserError, match="segments"):
+        build_data("image", DataConfig(root=str(tmp_path), segments=True), model)
+
+
+def test_real_fan_set_in_one_second_segments():
+    root = shared_data("fan_sensiml")
+    model = SimpleNamespace(**{**vars(MODEL), "clip_seconds": 1.0})
+    bundle = build_data("audio", DataConfig(root=str(root), normal_labels=["ON"], val_fraction=0.2,
+                                            segments=True), model)
+    assert len(bundle.train) + len(bundle.val) == 45 * 5 and len(bundle.test) == 20 * 5
+    files = {k.split("#")[0] for k in (bundle.train[i]["key"] for i in range(len(bundle.train)))}
+    assert files.isdisjoint(bundle.val[i]["key"].split("#")[0] for i in range(len(bundle.val)))

@@ -113,6 +113,19 @@ def test_anomaly_report_labels_table_and_roc(tmp_path):
     assert (tmp_path / "roc.png").stat().st_size > 1000
 
 
+def test_anomaly_report_scores_files_by_their_segments_mean():
+    """data.segments items (file#k): per-segment AUC, and per file the segments' mean - an
+    intermittent fault (one loud segment of three) ranks above every normal file."""
+    keys = ["n1#0", "n1#1", "n1#2", "n2#0", "n2#1", "n2#2", "tap#0", "tap#1", "tap#2", "off#0", "off#1", "off#2"]
+    anomaly = [0] * 6 + [1] * 3 + [-1] * 3
+    scores = [0.3, 0.2, 0.25, 0.35, 0.1, 0.2, 0.9, 0.2, 0.3, 5.0, 5.0, 5.0]
+    out = dcase.anomaly_report(scores, anomaly, keys=keys)
+    assert out["auc"] < 1.0 and out["n_files"] == 4
+    assert out["auc_file"] == 1.0  # OFF (anomaly -1) is left out here too
+    plain = dcase.anomaly_report(scores, anomaly, keys=[k.replace("#", "_") for k in keys])
+    assert "auc_file" not in plain and "auc_file" not in dcase.anomaly_report(scores, anomaly)
+
+
 def test_single_class_gives_nan_not_an_error():
     out = dcase.anomaly_report([0.1, 0.2, 0.3], [0, 0, 0])
     assert np.isnan(out["auc"])

@@ -34,6 +34,9 @@ class DataConfig:
     # split, on which a model's calibrate() chooses its detection score (AEGAN-AD); the test
     # split keeps the rest, so the reported test figures stay held out.
     val_from_test: float = 0.0
+    # Audio: every whole model.clip_seconds segment of a file is an item (key "file#k"),
+    # not only its start. A file's segments share its split, so none leaks across.
+    segments: bool = False
     test_fraction: float = 0.25  # when the data has no split column / folder
     split_seed: int = 0
     train_normal_only: bool = False  # anomaly-detection models train on normal data only
@@ -75,4 +78,6 @@ def build_data(kind: str, data_cfg: DataConfig, model_cfg) -> DataBundle:
         raise UserError(f"no data reader for {kind!r} inputs")
     if data_cfg.val_from_test and kind != "audio":
         raise UserError(f"data.val_from_test applies to audio sets only, not {kind!r} inputs")
+    if data_cfg.segments and kind != "audio":
+        raise UserError(f"data.segments applies to audio sets only, not {kind!r} inputs")
     return _BUILDERS[kind](root, data_cfg, model_cfg)

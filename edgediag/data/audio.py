@@ -26,7 +26,10 @@ Audio: soundfile decode, mono mix-down, resampling to the model's rate
 (``librosa.resample``), then a fixed length (the model config's ``clip_seconds``; 0 = the
 typical length of the training clips) by cropping the start or padding (``pad_mode``:
 ``wrap`` repeats the clip - machine sound is stationary, so this adds no silence the
-model never hears in practice - or ``zeros``). Every clip is decoded once, when the
+model never hears in practice - or ``zeros``). With ``data.segments`` every whole
+segment of that length is an item (key ``<file>#k``; a shorter file gives one, padded),
+so a 5 s recording scored by a 1 s model gives five items instead of its first second.
+Every clip is decoded once, when the
 bundle is built, and kept in memory (the sets this targets are small), which also means
 a bad file is reported before training starts: empty, silent, truncated, non-audio or
 NaN files raise a UserError naming the file, or with ``data.on_bad_file=skip`` are
@@ -378,7 +381,8 @@ def build_audio(root: Path, data_cfg: DataConfig, model_cfg) -> DataBundle:
         if data_cfg.max_items and len(rs) > data_cfg.max_items:
             pick = np.sort(np.random.default_rng(data_cfg.split_seed).permutation(len(rs))[:data_cfg.max_items])
             rs = [rs[i] for i in pick]
-        splits[split] = _decode_all(rs, sample_rate, n_samples, pad_mode, data_cfg.on_bad_file, skipped, split)
+        splits[split] = _decode_all(rs, sample_rate, n_samples, pad_mode, data_cfg.on_bad_file, skipped, split,
+                                    data_cfg.segments)
     if skipped:
         log.warning("skipped %d bad audio file(s) (data.on_bad_file=skip)", len(skipped))
     info.update(skipped_files=skipped[:50], n_skipped=len(skipped))
@@ -392,18 +396,22 @@ def build_audio(root: Path, data_cfg: DataConfig, model_cfg) -> DataBundle:
 
 
 def _decode_all(records: list[ClipRecord], sample_rate: int, n_samples: int, pad_mode: str, on_bad: str,
-                skipped: list[str], split: str) -> AudioClips:
+                skipped: list[str], split: str, segments: bool = False) -> AudioClips:
     kept, clips = [], []
     for r in tqdm(records, desc=f"decoding {split}", unit="clip", leave=False, disable=len(records) < 200):
         if not r.path.is_file():
             problem = "not found"
         else:
             try:
-                clips.append(decode_clip(r.path, sample_rate, n_samples, pad_mode))
-                kept.append(r)
-                continue
+                y = decode_clip(r.path, sample_rate, None if segments else n_samples, pad_mode)
             except BadAudio as exc:
                 problem = str(exc)
+            else:
+                n_seg = max(1, len(y) // n_samples) if segments else 1
+                for k in range(n_seg):
+                    clips.append(fix_length(y[k * n_samples:], n_samples, pad_mode))
+                    kept.append(dataclasses.replace(r, key=f"{r.key}#{k}") if segments else r)
+                continue
         if on_bad == "error":
             raise UserError(f"audio file {r.path}: {problem} (pass --set data.on_bad_file=skip to skip such files)")
         log.warning("skipping %s: %s", r.path, problem)

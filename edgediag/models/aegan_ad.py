@@ -541,13 +541,13 @@ class AEGANAD(DiagnosisModel):
         device = self.threshold.device
         names = SCORE_NAMES if self._d_fitted() else G_SCORES
         scores: dict[str, list] = {n: [] for n in names}
-        meta: dict[str, list] = {k: [] for k in ("anomaly", "domain", "machine", "section", "label")}
+        meta: dict[str, list] = {k: [] for k in ("anomaly", "domain", "machine", "section", "label", "key")}
         for batch in loader:
             x = batch["x"].to(device)
             for name, value in self.clip_scores(x, names).items():
                 scores[name] += value.float().cpu().tolist()
             meta["anomaly"] += torch.as_tensor(batch["anomaly"]).tolist()
-            for key in ("domain", "machine", "section", "label"):
+            for key in ("domain", "machine", "section", "label", "key"):
                 meta[key] += list(batch.get(key, [""] * len(x)))
         self.train(was_training)
         return {n: np.asarray(v, dtype=np.float64) for n, v in scores.items()}, meta
@@ -617,7 +617,8 @@ class AEGANExport(nn.Module):
 
 def dcase_groups(meta: dict[str, list]) -> dict[str, list]:
     """anomaly_report's grouping arguments from collect_scores' clip metadata."""
-    return dict(machines=meta["machine"], sections=meta["section"], domains=meta["domain"], labels=meta["label"])
+    return dict(machines=meta["machine"], sections=meta["section"], domains=meta["domain"], labels=meta["label"],
+                keys=meta.get("key"))
 
 
 def score_rows(scores: dict[str, np.ndarray], meta: dict[str, list], chosen: str = "") -> list[dict]:

@@ -443,7 +443,7 @@ class TASTgramMFN(DiagnosisModel):
         self.eval()
         device = self.threshold.device
         cols: dict[str, list] = {k: [] for k in ("score", "decision", "other", "anomaly", "domain", "machine",
-                                                 "section", "label", "pred", "cls")}
+                                                 "section", "label", "key", "pred", "cls")}
         have_bank = self.knn_bank.shape[0] > 0
         for batch in loader:
             x = batch["x"].to(device).float()
@@ -466,10 +466,11 @@ class TASTgramMFN(DiagnosisModel):
             cols["anomaly"] += torch.as_tensor(batch["anomaly"]).tolist()
             cols["pred"] += cosine.argmax(dim=1).cpu().tolist()
             cols["cls"] += (cls.tolist() if cls is not None else [-1] * n)
-            for key in ("domain", "machine", "section", "label"):
+            for key in ("domain", "machine", "section", "label", "key"):
                 cols[key] += list(batch.get(key, [""] * n))
         self.train(was_training)
-        groups = dict(machines=cols["machine"], sections=cols["section"], domains=cols["domain"], labels=cols["label"])
+        groups = dict(machines=cols["machine"], sections=cols["section"], domains=cols["domain"], labels=cols["label"],
+                      keys=cols["key"])
         report = anomaly_report(cols["score"], cols["anomaly"], threshold=float(self.threshold),
                                 decision_scores=cols["decision"], out_dir=out_dir,
                                 title=f"{self.model_name} ({self.score_mode} score)", **groups)
@@ -478,7 +479,7 @@ class TASTgramMFN(DiagnosisModel):
         # (With one class the CE is over speed pseudo-classes: not an anomaly score.)
         if (other_mode == "ce" and self.config.n_classes > 1) or (other_mode == "knn" and have_bank):
             alt = anomaly_report(cols["other"], cols["anomaly"], **groups)
-            for key in ("auc", "pauc", "official_score"):
+            for key in ("auc", "pauc", "official_score", "auc_file"):
                 if key in alt:
                     report[f"{key}_{other_mode}"] = alt[key]
         report["score_mode"] = self.score_mode
