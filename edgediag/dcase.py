@@ -163,6 +163,16 @@ def dcase_scores(machines: Sequence[str], sections: Sequence[str], domains: Sequ
     return out
 
 
+# Per-item metadata an audio loader yields (edgediag.data.audio) that anomaly_report groups by.
+ITEM_FIELDS = ("domain", "machine", "section", "label", "key")
+
+
+def report_groups(meta: dict[str, list]) -> dict[str, list | None]:
+    """anomaly_report's grouping arguments from per-item metadata lists (ITEM_FIELDS)."""
+    return dict(machines=meta["machine"], sections=meta["section"], domains=meta["domain"], labels=meta["label"],
+                keys=meta.get("key"))
+
+
 def anomaly_report(scores: Sequence[float], anomaly: Sequence[int], *, machines: Sequence[str] | None = None,
                    sections: Sequence[str] | None = None, domains: Sequence[str] | None = None,
                    labels: Sequence[str] | None = None, threshold: float | None = None,

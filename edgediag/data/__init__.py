@@ -76,8 +76,7 @@ def build_data(kind: str, data_cfg: DataConfig, model_cfg) -> DataBundle:
         importlib.import_module(_KIND_MODULES[kind])
     if kind not in _BUILDERS:
         raise UserError(f"no data reader for {kind!r} inputs")
-    if data_cfg.val_from_test and kind != "audio":
-        raise UserError(f"data.val_from_test applies to audio sets only, not {kind!r} inputs")
-    if data_cfg.segments and kind != "audio":
-        raise UserError(f"data.segments applies to audio sets only, not {kind!r} inputs")
+    for name in ("val_from_test", "segments"):  # options only the audio reader has
+        if getattr(data_cfg, name) and kind != "audio":
+            raise UserError(f"data.{name} applies to audio sets only, not {kind!r} inputs")
     return _BUILDERS[kind](root, data_cfg, model_cfg)

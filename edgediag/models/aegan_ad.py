@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgediag.cli import UserError
-from edgediag.dcase import anomaly_report
+from edgediag.dcase import ITEM_FIELDS, anomaly_report, report_groups
 from edgediag.metrics import auc_pauc
 from edgediag.models import register_model
 from edgediag.models.base import DiagnosisModel
@@ -541,13 +541,13 @@ class AEGANAD(DiagnosisModel):
         device = self.threshold.device
         names = SCORE_NAMES if self._d_fitted() else G_SCORES
         scores: dict[str, list] = {n: [] for n in names}
-        meta: dict[str, list] = {k: [] for k in ("anomaly", "domain", "machine", "section", "label", "key")}
+        meta: dict[str, list] = {k: [] for k in ("anomaly", *ITEM_FIELDS)}
         for batch in loader:
             x = batch["x"].to(device)
             for name, value in self.clip_scores(x, names).items():
                 scores[name] += value.float().cpu().tolist()
             meta["anomaly"] += torch.as_tensor(batch["anomaly"]).tolist()
-            for key in ("domain", "machine", "section", "label", "key"):
+            for key in ITEM_FIELDS:
                 meta[key] += list(batch.get(key, [""] * len(x)))
         self.train(was_training)
         return {n: np.asarray(v, dtype=np.float64) for n, v in scores.items()}, meta
@@ -572,7 +572,7 @@ class AEGANAD(DiagnosisModel):
         n = len(meta["anomaly"])
         if chosen in scores:
             report = anomaly_report(scores[chosen], meta["anomaly"], threshold=float(self.threshold),
-                                    out_dir=out_dir, title=f"{self.model_name} ({chosen})", **dcase_groups(meta))
+                                    out_dir=out_dir, title=f"{self.model_name} ({chosen})", **report_groups(meta))
         else:
             report = {"n_items": n, "auc": float("nan"), "pauc": float("nan"),
                       "note": f"{chosen} needs fit_normal() first"}
@@ -615,17 +615,11 @@ class AEGANExport(nn.Module):
         return self.model.clip_scores(wave, (self.score_name,))[self.score_name]
 
 
-def dcase_groups(meta: dict[str, list]) -> dict[str, list]:
-    """anomaly_report's grouping arguments from collect_scores' clip metadata."""
-    return dict(machines=meta["machine"], sections=meta["section"], domains=meta["domain"], labels=meta["label"],
-                keys=meta.get("key"))
-
-
 def score_rows(scores: dict[str, np.ndarray], meta: dict[str, list], chosen: str = "") -> list[dict]:
     """One row per score: AUC, pAUC (and the DCASE official score when there are sections)."""
     rows = []
     for name, s in scores.items():
-        r = anomaly_report(s, meta["anomaly"], **dcase_groups(meta))
+        r = anomaly_report(s, meta["anomaly"], **report_groups(meta))
         row = {"score": name, "auc": r["auc"], "pauc": r["pauc"]}
         if "official_score" in r:
             row["official_score"] = r["official_score"]

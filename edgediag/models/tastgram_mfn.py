@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgediag.cli import UserError
-from edgediag.dcase import anomaly_report
+from edgediag.dcase import ITEM_FIELDS, anomaly_report, report_groups
 from edgediag.depth_pruning import remove_blocks
 from edgediag.models import register_model
 from edgediag.models.base import DiagnosisModel
@@ -442,8 +442,7 @@ class TASTgramMFN(DiagnosisModel):
         was_training = self.training
         self.eval()
         device = self.threshold.device
-        cols: dict[str, list] = {k: [] for k in ("score", "decision", "other", "anomaly", "domain", "machine",
-                                                 "section", "label", "key", "pred", "cls")}
+        cols: dict[str, list] = {k: [] for k in ("score", "decision", "other", "anomaly", "pred", "cls", *ITEM_FIELDS)}
         have_bank = self.knn_bank.shape[0] > 0
         for batch in loader:
             x = batch["x"].to(device).float()
@@ -466,11 +465,10 @@ class TASTgramMFN(DiagnosisModel):
             cols["anomaly"] += torch.as_tensor(batch["anomaly"]).tolist()
             cols["pred"] += cosine.argmax(dim=1).cpu().tolist()
             cols["cls"] += (cls.tolist() if cls is not None else [-1] * n)
-            for key in ("domain", "machine", "section", "label", "key"):
+            for key in ITEM_FIELDS:
                 cols[key] += list(batch.get(key, [""] * n))
         self.train(was_training)
-        groups = dict(machines=cols["machine"], sections=cols["section"], domains=cols["domain"], labels=cols["label"],
-                      keys=cols["key"])
+        groups = report_groups(cols)
         report = anomaly_report(cols["score"], cols["anomaly"], threshold=float(self.threshold),
                                 decision_scores=cols["decision"], out_dir=out_dir,
                                 title=f"{self.model_name} ({self.score_mode} score)", **groups)

@@ -222,13 +222,9 @@ class BiMambaMixer(nn.Module):
                              padding=self.conv1d.padding, groups=2 * d_inner)[..., :L])
         # x_proj / dt_proj per direction, through the modules: their forward hooks (LDMamba's
         # inner-channel screens) see each direction's channels
-        dt, B, C = [], [], []
-        for x_dir, x_proj, dt_proj in zip(xs.chunk(2, dim=1), (self.x_proj, self.x_proj_b),
-                                          (self.dt_proj, self.dt_proj_b)):
-            dt_dir, B_dir, C_dir = _project(x_dir.transpose(1, 2), x_proj, dt_proj)  # (B, L, .)
-            dt.append(dt_dir)
-            B.append(B_dir)
-            C.append(C_dir)
+        dt, B, C = zip(*(_project(x_dir.transpose(1, 2), x_proj, dt_proj)          # each (B, L, .)
+                         for x_dir, x_proj, dt_proj in zip(xs.chunk(2, dim=1), (self.x_proj, self.x_proj_b),
+                                                           (self.dt_proj, self.dt_proj_b))))
         dt = torch.cat(dt, dim=-1).transpose(1, 2)                                  # (B, 2D, L)
         # (B, 2, N, L) as permuted views of (B, L, 2, N): the exported scan reads B/C as
         # (B, L, G, N), so the two transposes cancel in the graph
