@@ -4,7 +4,7 @@ Each clip becomes one vector: the mean and standard deviation over time of its l
 spectrogram (librosa, n_fft 2048, hop 512, 128 mels, dB). Features are standardised with
 the training clips' statistics; a test clip's anomaly score is the Euclidean distance to
 its nearest normal training clip (scikit-learn NearestNeighbors). Scored with the same
-DCASE code as the models (edgediag.dcase).
+DCASE code as the models (edgediag.engine.dcase).
 
     python benchmarks/audio_baseline.py ../shared/data/dcase2023_valve
     python benchmarks/audio_baseline.py ../shared/data/fan_sensiml --normal ON
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgediag import cli  # noqa: E402
 from edgediag.data import DataConfig, build_data  # noqa: E402
-from edgediag.dcase import anomaly_report  # noqa: E402
+from edgediag.engine.dcase import anomaly_report  # noqa: E402
 
 
 def clip_features(wave: np.ndarray, sr: int) -> np.ndarray:

@@ -3,7 +3,7 @@ model family at a small config, batch 1, CPU.
 
     pytest benchmarks/bench_models.py --benchmark-only
 
-Each benchmark records the model's parameters and FLOPs (``edgediag.flops``, selective
+Each benchmark records the model's parameters and FLOPs (``edgediag.measure.cost``, selective
 scan by its formula) in ``extra_info``, so a saved run (--benchmark-json) carries the
 cost beside the time. ``python -m edgediag.bench`` is the full report (ONNX Runtime,
 batches, memory, accuracy); this suite is for tracking regressions of the eager path.
@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgediag.bench import scoring_module
-from edgediag.flops import count_flops, count_parameters
+from edgediag.measure.bench import scoring_module
+from edgediag.measure.cost import count_flops, count_parameters
 from edgediag.models import create_model, list_models
 
 # One small variant per family (the first registered of each list), and config changes a

@@ -48,7 +48,7 @@ def run(cmd: list[str], log: Path) -> int:
 
 def weights_only_loads(path: Path) -> bool:
     try:
-        from edgediag.checkpoint import load_model
+        from edgediag.engine.checkpoint import load_model
 
         torch.load(path, map_location="cpu", weights_only=True)
         load_model(path)

@@ -12,12 +12,10 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+from edgediag.errors import UserError  # noqa: F401 - re-exported: verbs raise cli.UserError
+
 EXIT_USAGE = 2  # bad input: path, model name, config key, checkpoint
 EXIT_INTERNAL = 1
-
-
-class UserError(Exception):
-    """A problem with the user's input; shown as one line, exit code 2."""
 
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:

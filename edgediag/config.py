@@ -18,9 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from edgediag.cli import UserError
-
-
+from edgediag.errors import UserError
 def from_dict(cls, values: dict | None, where: str = ""):
     """Build dataclass ``cls`` from ``values``, rejecting unknown keys."""
     values = dict(values or {})

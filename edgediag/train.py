@@ -17,11 +17,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from edgediag import cli
-from edgediag.checkpoint import make_checkpoint, save_checkpoint
+from edgediag.engine.checkpoint import make_checkpoint, save_checkpoint
 from edgediag.config import from_dict, load_tree, to_dict
 from edgediag.data import DataConfig, build_data
-from edgediag.engine import DeviceLoader, TrainConfig, Trainer, distributed_env
-from edgediag.metrics import calibrate_threshold
+from edgediag.engine.trainer import DeviceLoader, TrainConfig, Trainer, distributed_env
+from edgediag.engine.metrics import calibrate_threshold
 from edgediag.models import build_config, get_model_class
 from edgediag.utils import seed_everything, write_json
 
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         return 0
     best = out_dir / "best.pt"
     if best.exists() and bundle.val is not None:
-        from edgediag.checkpoint import load_model
+        from edgediag.engine.checkpoint import load_model
         model = load_model(best)[0].to(trainer.device)
     metrics = finalize(model, bundle, train_cfg, trainer.device, out_dir, checkpoint_data)
     write_json(out_dir / "train.json", {"model": name, "model_config": to_dict(model.config),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from edgediag.cli import UserError
+from edgediag.errors import UserError
 from edgediag.data import DataConfig, build_data
 from edgediag.data.audio import decode_clip, fix_length
 from edgediag.data.synth_audio import generate_machine_sounds, machine_clip

@@ -6,8 +6,10 @@ import math
 import pytest
 import torch
 
-from edgediag import bench, cli, export
-from edgediag.flops import count_flops, count_parameters, scan_flops
+from edgediag import cli
+from edgediag.deploy import onnx as export
+from edgediag.measure import bench
+from edgediag.measure.cost import count_flops, count_parameters, scan_flops
 from edgediag.models import create_model
 from edgediag.nn.mamba import MambaMixer
 from tests.conftest import run_cli

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from edgediag import dcase
+from edgediag.engine import dcase
 
 
 @pytest.mark.parametrize("name, expect", [

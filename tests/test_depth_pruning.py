@@ -1,4 +1,4 @@
-"""Depth pruning (edgediag.depth_pruning): removing residual blocks is exact where the
+"""Depth pruning (edgediag.compress.depth): removing residual blocks is exact where the
 block's branch is zero, a removed block rebuilds from the config, the importance is the
 block's relative change of its input, streaming still matches the full sequence, and
 the prune verb's --remove-blocks gives a loadable checkpoint whose ONNX export passes parity."""
@@ -10,11 +10,12 @@ import json
 import pytest
 import torch
 
-from edgediag import cli, export
-from edgediag import prune as prune_verb
-from edgediag.checkpoint import load_model, make_checkpoint, save_checkpoint
+from edgediag import cli
+from edgediag.compress import pipeline as prune_verb
+from edgediag.deploy import onnx as export
+from edgediag.engine.checkpoint import load_model, make_checkpoint, save_checkpoint
 from edgediag.config import to_dict
-from edgediag.depth_pruning import RemovedBlock, block_importance, prune_depth
+from edgediag.compress.depth import RemovedBlock, block_importance, prune_depth
 from edgediag.models import create_model
 from tests.toy import trained_image_checkpoint
 
@@ -103,7 +104,7 @@ def test_a_block_whose_branch_is_zero_goes_first_and_exactly():
 
 def test_channel_pruning_after_depth_pruning_rebuilds():
     """Both kinds in one config: removed blocks and pruned widths of the remaining layers."""
-    from edgediag import structured_pruning as sp
+    from edgediag.compress import structured as sp
 
     model = _model("memorymamba")
     x = model.example_input(2)

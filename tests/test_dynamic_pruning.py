@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgediag.cli import UserError
+from edgediag.errors import UserError
 from edgediag.config import to_dict
-from edgediag.dynamic_pruning import (
+from edgediag.compress.dynamic import (
     DynamicPruner,
     PruneConfig,
     ScreeningGate,
@@ -27,7 +27,7 @@ from edgediag.dynamic_pruning import (
     screening_sparsity,
     slice_channels,
 )
-from edgediag.models.base import DiagnosisModel
+from edgediag.engine.model import DiagnosisModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -284,7 +284,7 @@ class _Blobs(torch.utils.data.Dataset):
 
 
 def test_engine_trains_through_pruning_to_the_budget(tmp_path):
-    from edgediag.engine import TrainConfig, Trainer
+    from edgediag.engine.trainer import TrainConfig, Trainer
 
     torch.manual_seed(0)
     model = GatedMLP(GatedMLPConfig(hidden=[64, 64]))
@@ -303,7 +303,7 @@ def test_engine_trains_through_pruning_to_the_budget(tmp_path):
 
 # --- gates on any model (GroupGates: structured_pruning's channel groups) ---
 def test_group_gates_make_any_model_prunable_and_come_off_again():
-    from edgediag.dynamic_pruning import GroupGates
+    from edgediag.compress.dynamic import GroupGates
     from edgediag.models import create_model
 
     torch.manual_seed(0)

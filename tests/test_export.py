@@ -14,10 +14,12 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from edgediag import cli, export, trt_compat
-from edgediag.checkpoint import make_checkpoint, save_checkpoint
+from edgediag import cli
+from edgediag.deploy import onnx as export
+from edgediag.deploy import presets as trt_compat
+from edgediag.engine.checkpoint import make_checkpoint, save_checkpoint
 from edgediag.models import DiagnosisModel, create_model, register_model
-from edgediag.models.base import ScoreModule
+from edgediag.engine.model import ScoreModule
 from tests.conftest import run_cli
 from tests.toy import ToyConfig, ToyMLP, write_toy_data
 

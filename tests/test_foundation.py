@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from edgediag import VERBS
-from edgediag.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from edgediag.cli import UserError
+from edgediag.engine.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from edgediag.errors import UserError
 from edgediag.config import apply_overrides, from_dict, load_tree
-from edgediag.engine import TrainConfig, lr_factor
+from edgediag.engine.trainer import TrainConfig, lr_factor
 from tests.conftest import ROOT, run_cli
 from tests.toy import ToyMLP, write_toy_data
 
@@ -177,8 +177,8 @@ def test_every_registered_model_implements_the_interface():
     registered family overrides each of them (and its family base's hook), and a class
     that leaves one out cannot be built."""
     from edgediag.models import DiagnosisModel, get_model_class, list_models
-    from edgediag.models.image_cnn import ImageClassifier
-    from edgediag.models.ldmamba import SequenceClassifier
+    from edgediag.models.image_cnn.model import ImageClassifier
+    from edgediag.models.ldmamba.model import SequenceClassifier
 
     required = ["training_step", "score", "evaluate", "example_input"]
     for name in list_models():
@@ -206,7 +206,7 @@ def test_a_model_missing_an_interface_method_cannot_be_built():
 
 
 def test_an_inference_only_model_refuses_training_with_one_line():
-    from edgediag.cli import UserError
+    from edgediag.errors import UserError
     from edgediag.models import DiagnosisModel
 
     class Detector(DiagnosisModel):  # fixed signal processing: scores, nothing to train

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgediag.cli import UserError
+from edgediag.errors import UserError
 from edgediag.data import DataConfig, build_data
 from edgediag.data.images import decode_image
 from edgediag.data.synth_images import CLASSES, defect_image, generate_defect_images

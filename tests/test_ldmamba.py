@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from edgediag.checkpoint import load_model, make_checkpoint, save_checkpoint
-from edgediag.cli import UserError
+from edgediag.engine.checkpoint import load_model, make_checkpoint, save_checkpoint
+from edgediag.errors import UserError
 from edgediag.config import to_dict
 from edgediag.data import DataConfig, build_data
 from edgediag.data.synth_sequences import generate
-from edgediag.dynamic_pruning import DynamicPruner, PruneConfig, count_flops, count_params, prune_model
+from edgediag.compress.dynamic import DynamicPruner, PruneConfig, count_flops, count_params, prune_model
 from edgediag.models import create_model
-from edgediag.models.ldmamba import DynamicScreening
+from edgediag.models.ldmamba.model import DynamicScreening
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +35,7 @@ def _close_random(model, fraction=0.3, seed=0):
 def _furnace_bundle(tmp_path, **model_kw):
     generate("furnace", tmp_path, n_train=3, n_test=1, seed=0, length=128)
     from edgediag.models import build_config
-    from edgediag.models.ldmamba import LDMamba
+    from edgediag.models.ldmamba.model import LDMamba
 
     cfg = build_config("ldmamba_small", window=64, **model_kw)
     bundle = build_data("sequence", DataConfig(root=str(tmp_path)), cfg)
@@ -147,7 +147,7 @@ def test_normal_statistics_scores_and_checkpoint(tmp_path):
 
 
 def test_dynamic_pruning_during_training_reaches_the_budget(tmp_path):
-    from edgediag.engine import TrainConfig, Trainer
+    from edgediag.engine.trainer import TrainConfig, Trainer
 
     torch.manual_seed(0)
     bundle, cfg = _furnace_bundle(tmp_path)
@@ -280,7 +280,8 @@ def test_only_the_causal_form_streams():
 
 
 def test_streaming_export_passes_parity_against_the_full_sequence(tmp_path):
-    from edgediag import cli, export
+    from edgediag import cli
+    from edgediag.deploy import onnx as export
 
     m = _causal_model(2)
     m.threshold.fill_(0.5)

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from edgediag.checkpoint import load_model, make_checkpoint, save_checkpoint
+from edgediag.engine.checkpoint import load_model, make_checkpoint, save_checkpoint
 from edgediag.data import DataConfig, build_data
 from edgediag.data.synth_images import CLASSES, generate_defect_images
 from edgediag.models import build_config, create_model
-from edgediag.models.image_cnn import ImageCNN  # noqa: F401 - registers image_cnn
-from edgediag.models.memorymamba import MemoryMamba, MemSSMBlock, similarity
+from edgediag.models.image_cnn.model import ImageCNN  # noqa: F401 - registers image_cnn
+from edgediag.models.memorymamba.model import MemoryMamba, MemSSMBlock, similarity
 from tests.conftest import run_cli, shared_data
 
 # A small MemoryMamba that runs in a fraction of a second on a CPU.
@@ -184,8 +184,7 @@ def test_similarity_measures():
 
 
 def test_bad_configs_are_user_errors():
-    from edgediag.cli import UserError
-
+    from edgediag.errors import UserError
     with pytest.raises(UserError, match="multiple of 32"):
         small(image_size=48)
     with pytest.raises(UserError, match="same"):

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from edgediag import cli, monitor, runtime
+from edgediag import cli, runtime
+from edgediag.runtime import monitor
 from tests.test_runtime import SR, build_band_artifacts, build_ema_artifacts, clips
 
 
@@ -254,7 +255,7 @@ def test_video_source_scores_frames_at_the_requested_fps(tmp_path):
     import cv2
     import torch
 
-    from edgediag.checkpoint import make_checkpoint, save_checkpoint
+    from edgediag.engine.checkpoint import make_checkpoint, save_checkpoint
     from edgediag.models import create_model
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Structured pruning (edgediag.structured_pruning) and the prune verb.
+"""Structured pruning (edgediag.compress.structured) and the prune verb.
 
 Custom pruners: after pruning, the module runs and its shapes agree; pruning channels
 whose influence was zeroed leaves the output unchanged (exactness, explicit tolerances).
@@ -14,10 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from edgediag import cli, export
-from edgediag import prune as prune_verb
-from edgediag import structured_pruning as sp
-from edgediag.checkpoint import load_model
+from edgediag import cli
+from edgediag.compress import pipeline as prune_verb
+from edgediag.compress import structured as sp
+from edgediag.deploy import onnx as export
+from edgediag.engine.checkpoint import load_model
 from edgediag.config import to_dict
 from edgediag.models import create_model
 from edgediag.nn.mamba import SS2D, BiMambaMixer, MambaMixer
@@ -110,7 +111,7 @@ def test_ss2d_packed_per_direction_parameters_pruned_exactly():
 
 
 def test_arcface_pruned_on_embedding_dim_only():
-    from edgediag.models.tastgram_mfn import ArcMarginProduct
+    from edgediag.models.tastgram_mfn.model import ArcMarginProduct
 
     torch.manual_seed(0)
     head = ArcMarginProduct(12, 5)
@@ -142,8 +143,8 @@ def test_channel_layernorm_prunes_channels_not_width():
 
 
 def test_tgram_and_memory_network_inner_groups_pruned_exactly():
-    from edgediag.models.memorymamba import MemoryNetwork
-    from edgediag.models.tastgram_mfn import TgramNet
+    from edgediag.models.memorymamba.model import MemoryNetwork
+    from edgediag.models.tastgram_mfn.model import TgramNet
 
     torch.manual_seed(0)
     tg = TgramNet(n_mels=16, win=64, hop=32, n_frames=17, layers=2).eval()
@@ -296,7 +297,7 @@ def test_prune_verb_writes_a_loadable_checkpoint_that_exports(cnn_run, tmp_path)
                                  "--parity-items", "4", "--threads", "1"]) == 0
     assert json.loads((exp / "export.json").read_text())["parity"]["passed"]
     # ... and through bench: the pruned checkpoint and its graph side by side with the original
-    from edgediag import bench
+    from edgediag.measure import bench
 
     rc = cli.run(bench.main, ["--model", str(ckpt), str(out / "model.pt"), str(exp / "model.onnx"), "--data", str(data),
                               "--out", str(tmp_path / "bench"), "--backends", "eager,onnxruntime", "--iters", "3",

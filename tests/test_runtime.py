@@ -18,8 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-from edgediag import cli, export, runtime
-from edgediag.checkpoint import make_checkpoint, save_checkpoint
+from edgediag import cli, runtime
+from edgediag.deploy import onnx as export
+from edgediag.engine.checkpoint import make_checkpoint, save_checkpoint
 from edgediag.data.synth_audio import machine_clip
 from edgediag.models import DiagnosisModel, register_model
 from edgediag.nn.features import LogMel
@@ -257,7 +258,7 @@ def test_runtime_imports_without_torch_for_onnx(band_artifacts):
 
 
 def test_engine_runner_needs_tensorrt_not_torch(band_artifacts, tmp_path):
-    """.engine artifacts go through edgediag.trt_tool (torch-free): where tensorrt is missing
+    """.engine artifacts go through edgediag.deploy.tensorrt (torch-free): where tensorrt is missing
     the one-line error names it, even with torch unimportable."""
     pytest.importorskip("onnx")
     if importlib.util.find_spec("tensorrt") is not None:

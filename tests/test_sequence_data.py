@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgediag.cli import UserError
+from edgediag.errors import UserError
 from edgediag.data import DataConfig, build_data
 from edgediag.data.sequences import detect_format
 from edgediag.data.synth_sequences import (

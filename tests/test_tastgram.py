@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from edgediag.cli import UserError
+from edgediag.errors import UserError
 from edgediag.data import DataConfig, build_data
 from edgediag.data.synth_audio import generate_machine_sounds
-from edgediag.models.tastgram_mfn import (
+from edgediag.models.tastgram_mfn.model import (
     PUBLISHED_BOTTLENECKS,
     ArcMarginProduct,
     PReLU,

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from edgediag import cli, tegrastats
+from edgediag import cli
+from edgediag.runtime import tegrastats
 
 # JetPack 5.1 / 6.x, Orin Nano (tegrastats --logfile adds the timestamp)
 ORIN_NANO = ("07-29-2026 18:00:27 RAM 2272/7620MB (lfb 4x4MB) SWAP 221/3810MB (cached 0MB) "

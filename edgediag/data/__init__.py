@@ -17,9 +17,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from edgediag.cli import UserError
-
-
+from edgediag.errors import UserError
 @dataclasses.dataclass
 class DataConfig:
     root: str = ""

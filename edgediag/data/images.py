@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from edgediag.cli import UserError
+from edgediag.errors import UserError
 from edgediag.data import DataBundle, DataConfig, register_data
 
 log = logging.getLogger("edgediag.data.images")

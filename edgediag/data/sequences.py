@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from edgediag.cli import UserError
+from edgediag.errors import UserError
 from edgediag.data import DataBundle, DataConfig, register_data
 
 log = logging.getLogger("edgediag.data.sequences")

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from edgediag.metrics import auc_pauc, decision_report, save_roc_png
+from edgediag.engine.metrics import auc_pauc, decision_report, save_roc_png
 
 MAX_FPR = 0.1
 

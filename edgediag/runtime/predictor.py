@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from edgediag.cli import UserError
-
+from edgediag.errors import UserError
 SUFFIX_BACKEND = {".pt": "pytorch", ".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt"}
 
 
@@ -292,7 +291,7 @@ class _TrtPredictor(Predictor):
         try:
             # TensorRT I/O with CUDA buffers through torch, cuda-python or pycuda: the export's
             # own runner (edgediag/trt_tool.py, torch-free), shared with its engine parity check
-            from edgediag.trt_tool import EngineRunner
+            from edgediag.deploy.tensorrt import EngineRunner
         except ImportError:
             raise UserError("tensorrt is not installed here (JetPack brings it: python3 -c 'import tensorrt')") from None
         self.runner = EngineRunner(str(path))
@@ -323,7 +322,7 @@ class _TorchPredictor(Predictor):
     def __init__(self, path: Path, threads: int | None, device: str | None, streaming: bool, loaded=None):
         import torch
 
-        from edgediag.checkpoint import load_model
+        from edgediag.engine.checkpoint import load_model
 
         if threads:
             torch.set_num_threads(int(threads))

@@ -67,10 +67,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgediag.cli import UserError
-from edgediag.depth_pruning import present, remove_blocks
+from edgediag.errors import UserError
+from edgediag.compress.depth import present, remove_blocks
 from edgediag.models import register_model
-from edgediag.models.image_cnn import ImageClassifier, ImageClassifierConfig
+from edgediag.models.image_cnn.model import ImageClassifier, ImageClassifierConfig
 from edgediag.nn.mamba import SS2D
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from edgediag import __version__
-from edgediag.cli import UserError
+from edgediag.errors import UserError
 from edgediag.config import to_dict
 from edgediag.utils import atomic_path
 

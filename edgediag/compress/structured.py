@@ -15,7 +15,7 @@ How it fits together:
   graph group can reach it. :func:`inner_groups` lists those, and :func:`prune_structured`
   prunes them with the same importance and ratio schedule as the graph groups.
 * :func:`prune_structured` prunes in small steps (``iterative_steps``), measuring the
-  budget (parameters, FLOPs from :mod:`edgediag.flops`, or eager latency) after each, and
+  budget (parameters, FLOPs from :mod:`edgediag.measure.cost`, or eager latency) after each, and
   stops at the first step that meets it - a 50 % channel ratio does not give a 50 %
   parameter cut (both sides of a layer shrink), so a *ratio* here is a parameter target.
 * :func:`record_widths` / :func:`apply_widths` are how a pruned model is saved: the
@@ -40,11 +40,11 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner.function import BasePruningFunc
 
-from edgediag.cli import UserError
-from edgediag.flops import count_flops, count_parameters
+from edgediag.errors import UserError
+from edgediag.measure.cost import count_flops, count_parameters
 from edgediag.nn.mamba import SS2D, BiMambaMixer, MambaMixer
 
-log = logging.getLogger("edgediag.structured_pruning")
+log = logging.getLogger("edgediag.compress.structured")
 
 IMPORTANCES = ("magnitude", "taylor", "lamp")
 
@@ -351,8 +351,8 @@ class ChannelLayerNormPruner(BasePruningFunc):
 
 
 def customized_pruners() -> dict[type, BasePruningFunc]:
-    from edgediag.models.memorymamba import MemoryNetwork, PatchMerging
-    from edgediag.models.tastgram_mfn import ArcMarginProduct, TgramNet
+    from edgediag.models.memorymamba.model import MemoryNetwork, PatchMerging
+    from edgediag.models.tastgram_mfn.model import ArcMarginProduct, TgramNet
 
     mixer = MambaMixerPruner()
     return {MambaMixer: mixer, BiMambaMixer: mixer, SS2D: SS2DPruner(), ArcMarginProduct: ArcFacePruner(),
@@ -497,7 +497,7 @@ def model_flops(model) -> int:
 def eager_latency_ms(model, runs: int = 20, threads: int = 1) -> float:
     """Median eager CPU latency of ``export_module()`` at batch 1 (one thread: the least
     noisy figure on a shared machine, and what one edge core gives)."""
-    from edgediag.dynamic_pruning import measure_latency
+    from edgediag.compress.dynamic import measure_latency
 
     return measure_latency(model.export_module(), _forward_input(model), runs=runs, warmup=3, threads=threads)
 
@@ -678,7 +678,7 @@ def ort_layer_latency(module: nn.Module, x: torch.Tensor, runs: int = 5) -> dict
 
     import onnxruntime as ort
 
-    from edgediag.export import export_graph, tracing_context
+    from edgediag.deploy.onnx import export_graph, tracing_context
 
     with tempfile.TemporaryDirectory() as tmp, _eval(module):
         path = os.path.join(tmp, "m.onnx")

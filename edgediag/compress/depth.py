@@ -22,9 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgediag.cli import UserError
-
-
+from edgediag.errors import UserError
 class RemovedBlock(nn.Module):
     """What a removed residual block leaves behind: its input, unchanged. Models whose
     blocks return more than the output (auxiliary losses, streaming states) skip it with

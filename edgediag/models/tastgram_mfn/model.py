@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgediag.cli import UserError
-from edgediag.dcase import ITEM_FIELDS, anomaly_report, report_groups
-from edgediag.depth_pruning import remove_blocks
+from edgediag.errors import UserError
+from edgediag.engine.dcase import ITEM_FIELDS, anomaly_report, report_groups
+from edgediag.compress.depth import remove_blocks
 from edgediag.models import register_model
-from edgediag.models.base import DiagnosisModel
+from edgediag.engine.model import DiagnosisModel
 from edgediag.nn.features import LogMel
 from edgediag.ops import is_tracing
 
@@ -75,7 +75,7 @@ class TASTgramConfig:
     time_shift: bool = False  # training augmentation: roll each clip by a random offset
     train_normal_only: bool = True  # read by the audio data builder
     # Structured pruning (python -m edgediag.prune): module name -> pruned sizes, as
-    # edgediag.structured_pruning.record_widths writes them; empty = unpruned.
+    # edgediag.compress.structured.record_widths writes them; empty = unpruned.
     pruned_widths: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     # Depth pruning (--remove-blocks): residual bottlenecks removed, by module path.
     removed_blocks: list[str] = dataclasses.field(default_factory=list)
@@ -304,7 +304,7 @@ class TASTgramMFN(DiagnosisModel):
         self.register_buffer("knn_bank", torch.zeros(0, c.embedding_dim))
         remove_blocks(self, c.removed_blocks)
         if c.pruned_widths:
-            from edgediag.structured_pruning import apply_widths
+            from edgediag.compress.structured import apply_widths
 
             apply_widths(self, c.pruned_widths)
 

@@ -60,11 +60,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgediag.cli import UserError
-from edgediag.dcase import ITEM_FIELDS, anomaly_report, report_groups
-from edgediag.metrics import auc_pauc
+from edgediag.errors import UserError
+from edgediag.engine.dcase import ITEM_FIELDS, anomaly_report, report_groups
+from edgediag.engine.metrics import auc_pauc
 from edgediag.models import register_model
-from edgediag.models.base import DiagnosisModel
+from edgediag.engine.model import DiagnosisModel
 from edgediag.nn.features import LogMel
 from edgediag.ops import is_tracing
 
@@ -106,7 +106,7 @@ class AEGANConfig:
     input_min: float = 0.0  # log-mel (dB) range of the training clips; set by config_for_data
     input_max: float = 0.0  # (max <= min: not fitted yet)
     # Structured pruning (python -m edgediag.prune): module name -> pruned sizes, as
-    # edgediag.structured_pruning.record_widths writes them; empty = unpruned.
+    # edgediag.compress.structured.record_widths writes them; empty = unpruned.
     pruned_widths: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
@@ -303,7 +303,7 @@ class AEGANAD(DiagnosisModel):
                             ("lof_kdist", (0,)), ("lof_lrd", (0,))):
             self.register_buffer(name, torch.zeros(shape))
         if c.pruned_widths:
-            from edgediag.structured_pruning import apply_widths
+            from edgediag.compress.structured import apply_widths
 
             apply_widths(self, c.pruned_widths)
 

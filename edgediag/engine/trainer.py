@@ -1,6 +1,6 @@
 """The one training engine every model uses.
 
-A model plugs in through :class:`edgediag.models.base.DiagnosisModel`: ``training_step``
+A model plugs in through :class:`edgediag.engine.model.DiagnosisModel`: ``training_step``
 returns losses per phase (one optimiser per phase, so GANs fit the same loop), and
 ``evaluate`` gives the validation metric that picks the best checkpoint.
 
@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from edgediag.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from edgediag.cli import UserError
+from edgediag.engine.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from edgediag.errors import UserError
 from edgediag.utils import seed_everything, select_device
 
 log = logging.getLogger("edgediag.engine")
@@ -52,7 +52,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     eval_every: int = 1  # epochs between validations
     max_steps_per_epoch: int = 0  # 0 = whole epoch; for quick runs
-    threshold_method: str = "gamma"  # gamma | percentile (see edgediag.metrics)
+    threshold_method: str = "gamma"  # gamma | percentile (see edgediag.engine.metrics)
     threshold_quantile: float = 0.9
 
     def validate(self) -> None:
@@ -188,7 +188,7 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         """Load weights, optimiser and schedule state from ``last.pt`` of an earlier run."""
-        from edgediag.checkpoint import model_from_checkpoint
+        from edgediag.engine.checkpoint import model_from_checkpoint
 
         payload = load_checkpoint(path)
         state = payload.get("train_state")

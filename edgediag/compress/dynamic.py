@@ -27,7 +27,7 @@ The strategy (LDMamba's "dynamic pruning", written model-independent for issue 8
   leaving the remaining epochs to recover.
 
 Costs: :func:`count_params` and :func:`count_flops` (thin wrappers of
-:mod:`edgediag.flops`, which counts the selective scan by formula) and
+:mod:`edgediag.measure.cost`, which counts the selective scan by formula) and
 :func:`measure_latency` (median CPU wall time).
 """
 
@@ -43,10 +43,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from edgediag import flops as _flops
-from edgediag.cli import UserError
-
-log = logging.getLogger("edgediag.dynamic_pruning")
+from edgediag.measure import cost as _flops
+from edgediag.errors import UserError
+log = logging.getLogger("edgediag.compress.dynamic")
 
 
 # --- the gate ---------------------------------------------------------------------------
@@ -298,7 +297,7 @@ def _mask_input(gate: ScreeningGate, dim: int):
 
 class GroupGates:
     """Screening gates on every prunable channel group of *any* model - the groups of
-    :mod:`edgediag.structured_pruning` (torch-pruning's dependency graph plus the inner
+    :mod:`edgediag.compress.structured` (torch-pruning's dependency graph plus the inner
     groups of Mamba mixers, SS2D, Tgram and memory networks) - so LDMamba's dynamic
     pruning applies to every model family.
 
@@ -319,7 +318,7 @@ class GroupGates:
                  min_channels: int = 4):
         import torch_pruning as tp
 
-        from edgediag import structured_pruning as sp
+        from edgediag.compress import structured as sp
 
         self.model = model
         self.pruner = sp.make_pruner(model, tp.importance.MagnitudeImportance(p=2), ratio=0.5, steps=1)
@@ -433,7 +432,7 @@ class GroupGates:
 
 
 # --- costs ------------------------------------------------------------------------------
-# Parameters and FLOPs come from edgediag.flops (the project's one counter, the selective
+# Parameters and FLOPs come from edgediag.measure.cost (the project's one counter, the selective
 # scan included by formula); these two keep the callers' simple signatures.
 def count_params(model: nn.Module) -> int:
     return int(_flops.count_parameters(model)["total"])
@@ -441,7 +440,7 @@ def count_params(model: nn.Module) -> int:
 
 def count_flops(model: nn.Module, x: torch.Tensor | None = None) -> int:
     """FLOPs of one forward of ``model.export_module()`` (a plain module: itself) on ``x``
-    (default ``model.example_input(1)``), by :func:`edgediag.flops.count_flops`."""
+    (default ``model.example_input(1)``), by :func:`edgediag.measure.cost.count_flops`."""
     module = model.export_module() if hasattr(model, "export_module") else model
     if x is None:
         x = model.example_input(1)

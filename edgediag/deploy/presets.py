@@ -19,8 +19,7 @@ from collections.abc import Iterable
 
 import onnx
 
-from edgediag.cli import UserError
-
+from edgediag.errors import UserError
 SOURCE = ("onnx-tensorrt docs/operators.md support matrix and docs/Changelog.md "
           "(tables transcribed, not verified on a device)")
 

@@ -61,7 +61,7 @@ class DiagnosisModel(nn.Module, metaclass=abc.ABCMeta):
         """Losses for one batch; must hold 'loss' (the one backpropagated); others are logged.
         Every registered family defines it; a model built only for export or runtime (e.g. a
         fixed signal-processing detector) need not, and then cannot be trained."""
-        from edgediag.cli import UserError
+        from edgediag.errors import UserError
         raise UserError(f"{type(self).__name__} is inference-only: it has no training_step to train with")
 
     @torch.no_grad()
@@ -116,7 +116,7 @@ class DiagnosisModel(nn.Module, metaclass=abc.ABCMeta):
         """Metrics on a labelled loader; must hold ``primary_metric``. Scalars at the top
         level, optional per-group rows under "table"; plots go to ``out_dir`` if given.
         Every registered family defines it (inference-only models need not)."""
-        from edgediag.cli import UserError
+        from edgediag.errors import UserError
         raise UserError(f"{type(self).__name__} is inference-only: it has no evaluate()")
 
     def export_module(self) -> nn.Module:
@@ -135,14 +135,14 @@ class DiagnosisModel(nn.Module, metaclass=abc.ABCMeta):
     def removable_blocks(self) -> list[str]:
         """Module paths of the residual blocks depth pruning may remove (their output is
         their input plus a branch), not yet removed; the config's ``removed_blocks`` lists
-        the removed ones (edgediag.depth_pruning). Default: none."""
+        the removed ones (edgediag.compress.depth). Default: none."""
         return []
 
     def streaming_module(self) -> nn.Module:
         """``(x_t, *states) -> (outputs, *new_states)`` for sample-by-sample inference with
         carried state (causal Mamba models only). Attributes ``input_names``/``output_names``
         and a method ``example_inputs(batch_size)`` describe it for export."""
-        from edgediag.cli import UserError
+        from edgediag.errors import UserError
         raise UserError(f"{self.model_name} has no streaming form (only causal Mamba models have one)")
 
     @abc.abstractmethod

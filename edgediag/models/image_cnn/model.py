@@ -26,11 +26,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgediag.cli import UserError
+from edgediag.errors import UserError
 from edgediag.config import replace
-from edgediag.metrics import auc_pauc, classification_report, decision_report, save_confusion_png, save_roc_png
+from edgediag.engine.metrics import auc_pauc, classification_report, decision_report, save_confusion_png, save_roc_png
 from edgediag.models import register_model
-from edgediag.models.base import DiagnosisModel
+from edgediag.engine.model import DiagnosisModel
 
 
 @dataclasses.dataclass
@@ -48,7 +48,7 @@ class ImageClassifierConfig:
     label_smoothing: float = 0.0
     split_digest: str = ""  # of the test split trained with (see edgediag.data.images)
     # Structured pruning (python -m edgediag.prune): module name -> pruned sizes, as
-    # edgediag.structured_pruning.record_widths writes them; empty = unpruned.
+    # edgediag.compress.structured.record_widths writes them; empty = unpruned.
     pruned_widths: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
@@ -112,7 +112,7 @@ class ImageClassifier(DiagnosisModel):
     def apply_pruned_widths(self) -> None:
         """Subclasses call this last in ``__init__``: shrink to ``config.pruned_widths``."""
         if self.config.pruned_widths:
-            from edgediag.structured_pruning import apply_widths
+            from edgediag.compress.structured import apply_widths
 
             apply_widths(self, self.config.pruned_widths)
 

@@ -21,10 +21,10 @@ per-channel adaptive rescale-and-shift), fused by learned per-channel gates, the
 an adaptive, learned threshold are zeroed (hard mask at inference, straight-through in
 training), so only locally salient frames update the residual stream.
 
-Dynamic pruning: :class:`edgediag.dynamic_pruning.ScreeningGate` screens on the Mamba
+Dynamic pruning: :class:`edgediag.compress.dynamic.ScreeningGate` screens on the Mamba
 inner channels, the static branch's hidden units, the stem's hidden channels and the
 head's hidden units; the model lists them in :meth:`screening_groups`, so
-:class:`edgediag.dynamic_pruning.DynamicPruner` can remove closed channels while training.
+:class:`edgediag.compress.dynamic.DynamicPruner` can remove closed channels while training.
 The widths live in per-block lists in the config, so ``create_model("ldmamba", **config)``
 rebuilds a pruned model.
 
@@ -45,12 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgediag.cli import UserError
-from edgediag.depth_pruning import present, remove_blocks
-from edgediag.dynamic_pruning import ScreeningGate, ScreeningGroup, channel_costs, screening_sparsity
-from edgediag.metrics import auc_pauc, classification_report, decision_report, save_confusion_png, save_roc_png
+from edgediag.errors import UserError
+from edgediag.compress.depth import present, remove_blocks
+from edgediag.compress.dynamic import ScreeningGate, ScreeningGroup, channel_costs, screening_sparsity
+from edgediag.engine.metrics import auc_pauc, classification_report, decision_report, save_confusion_png, save_roc_png
 from edgediag.models import register_model
-from edgediag.models.base import DiagnosisModel
+from edgediag.engine.model import DiagnosisModel
 
 
 # --- configs ------------------------------------------------------------------------------
@@ -708,7 +708,7 @@ class LDMamba(SequenceClassifier):
         out.update(loss=loss, token_keep=token_keep.detach(), channel_keep=channel_keep.detach())
         return out
 
-    # --- dynamic pruning protocol (edgediag.dynamic_pruning) ---
+    # --- dynamic pruning protocol (edgediag.compress.dynamic) ---
     def screening_groups(self) -> list[ScreeningGroup]:
         if not self.config.screening:
             return []

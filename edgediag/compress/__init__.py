@@ -1,0 +1,1 @@
+"""Compression: structured (torch-pruning), dynamic (LDMamba's screening) and depth pruning, distillation."""

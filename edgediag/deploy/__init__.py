@@ -1,0 +1,1 @@
+"""Deployment: ONNX export, TensorRT, board presets, the exported bundle and its metadata."""

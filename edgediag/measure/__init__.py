@@ -1,0 +1,1 @@
+"""Measurement: latency timing, parameters, FLOPs, memory; the bench and its reports."""
