@@ -52,9 +52,9 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None, seed: int, batc
     import torch
     from torch.utils.data import DataLoader
 
-    from edgediag.engine.checkpoint import load_model
     from edgediag.config import from_dict
     from edgediag.data import DataConfig, build_data
+    from edgediag.engine.checkpoint import load_model
 
     model, ckpt = load_model(path)
     model.eval()

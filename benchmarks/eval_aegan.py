@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # audio_baseline, the issue-4 baseline
 
 from edgediag import cli  # noqa: E402
-from edgediag.engine.checkpoint import load_model  # noqa: E402
 from edgediag.config import apply_overrides, from_dict, to_dict  # noqa: E402
 from edgediag.data import DataConfig, build_data  # noqa: E402
+from edgediag.engine.checkpoint import load_model  # noqa: E402
 from edgediag.engine.trainer import TrainConfig, Trainer  # noqa: E402
 from edgediag.models import build_config, get_model_class  # noqa: E402
 from edgediag.models.aegan_ad.model import choose_score, score_rows  # noqa: E402

@@ -36,9 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgediag import cli, runtime  # noqa: E402
-from edgediag.runtime import monitor  # noqa: E402
 from edgediag.data.sequences import read_mat_signal  # noqa: E402
 from edgediag.data.synth_audio import machine_clip  # noqa: E402
+from edgediag.runtime import monitor  # noqa: E402
 
 DATA = Path(os.environ.get("EDGEDIAG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import yaml
 
 from edgediag.errors import UserError
+
+
 def from_dict(cls, values: dict | None, where: str = ""):
     """Build dataclass ``cls`` from ``values``, rejecting unknown keys."""
     values = dict(values or {})

@@ -11,9 +11,9 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from edgediag import cli
-from edgediag.engine.checkpoint import load_model
 from edgediag.config import apply_overrides, from_dict
 from edgediag.data import DataConfig, build_data
+from edgediag.engine.checkpoint import load_model
 from edgediag.engine.trainer import DeviceLoader
 from edgediag.utils import select_device, write_json
 

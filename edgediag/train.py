@@ -17,11 +17,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from edgediag import cli
-from edgediag.engine.checkpoint import make_checkpoint, save_checkpoint
 from edgediag.config import from_dict, load_tree, to_dict
 from edgediag.data import DataConfig, build_data
-from edgediag.engine.trainer import DeviceLoader, TrainConfig, Trainer, distributed_env
+from edgediag.engine.checkpoint import make_checkpoint, save_checkpoint
 from edgediag.engine.metrics import calibrate_threshold
+from edgediag.engine.trainer import DeviceLoader, TrainConfig, Trainer, distributed_env
 from edgediag.models import build_config, get_model_class
 from edgediag.utils import seed_everything, write_json
 

@@ -9,8 +9,7 @@ import logging
 import os
 import random
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -74,16 +73,3 @@ def select_device(name: str = "auto") -> torch.device:
         log.warning("CUDA requested but not available: using the CPU")
         return torch.device("cpu")
     return torch.device(name)
-
-
-def timed_calls(fn: Callable[[], object], n: int) -> dict[str, list[float]]:
-    """Seconds per call of ``fn()``, n calls, on both clocks: wall time and the calling
-    thread's CPU time (the latency at one thread, without preemption or stolen time)."""
-    times: dict[str, list[float]] = {"wall": [], "cpu": []}
-    for _ in range(n):
-        w0, c0 = time.perf_counter(), time.thread_time()
-        fn()
-        c1, w1 = time.thread_time(), time.perf_counter()
-        times["wall"].append(w1 - w0)
-        times["cpu"].append(c1 - c0)
-    return times

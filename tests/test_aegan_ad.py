@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from edgediag.engine.checkpoint import load_model, make_checkpoint, save_checkpoint
-from edgediag.errors import UserError
 from edgediag.data import DataConfig, build_data
 from edgediag.data.synth_audio import generate_machine_sounds
+from edgediag.engine.checkpoint import load_model, make_checkpoint, save_checkpoint
 from edgediag.engine.trainer import TrainConfig, Trainer
+from edgediag.errors import UserError
 from edgediag.models import create_model
 from edgediag.models.aegan_ad.model import (
     AEGANAD,

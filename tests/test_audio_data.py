@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from edgediag.errors import UserError
 from edgediag.data import DataConfig, build_data
 from edgediag.data.audio import decode_clip, fix_length
 from edgediag.data.synth_audio import generate_machine_sounds, machine_clip
+from edgediag.errors import UserError
 from tests.conftest import run_cli, shared_data
 
 SR = 16000

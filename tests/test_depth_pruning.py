@@ -12,10 +12,10 @@ import torch
 
 from edgediag import cli
 from edgediag.compress import pipeline as prune_verb
+from edgediag.compress.depth import RemovedBlock, block_importance, prune_depth
+from edgediag.config import to_dict
 from edgediag.deploy import onnx as export
 from edgediag.engine.checkpoint import load_model, make_checkpoint, save_checkpoint
-from edgediag.config import to_dict
-from edgediag.compress.depth import RemovedBlock, block_importance, prune_depth
 from edgediag.models import create_model
 from tests.toy import trained_image_checkpoint
 

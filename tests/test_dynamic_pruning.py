@@ -11,8 +11,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgediag.errors import UserError
-from edgediag.config import to_dict
 from edgediag.compress.dynamic import (
     DynamicPruner,
     PruneConfig,
@@ -27,7 +25,9 @@ from edgediag.compress.dynamic import (
     screening_sparsity,
     slice_channels,
 )
+from edgediag.config import to_dict
 from edgediag.engine.model import DiagnosisModel
+from edgediag.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

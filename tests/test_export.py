@@ -18,8 +18,8 @@ from edgediag import cli
 from edgediag.deploy import onnx as export
 from edgediag.deploy import presets as trt_compat
 from edgediag.engine.checkpoint import make_checkpoint, save_checkpoint
-from edgediag.models import DiagnosisModel, create_model, register_model
 from edgediag.engine.model import ScoreModule
+from edgediag.models import DiagnosisModel, create_model, register_model
 from tests.conftest import run_cli
 from tests.toy import ToyConfig, ToyMLP, write_toy_data
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from edgediag import VERBS
-from edgediag.engine.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from edgediag.errors import UserError
 from edgediag.config import apply_overrides, from_dict, load_tree
+from edgediag.engine.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from edgediag.engine.trainer import TrainConfig, lr_factor
+from edgediag.errors import UserError
 from tests.conftest import ROOT, run_cli
 from tests.toy import ToyMLP, write_toy_data
 

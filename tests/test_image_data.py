@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from edgediag.errors import UserError
 from edgediag.data import DataConfig, build_data
 from edgediag.data.images import decode_image
 from edgediag.data.synth_images import CLASSES, defect_image, generate_defect_images
+from edgediag.errors import UserError
 from tests.conftest import run_cli, shared_data
 
 

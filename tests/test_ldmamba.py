@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from edgediag.engine.checkpoint import load_model, make_checkpoint, save_checkpoint
-from edgediag.errors import UserError
+from edgediag.compress.dynamic import DynamicPruner, PruneConfig, count_flops, count_params, prune_model
 from edgediag.config import to_dict
 from edgediag.data import DataConfig, build_data
 from edgediag.data.synth_sequences import generate
-from edgediag.compress.dynamic import DynamicPruner, PruneConfig, count_flops, count_params, prune_model
+from edgediag.engine.checkpoint import load_model, make_checkpoint, save_checkpoint
+from edgediag.errors import UserError
 from edgediag.models import create_model
 from edgediag.models.ldmamba.model import DynamicScreening
 from tests.conftest import run_cli

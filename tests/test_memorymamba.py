@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from edgediag.engine.checkpoint import load_model, make_checkpoint, save_checkpoint
 from edgediag.data import DataConfig, build_data
 from edgediag.data.synth_images import CLASSES, generate_defect_images
+from edgediag.engine.checkpoint import load_model, make_checkpoint, save_checkpoint
 from edgediag.models import build_config, create_model
 from edgediag.models.image_cnn.model import ImageCNN  # noqa: F401 - registers image_cnn
 from edgediag.models.memorymamba.model import MemoryMamba, MemSSMBlock, similarity

@@ -17,9 +17,9 @@ from torch import nn
 from edgediag import cli
 from edgediag.compress import pipeline as prune_verb
 from edgediag.compress import structured as sp
+from edgediag.config import to_dict
 from edgediag.deploy import onnx as export
 from edgediag.engine.checkpoint import load_model
-from edgediag.config import to_dict
 from edgediag.models import create_model
 from edgediag.nn.mamba import SS2D, BiMambaMixer, MambaMixer
 from tests.toy import trained_image_checkpoint

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgediag.errors import UserError
 from edgediag.data import DataConfig, build_data
 from edgediag.data.sequences import detect_format
 from edgediag.data.synth_sequences import (
@@ -21,6 +20,7 @@ from edgediag.data.synth_sequences import (
     furnace_sequence,
     generate,
 )
+from edgediag.errors import UserError
 from edgediag.models import build_config
 from tests.conftest import run_cli, shared_data
 

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from edgediag.errors import UserError
 from edgediag.data import DataConfig, build_data
 from edgediag.data.synth_audio import generate_machine_sounds
+from edgediag.errors import UserError
 from edgediag.models.tastgram_mfn.model import (
     PUBLISHED_BOTTLENECKS,
     ArcMarginProduct,

@@ -96,10 +96,10 @@ if __name__ == "__main__":
 def trained_image_checkpoint(root: Path, name: str, **config) -> tuple[Path, Path]:
     """A checkpoint of image model ``name`` (two short epochs) on generated defect images
     under ``root``: returns (model.pt, data folder)."""
-    from edgediag.engine.checkpoint import make_checkpoint, save_checkpoint
     from edgediag.config import to_dict
     from edgediag.data import DataConfig, build_data
     from edgediag.data.synth_images import generate_defect_images
+    from edgediag.engine.checkpoint import make_checkpoint, save_checkpoint
     from edgediag.engine.trainer import TrainConfig, Trainer
     from edgediag.models import create_model
 

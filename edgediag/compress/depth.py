@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from edgediag.errors import UserError
+
+
 class RemovedBlock(nn.Module):
     """What a removed residual block leaves behind: its input, unchanged. Models whose
     blocks return more than the output (auxiliary losses, streaming states) skip it with

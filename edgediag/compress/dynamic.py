@@ -36,15 +36,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import statistics
-import time
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from edgediag.measure import cost as _flops
 from edgediag.errors import UserError
+from edgediag.measure import cost as _flops
+from edgediag.measure.timing import median_latency_ms
+
 log = logging.getLogger("edgediag.compress.dynamic")
 
 
@@ -453,29 +453,7 @@ def count_flops(model: nn.Module, x: torch.Tensor | None = None) -> int:
         module.train(was_training)
 
 
-@torch.inference_mode()
-def measure_latency(module: nn.Module, x: torch.Tensor, runs: int = 30, warmup: int = 5,
-                    threads: int | None = 1) -> float:
-    """Median wall time of one forward, in milliseconds (CPU, ``threads`` intra-op threads).
-    One thread by default: on a shared machine it is the least noisy, and it is what a
-    small edge CPU core gives."""
-    old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    was_training = module.training
-    module.eval()
-    try:
-        for _ in range(warmup):
-            module(x)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            module(x)
-            times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(old)
-        module.train(was_training)
-    return 1000.0 * statistics.median(times)
+measure_latency = median_latency_ms  # the name the tests and older scripts use
 
 
 def model_cost(model, metric: str) -> float:

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from edgediag import cli
-from edgediag.engine.checkpoint import load_model
 from edgediag.config import from_dict, load_tree, to_dict
 from edgediag.data import DataConfig, build_data
+from edgediag.engine.checkpoint import load_model
 from edgediag.engine.trainer import DeviceLoader, TrainConfig, Trainer
 from edgediag.models import create_model
 from edgediag.utils import seed_everything, write_json
@@ -154,7 +154,8 @@ def paired_latency(before, after, runs: int) -> dict:
     which separate measurements minutes apart cannot promise."""
     import statistics
 
-    from edgediag.deploy.onnx import ort_session, timed_alternately, torch_threads
+    from edgediag.deploy.onnx import ort_session
+    from edgediag.measure.timing import timed_alternately, torch_threads
 
     fns = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,8 +175,8 @@ def paired_latency(before, after, runs: int) -> dict:
 
 
 def costs(model, with_latency: bool, runs: int) -> dict:
-    from edgediag.measure.cost import count_flops
     from edgediag.compress.structured import model_params
+    from edgediag.measure.cost import count_flops
 
     model.eval()
     module = model.export_module()
@@ -465,8 +466,8 @@ def main(argv=None) -> int:
 def _with_recorded_widths(model, name: str):
     """Write the pruned sizes into the config (``pruned_widths``), so the checkpoint
     rebuilds this shape. Models pruned on their config's own width fields have them already."""
-    from edgediag.config import replace
     from edgediag.compress.structured import record_widths
+    from edgediag.config import replace
 
     values = to_dict(model.config)
     if "pruned_widths" not in values:

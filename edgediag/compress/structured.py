@@ -497,9 +497,9 @@ def model_flops(model) -> int:
 def eager_latency_ms(model, runs: int = 20, threads: int = 1) -> float:
     """Median eager CPU latency of ``export_module()`` at batch 1 (one thread: the least
     noisy figure on a shared machine, and what one edge core gives)."""
-    from edgediag.compress.dynamic import measure_latency
+    from edgediag.measure.timing import median_latency_ms
 
-    return measure_latency(model.export_module(), _forward_input(model), runs=runs, warmup=3, threads=threads)
+    return median_latency_ms(model.export_module(), _forward_input(model), runs=runs, warmup=3, threads=threads)
 
 
 @dataclasses.dataclass

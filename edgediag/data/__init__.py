@@ -18,6 +18,8 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from edgediag.errors import UserError
+
+
 @dataclasses.dataclass
 class DataConfig:
     root: str = ""

@@ -56,9 +56,9 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from edgediag.errors import UserError
 from edgediag.data import DataBundle, DataConfig, register_data
 from edgediag.engine.dcase import parse_name
+from edgediag.errors import UserError
 
 log = logging.getLogger("edgediag.data.audio")
 

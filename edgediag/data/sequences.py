@@ -52,8 +52,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from edgediag.errors import UserError
 from edgediag.data import DataBundle, DataConfig, register_data
+from edgediag.errors import UserError
 
 log = logging.getLogger("edgediag.data.sequences")
 

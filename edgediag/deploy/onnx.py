@@ -53,9 +53,9 @@ import torch
 from torch import nn
 
 from edgediag import __version__, cli
-from edgediag.deploy import presets as trt_compat
 from edgediag.config import from_dict, load_yaml
-from edgediag.utils import timed_calls
+from edgediag.deploy import presets as trt_compat
+from edgediag.measure.timing import timed_alternately, torch_threads
 
 EXIT_OK = 0
 EXIT_BUILD_ON_BOARD = 3
@@ -359,30 +359,6 @@ def parity_line(p: dict) -> str:
 
 
 # --- latency -----------------------------------------------------------------------------------------
-def timed_alternately(fns: Sequence[Callable[[], Any]], runs: int, warmup: int = 3) -> dict[str, list[list[float]]]:
-    """Per-run times (ms) of several functions, run in turn so that all see the same load on
-    a shared machine: ``{"wall": [times of fns[0], ...], "cpu": [...]}`` (utils.timed_calls)."""
-    for _ in range(min(warmup, runs)):
-        for fn in fns:
-            fn()
-    times: dict[str, list[list[float]]] = {"wall": [[] for _ in fns], "cpu": [[] for _ in fns]}
-    for _ in range(max(1, runs)):
-        for i, fn in enumerate(fns):
-            for clock, t in timed_calls(fn, 1).items():
-                times[clock][i].append(t[0] * 1e3)
-    return times
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def latency(module: nn.Module, model_proto: onnx.ModelProto, args: list[np.ndarray], threads: int,
             runs: int) -> dict[str, Any]:
     """Median (and min) latency of eager PyTorch (default scan backend: what a PyTorch user

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import onnx
 
 from edgediag.errors import UserError
+
 SOURCE = ("onnx-tensorrt docs/operators.md support matrix and docs/Changelog.md "
           "(tables transcribed, not verified on a device)")
 

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from edgediag import __version__
-from edgediag.errors import UserError
 from edgediag.config import to_dict
+from edgediag.errors import UserError
 from edgediag.utils import atomic_path
 
 FORMAT = "edgediag.checkpoint/1"

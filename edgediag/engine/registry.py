@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import importlib
 
-from edgediag.errors import UserError
 from edgediag.config import from_dict, to_dict
 from edgediag.engine.model import DiagnosisModel
+from edgediag.errors import UserError
 
 _REGISTRY: dict[str, type[DiagnosisModel]] = {}
 _VARIANTS: dict[str, tuple[str, dict]] = {}  # variant name -> (family, config defaults)

@@ -35,13 +35,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from edgediag import __version__, cli, runtime
-from edgediag.engine.checkpoint import load_model
 from edgediag.config import from_dict
 from edgediag.data import DataConfig, build_data
+from edgediag.engine.checkpoint import load_model
+from edgediag.engine.metrics import auc_pauc, decision_report, save_roc_png
 from edgediag.engine.trainer import DeviceLoader
 from edgediag.measure.cost import count_flops, count_parameters
-from edgediag.engine.metrics import auc_pauc, decision_report, save_roc_png
-from edgediag.utils import atomic_path, timed_calls, write_json
+from edgediag.measure.timing import timed_calls
+from edgediag.utils import atomic_path, write_json
 
 BACKENDS = ("eager", "onnxruntime", "tensorrt")
 SUFFIX_BACKEND = {".pt": "eager", ".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt"}

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from edgediag.errors import UserError
+
 SUFFIX_BACKEND = {".pt": "pytorch", ".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt"}
 
 

@@ -17,6 +17,7 @@ from typing import IO
 import numpy as np
 
 from edgediag.errors import UserError
+
 AUDIO_EXT = (".wav", ".flac")
 VIDEO_EXT = (".mp4", ".avi", ".mov", ".mkv")
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from edgediag import cli
 from edgediag.errors import UserError
+
 _TIME = re.compile(r"^(\d\d-\d\d-\d{4} \d\d:\d\d:\d\d)\s+")
 _RAM = re.compile(r"\bRAM (\d+)/(\d+)MB")
 _SWAP = re.compile(r"\bSWAP (\d+)/(\d+)MB")

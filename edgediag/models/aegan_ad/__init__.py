@@ -1,18 +1,18 @@
 """AEGAN-AD: an autoencoder generator and a WGAN-GP discriminator, every detection score."""
 
 from edgediag.models.aegan_ad.model import (  # noqa: F401 - importing registers the family
+    AEGANAD,
     AEGANConfig,
+    AEGANExport,
     ConvPyramid,
-    Generator,
     Discriminator,
+    Generator,
+    choose_score,
     gradient_penalty,
-    pairwise_distances,
     lof_fit,
     lof_score,
-    window_starts,
-    AEGANAD,
-    AEGANExport,
+    pairwise_distances,
     score_rows,
-    choose_score,
     training_range,
+    window_starts,
 )

@@ -60,11 +60,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgediag.errors import UserError
 from edgediag.engine.dcase import ITEM_FIELDS, anomaly_report, report_groups
 from edgediag.engine.metrics import auc_pauc
-from edgediag.models import register_model
 from edgediag.engine.model import DiagnosisModel
+from edgediag.errors import UserError
+from edgediag.models import register_model
 from edgediag.nn.features import LogMel
 from edgediag.ops import is_tracing
 

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgediag.errors import UserError
 from edgediag.config import replace
 from edgediag.engine.metrics import auc_pauc, classification_report, decision_report, save_confusion_png, save_roc_png
-from edgediag.models import register_model
 from edgediag.engine.model import DiagnosisModel
+from edgediag.errors import UserError
+from edgediag.models import register_model
 
 
 @dataclasses.dataclass

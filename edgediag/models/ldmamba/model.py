@@ -45,12 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgediag.errors import UserError
 from edgediag.compress.depth import present, remove_blocks
 from edgediag.compress.dynamic import ScreeningGate, ScreeningGroup, channel_costs, screening_sparsity
 from edgediag.engine.metrics import auc_pauc, classification_report, decision_report, save_confusion_png, save_roc_png
-from edgediag.models import register_model
 from edgediag.engine.model import DiagnosisModel
+from edgediag.errors import UserError
+from edgediag.models import register_model
 
 
 # --- configs ------------------------------------------------------------------------------

@@ -67,8 +67,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgediag.errors import UserError
 from edgediag.compress.depth import present, remove_blocks
+from edgediag.errors import UserError
 from edgediag.models import register_model
 from edgediag.models.image_cnn.model import ImageClassifier, ImageClassifierConfig
 from edgediag.nn.mamba import SS2D

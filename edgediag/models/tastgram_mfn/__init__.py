@@ -1,17 +1,17 @@
 """TASTgram-MFN with ArcFace / ArcMix / Noisy-ArcMix (Choi & Choi, ICASSP 2024)."""
 
 from edgediag.models.tastgram_mfn.model import (  # noqa: F401 - importing registers the family
-    TASTgramConfig,
-    PReLU,
-    ConvBlock,
-    Bottleneck,
-    MobileFaceNet,
-    TgramNet,
-    temporal_attention,
     ArcMarginProduct,
+    Bottleneck,
+    ConvBlock,
+    MobileFaceNet,
+    PReLU,
+    TASTgramConfig,
+    TASTgramExport,
+    TASTgramMFN,
+    TgramNet,
+    change_rate,
     mixup_loss,
     random_roll,
-    change_rate,
-    TASTgramMFN,
-    TASTgramExport,
+    temporal_attention,
 )

@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgediag.errors import UserError
-from edgediag.engine.dcase import ITEM_FIELDS, anomaly_report, report_groups
 from edgediag.compress.depth import remove_blocks
-from edgediag.models import register_model
+from edgediag.engine.dcase import ITEM_FIELDS, anomaly_report, report_groups
 from edgediag.engine.model import DiagnosisModel
+from edgediag.errors import UserError
+from edgediag.models import register_model
 from edgediag.nn.features import LogMel
 from edgediag.ops import is_tracing
 
