@@ -12,16 +12,14 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
 
 from edgediag import cli
 from edgediag.config import from_dict, load_tree, to_dict
 from edgediag.data import DataConfig, build_data
 from edgediag.engine.checkpoint import make_checkpoint, save_checkpoint
-from edgediag.engine.metrics import calibrate_threshold
-from edgediag.engine.trainer import DeviceLoader, TrainConfig, Trainer, distributed_env
+from edgediag.engine.fit import evaluate_test, refit, scalars
+from edgediag.engine.trainer import TrainConfig, Trainer, distributed_env
 from edgediag.models import build_config, get_model_class
 from edgediag.utils import seed_everything, write_json
 
@@ -66,52 +64,14 @@ def resolve_configs(args):
     return name, cls, model_cfg, train_cfg, data_cfg
 
 
-def normal_subset(dataset):
-    """Indices of the items known to be normal (anomaly == 0)."""
-    keep = [i for i in range(len(dataset)) if int(dataset[i].get("anomaly", 0)) == 0]
-    return Subset(dataset, keep)
-
-
-@torch.no_grad()
-def scores_of(model, dataset, device, batch_size=32) -> np.ndarray:
-    model.eval()
-    out = []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        out.append(model.score(batch["x"].to(device)).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0)
-
-
 def finalize(model, bundle, train_cfg: TrainConfig, device, out_dir: Path, checkpoint_data: dict) -> dict:
-    """Best weights -> fit normal statistics -> calibrate the threshold -> model.pt."""
-    loader = DataLoader(bundle.train, batch_size=train_cfg.batch_size, shuffle=False)
-    model.eval()
-    model.fit_normal(DeviceLoader(loader, device))
-    calib = bundle.val if bundle.val is not None and len(bundle.val) else bundle.train
-    chosen = {}
-    if calib is bundle.val:
-        val_loader = DataLoader(bundle.val, batch_size=train_cfg.batch_size, shuffle=False)
-        chosen = model.calibrate(DeviceLoader(val_loader, device))
-        if chosen:
-            log.info("calibrated on the validation set: %s", chosen)
-    normal = normal_subset(calib)
-    scores = scores_of(model, normal, device, train_cfg.batch_size)
-    if len(scores):
-        model.threshold.fill_(calibrate_threshold(scores, train_cfg.threshold_method, train_cfg.threshold_quantile))
-    metrics = {}
-    if bundle.test is not None and len(bundle.test):
-        test_loader = DeviceLoader(DataLoader(bundle.test, batch_size=train_cfg.batch_size, shuffle=False), device)
-        metrics = model.evaluate(test_loader, out_dir=out_dir / "eval")
+    """Best weights -> fit normal statistics -> calibrate the threshold -> evaluate -> model.pt."""
+    fitted = refit(model, bundle, train_cfg, device)
+    metrics = evaluate_test(model, bundle, train_cfg.batch_size, device, out_dir=out_dir / "eval")
     payload = make_checkpoint(model, data=checkpoint_data,
-                              meta={"train_config": to_dict(train_cfg), "test_metrics": _scalars(metrics),
-                                    "calibration": chosen,
-                                    "threshold_from": f"{len(scores)} normal items of the "
-                                                      f"{'validation' if calib is bundle.val else 'training'} set"})
+                              meta={"train_config": to_dict(train_cfg), "test_metrics": scalars(metrics), **fitted})
     save_checkpoint(out_dir / "model.pt", payload)
     return metrics
-
-
-def _scalars(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
 
 
 def main(argv=None) -> int:
@@ -153,7 +113,7 @@ def main(argv=None) -> int:
                                         "history": trainer.history, "test_metrics": metrics,
                                         "threshold": float(model.threshold)})
     if metrics:
-        from edgediag.evaluate import format_metrics
+        from edgediag.engine.metrics import format_metrics
         print(format_metrics(metrics))
     print(f"checkpoint: {out_dir / 'model.pt'}")
     return 0

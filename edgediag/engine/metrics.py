@@ -101,3 +101,23 @@ def save_confusion_png(path: str | Path, confusion, classes: Sequence[str], titl
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def format_metrics(metrics: dict) -> str:
+    """Scalars as ``name  value`` lines, then the per-group rows as a table."""
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    width = max((len(k) for k in scalars), default=0)
+    lines = [f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in scalars.items()]
+    rows = metrics.get("table") or []
+    if rows:
+        cols = list(dict.fromkeys(c for r in rows for c in r))
+        cells = [[_cell(r.get(c, "")) for c in cols] for r in rows]
+        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+        lines += ["", "  ".join(c.ljust(w) for c, w in zip(cols, widths)),
+                  "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
