@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgediag import cli, runtime  # noqa: E402
+from edgediag import monitor as monitor_verb  # noqa: E402
 from edgediag.data.sequences import read_mat_signal  # noqa: E402
 from edgediag.data.synth_audio import machine_clip  # noqa: E402
 from edgediag.runtime import monitor  # noqa: E402
@@ -51,7 +52,7 @@ def run_verb(args: list[str], stdin_text: str | None = None) -> list[dict]:
         try:
             if stdin_text is not None:
                 sys.stdin = io.StringIO(stdin_text)
-            rc = cli.run(monitor.main, [*map(str, args), "--out", str(out)])
+            rc = cli.run(monitor_verb.main, [*map(str, args), "--out", str(out)])
         finally:
             sys.stdin = old
         if rc != 0:

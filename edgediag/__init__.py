@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 VERBS = {
     "train": "train a model on a data folder (one engine for every model)",
     "evaluate": "score a checkpoint on a data folder, print metrics, write JSON and plots",
+    "predict": "score every item of a folder with any artifact (.pt/.onnx/.engine), write a CSV",
     "prune": "structured (torch-pruning) and dynamic pruning, then fine-tuning",
     "export": "export to ONNX / TensorRT with parity checks",
     "bench": "params, FLOPs, latency and memory against accuracy, as a report",

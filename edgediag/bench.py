@@ -1,7 +1,56 @@
-"""`python -m edgediag.bench`: params, FLOPs, latency and memory against accuracy, as a report."""
+"""`python -m edgediag.bench`: params, FLOPs, latency and memory against accuracy, as a report.
+
+    python -m edgediag.bench --model runs/a/best.pt export/a/model.onnx --data DIR --out bench/ \\
+        [--backends eager,onnxruntime,tensorrt] [--threads N] [--batch 1,8] [--warmup W --iters I]
+        [--rounds R]   # interleave the timed runs of all artifacts in R rounds (shared machines)
+
+The measuring is :mod:`edgediag.measure.bench`; it writes report.json, report.md, pareto.png
+and plots/ into --out.
+"""
+
+from __future__ import annotations
+
+import os
 
 from edgediag import cli
-from edgediag.measure.bench import main, parser  # noqa: F401
+from edgediag.measure.bench import run
+
+
+def parser():
+    p = cli.make_parser("bench", "Params, FLOPs, latency and memory against accuracy, as a report.")
+    p.add_argument("--model", nargs="+", required=True, metavar="ARTIFACT",
+                   help="checkpoints (.pt), ONNX graphs (.onnx) and TensorRT engines (.engine/.plan)")
+    p.add_argument("--data", help="data folder to measure accuracy on (default: a checkpoint's own data folder)")
+    p.add_argument("--out", required=True, help="folder for report.json, report.md, pareto.png, plots/")
+    p.add_argument("--backends", default="eager,onnxruntime,tensorrt",
+                   help="comma-separated subset of eager,onnxruntime,tensorrt (default: all)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="CPU threads for torch and ONNX Runtime (intra-op), pinned for every figure")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8 (default 1)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs before timing (default 5)")
+    p.add_argument("--iters", type=int, default=50, help="timed runs per figure (default 50)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="split the timed runs into R rounds that go through every artifact in turn, so "
+                        "the machine's drift hits every row alike (RSS is then the peak over all rows; "
+                        "default 1: each artifact timed in one block, as power logs need)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall: elapsed time (default); cpu: the timing thread's CPU time, which leaves out "
+                        "time the thread was preempted or its virtual CPU stolen (a shared or virtual "
+                        "machine); needs --threads 1, where it equals the compute latency")
+    p.add_argument("--split", default="test", choices=["test", "val", "train"], help="split for accuracy")
+    p.add_argument("--max-items", type=int, default=0, help="score at most this many items (0 = all)")
+    p.add_argument("--device", default="cpu", help="eager device: cpu or cuda (default cpu)")
+    p.add_argument("--tegrastats", metavar="LOG",
+                   help="a tegrastats log written during this run (tegrastats --interval 100 --logfile LOG): "
+                        "each timed row gets the power summary of its time span, energy per item")
+    p.add_argument("--tegrastats-interval-ms", type=float, help="the --interval of that log (default: from its timestamps)")
+    return p
+
+
+
+def main(argv=None) -> int:
+    return run(parser().parse_args(argv))
+
 
 if __name__ == "__main__":
     cli.entry(main)

@@ -1,4 +1,4 @@
-"""Shared command-line plumbing: one-line errors, --config/--set, --debug.
+"""Shared command-line plumbing of every verb: one-line errors, --config/--set, --debug, --version.
 
 Every verb's ``main`` is wrapped by :func:`run`, so bad input ends with one line on
 stderr and exit code 2 (a traceback only with ``--debug``).
@@ -19,8 +19,11 @@ EXIT_INTERNAL = 1
 
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    from edgediag import __version__
+
     parser = argparse.ArgumentParser(prog=f"python -m edgediag.{prog}", description=description)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--version", action="version", version=f"edgediag {__version__}")
     return parser
 
 

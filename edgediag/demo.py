@@ -13,12 +13,13 @@ report (``bench/report.md``, ``report.json``, ``pareto.png``), runs, graphs and 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
 
 from edgediag import cli
+from edgediag.data.synthetic import generate_once
+from edgediag.measure import report as report_lib
 from edgediag.utils import write_json
 
 log = logging.getLogger("edgediag.demo")
@@ -27,18 +28,10 @@ log = logging.getLogger("edgediag.demo")
 @dataclasses.dataclass
 class DemoRun:
     model: str  # registered name (a small variant)
-    dataset: str  # key of DATASETS
+    dataset: str  # a synthetic set of edgediag.data.synthetic
     train: list[str]  # --set overrides for a CPU-minutes run
     prune: list[str]  # prune verb arguments (method, ratio, fine-tuning)
 
-
-DATASETS = {
-    # name: (generator, its arguments, sub-folder holding the data it writes)
-    "machine_sound": ("edgediag.data.synth_audio:generate_machine_sounds",
-                      {"n_train": 48, "n_test": 32, "seconds": 4.5, "machine": "fan", "target_fraction": 0.5}, "fan"),
-    "defects": ("edgediag.data.synth_images:generate_defect_images", {"n_per_class": 40, "size": 128}, ""),
-    "furnace": ("edgediag.data.synth_sequences:generate", {"kind": "furnace", "n_train": 32, "n_test": 12}, ""),
-}
 
 _PRUNE = ["--method", "structured", "--ratio", "0.5", "--round-to", "8", "--steps", "6"]
 RUNS = [
@@ -71,27 +64,6 @@ def parser():
     return p
 
 
-def _generate(name: str, root: Path, seed: int) -> Path:
-    """Generate a synthetic set once (reused by later runs); returns the folder to train on."""
-    import importlib
-    import inspect
-    import shutil
-
-    target, kwargs, subdir = DATASETS[name]
-    module, fn = target.split(":")
-    out = root / name
-    recipe = json.dumps({"generator": target, "seed": seed, **kwargs}, sort_keys=True) + "\n"
-    stamp = out / ".complete"
-    if not stamp.exists() or stamp.read_text() != recipe:  # new, or made with other settings
-        shutil.rmtree(out, ignore_errors=True)
-        log.info("generating synthetic %s data in %s", name, out)
-        generator = getattr(importlib.import_module(module), fn)
-        out_param = "out_dir" if "out_dir" in inspect.signature(generator).parameters else "out"
-        generator(**{out_param: out}, seed=seed, **kwargs)
-        stamp.write_text(recipe)
-    return out / subdir
-
-
 def _verb(verb: str, args: list[str]) -> None:
     import importlib
     import shlex
@@ -118,7 +90,7 @@ def main(argv=None) -> int:
     seconds: dict[str, dict[str, float]] = {}
     artifacts: list[Path] = []
     for run in runs:
-        data = _generate(run.dataset, out / "data", args.seed)
+        data = generate_once(run.dataset, out / "data", args.seed)
         run_dir, pruned_dir = out / "runs" / run.model, out / "runs" / f"{run.model}-pruned"
         took = seconds.setdefault(run.model, {})
         if "train" in stages:
@@ -149,45 +121,17 @@ def main(argv=None) -> int:
                         "--threads", args.threads, "--warmup", "3", "--iters", "20", "--rounds", "4"])
         seconds["bench"] = {"bench": time.perf_counter() - started}
     total = time.perf_counter() - t0
-    summary = {"runs": _headline(report / "report.json") if (report / "report.json").exists() else [],
+    summary = {"runs": report_lib.headline_rows(report / "report.json") if (report / "report.json").exists() else [],
                "seconds": seconds, "total_seconds": round(total, 1), "stages": stages}
     write_json(out / "summary.json", summary)
     print()
     if summary["runs"]:
-        print(_table(summary["runs"]))
+        print(report_lib.headline_table(summary["runs"]))
     print(f"\ndemo finished in {total:.0f} s")
     if (report / "report.md").exists():
         print(f"report: {report / 'report.md'} (all figures: {report / 'report.json'}); plot: {report / 'pareto.png'}")
     print(f"summary: {out / 'summary.json'}; checkpoints: {out / 'runs'}/; graphs: {out / 'onnx'}/")
     return 0
-
-
-def _headline(report_json: Path) -> list[dict]:
-    """One line per model x variant x backend from the bench report (batch 1)."""
-    rows = json.loads(report_json.read_text())["rows"]
-    keep = []
-    for r in rows:
-        if r.get("status") != "ok" or r.get("batch") != 1:
-            continue
-        keep.append({"model": r["model"], "variant": r["variant"], "backend": r["backend"],
-                     "params": r.get("params_total"), "mflops": None if r.get("flops_per_item") is None
-                     else r["flops_per_item"] / 1e6, "p50_ms": r["latency_ms"]["p50"],
-                     "metric": r.get("metric_name"), "value": r.get("metric"), "auc": r.get("auc")})
-    return keep
-
-
-def _table(rows: list[dict]) -> str:
-    head = (f"{'model':<18} {'variant':<8} {'backend':<11} {'params':>10} {'MFLOPs':>8} {'p50 ms':>8} "
-            f"{'metric':>8} {'value':>6} {'AUC':>6}")
-    lines = [head, "-" * len(head)]
-
-    def fmt(v, spec):
-        return format(v, spec) if isinstance(v, (int, float)) else "n/a"
-    for r in rows:
-        lines.append(f"{r['model']:<18} {r['variant']:<8} {r['backend']:<11} {fmt(r['params'], ',d'):>10} "
-                     f"{fmt(r['mflops'], '.1f'):>8} {fmt(r['p50_ms'], '.2f'):>8} {str(r['metric']):>8} "
-                     f"{fmt(r['value'], '.3f'):>6} {fmt(r['auc'], '.3f'):>6}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

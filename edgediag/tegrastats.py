@@ -1,7 +1,31 @@
-"""`python -m edgediag.tegrastats`: summarise a Jetson tegrastats log: power, energy per inference."""
+"""`python -m edgediag.tegrastats`: summarise a Jetson tegrastats log: input power, energy
+(per inference), loads. Parsing and summary: :mod:`edgediag.runtime.tegrastats`."""
+
+from __future__ import annotations
+
+import json
+import sys
 
 from edgediag import cli
-from edgediag.runtime.tegrastats import main  # noqa: F401
+from edgediag.runtime.tegrastats import read_log, summarize
+
+
+def parser():
+    p = cli.make_parser("tegrastats", "Summarise a tegrastats log: input power, energy (per inference), loads.")
+    p.add_argument("log", help="tegrastats output (tegrastats --logfile FILE, or its stdout saved)")
+    p.add_argument("--interval-ms", type=float, help="tegrastats --interval used (default: from timestamps, else 1000)")
+    p.add_argument("--inferences", type=int, help="inferences run during the log: energy per inference")
+    p.add_argument("--idle-mw", type=float, help="idle input power of the board, for energy above idle")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    summary = summarize(read_log(args.log), args.interval_ms, args.inferences, args.idle_mw)
+    json.dump(summary, sys.stdout, indent=2)
+    print()
+    return 0
+
 
 if __name__ == "__main__":
     cli.entry(main)

@@ -17,8 +17,7 @@ import torch
 from edgediag import cli
 from edgediag.config import from_dict, load_tree, to_dict
 from edgediag.data import DataConfig, build_data
-from edgediag.engine.checkpoint import make_checkpoint, save_checkpoint
-from edgediag.engine.fit import evaluate_test, refit, scalars
+from edgediag.engine.fit import finalize
 from edgediag.engine.trainer import TrainConfig, Trainer, distributed_env
 from edgediag.models import build_config, get_model_class
 from edgediag.utils import seed_everything, write_json
@@ -62,16 +61,6 @@ def resolve_configs(args):
         data_values["root"] = args.data
     data_cfg = from_dict(DataConfig, data_values, "data.")
     return name, cls, model_cfg, train_cfg, data_cfg
-
-
-def finalize(model, bundle, train_cfg: TrainConfig, device, out_dir: Path, checkpoint_data: dict) -> dict:
-    """Best weights -> fit normal statistics -> calibrate the threshold -> evaluate -> model.pt."""
-    fitted = refit(model, bundle, train_cfg, device)
-    metrics = evaluate_test(model, bundle, train_cfg.batch_size, device, out_dir=out_dir / "eval")
-    payload = make_checkpoint(model, data=checkpoint_data,
-                              meta={"train_config": to_dict(train_cfg), "test_metrics": scalars(metrics), **fitted})
-    save_checkpoint(out_dir / "model.pt", payload)
-    return metrics
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,5 @@
-"""Small helpers shared by every stage: atomic files, JSON, seeds, devices."""
+"""Small helpers shared by every stage: atomic files, JSON, seeds, devices. Torch is imported
+only inside the functions that need it, so the board-side runtime can use this module."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 
 log = logging.getLogger("edgediag")
 
@@ -52,7 +52,7 @@ def write_json(path: str | Path, data) -> None:
 def _json_default(obj):
     if isinstance(obj, (np.floating, np.integer)):
         return obj.item()
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
+    if isinstance(obj, np.ndarray) or type(obj).__name__ == "Tensor":  # torch.Tensor, without importing torch
         return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
@@ -60,13 +60,17 @@ def _json_default(obj):
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def select_device(name: str = "auto") -> torch.device:
+def select_device(name: str = "auto"):
     """'auto' -> cuda if present else cpu; an unavailable 'cuda' falls back with a message."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -17,11 +17,8 @@ from edgediag.engine.checkpoint import load_model, make_checkpoint, save_checkpo
 from edgediag.engine.trainer import TrainConfig, Trainer
 from edgediag.errors import UserError
 from edgediag.models import create_model
-from edgediag.models.aegan_ad.model import (
+from edgediag.models.aegan_ad import (
     AEGANAD,
-    D_SCORES,
-    G_SCORES,
-    SCORE_NAMES,
     AEGANConfig,
     choose_score,
     gradient_penalty,
@@ -29,6 +26,7 @@ from edgediag.models.aegan_ad.model import (
     lof_score,
     window_starts,
 )
+from edgediag.models.aegan_ad.scores import D_SCORES, G_SCORES, SCORE_NAMES
 
 from .conftest import run_cli
 

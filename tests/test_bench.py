@@ -6,12 +6,11 @@ import math
 import pytest
 import torch
 
-from edgediag import cli
-from edgediag.deploy import onnx as export
-from edgediag.measure import bench
-from edgediag.measure.cost import count_flops, count_parameters, scan_flops
+from edgediag import bench, cli, export
+from edgediag.measure.cost import count_flops, count_parameters
 from edgediag.models import create_model
 from edgediag.nn.mamba import MambaMixer
+from edgediag.ops.flops import scan_flops
 from tests.conftest import run_cli
 from tests.toy import write_toy_data
 

@@ -7,6 +7,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
+from edgediag.data import dcase_names
 from edgediag.engine import dcase
 
 
@@ -23,7 +24,7 @@ from edgediag.engine import dcase
     ("section_00_test_0012.wav", {"section": "section_00", "anomaly": -1, "split": "test"}),
 ])
 def test_parse_name(name, expect):
-    meta = dcase.parse_name(name)
+    meta = dcase_names.parse_name(name)
     assert meta is not None
     for key, value in expect.items():
         assert meta[key] == value, key
@@ -31,7 +32,7 @@ def test_parse_name(name, expect):
 
 @pytest.mark.parametrize("name", ["ON_20200318T204454_6.wav", "normal_00000012.wav", "section_x_source.wav"])
 def test_parse_name_rejects_other_names(name):
-    assert dcase.parse_name(name) is None
+    assert dcase_names.parse_name(name) is None
 
 
 def _fake_section(rng, shift_target=0.0):

@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 
-from edgediag import cli
-from edgediag.compress import pipeline as prune_verb
-from edgediag.compress.depth import RemovedBlock, block_importance, prune_depth
+from edgediag import cli, export
+from edgediag import prune as prune_verb
+from edgediag.compress.depth import block_importance, prune_depth
 from edgediag.config import to_dict
-from edgediag.deploy import onnx as export
 from edgediag.engine.checkpoint import load_model, make_checkpoint, save_checkpoint
 from edgediag.models import create_model
+from edgediag.nn.depth import RemovedBlock
 from tests.toy import trained_image_checkpoint
 
 ATOL = 1e-5  # float32, outputs of order 1
@@ -105,13 +105,15 @@ def test_a_block_whose_branch_is_zero_goes_first_and_exactly():
 def test_channel_pruning_after_depth_pruning_rebuilds():
     """Both kinds in one config: removed blocks and pruned widths of the remaining layers."""
     from edgediag.compress import structured as sp
+    from edgediag.compress.budget import Budget, model_params
+    from edgediag.nn.pruning import record_widths
 
     model = _model("memorymamba")
     x = model.example_input(2)
     prune_depth(model, 1, x)
-    sp.prune_structured(model, budget=sp.Budget("params", 0.7 * sp.model_params(model)), steps=6)
+    sp.prune_structured(model, budget=Budget("params", 0.7 * model_params(model)), steps=6)
     reference = create_model("memorymamba", {**to_dict(model.config), "pruned_widths": {}})
-    config = {**to_dict(model.config), "pruned_widths": sp.record_widths(model, reference)}
+    config = {**to_dict(model.config), "pruned_widths": record_widths(model, reference)}
     rebuilt = create_model("memorymamba", config).eval()
     rebuilt.load_state_dict(model.state_dict())
     torch.testing.assert_close(rebuilt(x), model(x), atol=ATOL, rtol=1e-5)

@@ -11,23 +11,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgediag.compress.dynamic import (
-    DynamicPruner,
-    PruneConfig,
-    ScreeningGate,
-    ScreeningGroup,
-    count_flops,
-    count_params,
-    is_prunable,
-    measure_latency,
-    prune_model,
-    pruned_config,
-    screening_sparsity,
-    slice_channels,
-)
+from edgediag.compress.budget import model_flops as count_flops
+from edgediag.compress.budget import model_params as count_params
+from edgediag.compress.dynamic import DynamicPruner, PruneConfig, prune_model, pruned_config
 from edgediag.config import to_dict
 from edgediag.engine.model import DiagnosisModel
 from edgediag.errors import UserError
+from edgediag.measure.timing import median_latency_ms as measure_latency
+from edgediag.nn.gates import ScreeningGate, ScreeningGroup, is_prunable, screening_sparsity
+from edgediag.nn.pruning import slice_channels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -303,7 +295,7 @@ def test_engine_trains_through_pruning_to_the_budget(tmp_path):
 
 # --- gates on any model (GroupGates: structured_pruning's channel groups) ---
 def test_group_gates_make_any_model_prunable_and_come_off_again():
-    from edgediag.compress.dynamic import GroupGates
+    from edgediag.compress.group_gates import GroupGates
     from edgediag.models import create_model
 
     torch.manual_seed(0)

@@ -14,9 +14,11 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from edgediag import cli
-from edgediag.deploy import onnx as export
+from edgediag import cli, export
+from edgediag.deploy import pipeline
 from edgediag.deploy import presets as trt_compat
+from edgediag.deploy.board import trt_here
+from edgediag.deploy.metadata import read_metadata
 from edgediag.engine.checkpoint import make_checkpoint, save_checkpoint
 from edgediag.engine.model import ScoreModule
 from edgediag.models import DiagnosisModel, create_model, register_model
@@ -29,7 +31,7 @@ FAST = ["--latency-runs", "2", "--parity-items", "4", "--threads", "1"]
 
 
 def trt_and_gpu() -> bool:
-    return export.trt_here()[0]
+    return trt_here()[0]
 
 
 def save_with_threshold(model, path: Path, data: dict | None = None) -> Path:
@@ -63,9 +65,9 @@ def toy_ckpt(tmp_path_factory) -> Path:
 # --- ONNX export of the toy model: artifacts, metadata, parity --------------------------------------------------
 def test_onnx_export_metadata_and_parity(toy_ckpt, tmp_path, capsys):
     out = tmp_path / "onnx"
-    assert run_export("--checkpoint", toy_ckpt, "--out", out, *FAST) == export.EXIT_OK
+    assert run_export("--checkpoint", toy_ckpt, "--out", out, *FAST) == pipeline.EXIT_OK
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx"]
-    meta = export.read_metadata(out / "model.onnx")
+    meta = read_metadata(out / "model.onnx")
     assert METADATA_KEYS <= set(meta)
     ckpt = torch.load(toy_ckpt, weights_only=True)
     assert meta["model_name"] == "toy_mlp" and meta["data_kind"] == "toy"
@@ -138,7 +140,7 @@ class DriftModel(DiagnosisModel):
 def test_parity_failure_leaves_no_artifact(tmp_path, capsys):
     ckpt = save_with_threshold(DriftModel(DriftConfig()), tmp_path / "drift.pt")
     out = tmp_path / "out"
-    assert run_export("--checkpoint", ckpt, "--out", out, *FAST) == export.EXIT_PARITY
+    assert run_export("--checkpoint", ckpt, "--out", out, *FAST) == pipeline.EXIT_PARITY
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["drift.pt"]  # no staging folder left behind
     err = capsys.readouterr().err.strip().splitlines()
@@ -146,7 +148,7 @@ def test_parity_failure_leaves_no_artifact(tmp_path, capsys):
     # an earlier export in --out survives a failed one untouched
     out.mkdir()
     (out / "export.json").write_text("{}")
-    assert run_export("--checkpoint", ckpt, "--out", out, *FAST) == export.EXIT_PARITY
+    assert run_export("--checkpoint", ckpt, "--out", out, *FAST) == pipeline.EXIT_PARITY
     assert [p.name for p in out.iterdir()] == ["export.json"]
 
 
@@ -171,7 +173,7 @@ def test_target_trt_without_tensorrt_writes_build_script(toy_ckpt, tmp_path):
     out = tmp_path / "nano"
     res = run_cli("tests.toy", "export", "--checkpoint", toy_ckpt, "--target", "trt", "--preset",
                   "export/presets/orin-nano.yaml", "--out", out, *FAST)
-    assert res.returncode == export.EXIT_BUILD_ON_BOARD, res.stderr
+    assert res.returncode == pipeline.EXIT_BUILD_ON_BOARD, res.stderr
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "build_engine.sh", "export.json", "model.onnx"]
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("tensorrt:")]
     assert len(lines) == 1 and "build_engine.sh" in lines[0] and "exit code 3" in lines[0]
@@ -188,7 +190,7 @@ def test_target_trt_without_tensorrt_writes_build_script(toy_ckpt, tmp_path):
 def test_int8_without_tensorrt_ships_calibration(toy_ckpt, tmp_path):
     out = tmp_path / "nx"
     assert run_export("--checkpoint", toy_ckpt, "--target", "trt", "--preset", "orin-nx", "--precision", "int8",
-                      "--dla", "--calib-items", "12", "--out", out, *FAST) == export.EXIT_BUILD_ON_BOARD
+                      "--dla", "--calib-items", "12", "--out", out, *FAST) == pipeline.EXIT_BUILD_ON_BOARD
     script = (out / "build_engine.sh").read_text()
     assert "python3 calibrate_int8.py --onnx model.onnx --calib calib_data.npy --cache calib.cache" in script
     for flag in ("--int8", "--calib=calib.cache", "--useDLACore=0", "--allowGPUFallback", "workspace:2048"):
@@ -216,16 +218,16 @@ def test_tensorrt_engine_built_and_checked(toy_ckpt, tmp_path, precision):
 # --- presets ------------------------------------------------------------------------------------------------------
 def test_presets_load():
     boards = {}
-    for path in sorted(export.PRESET_DIR.glob("*.yaml")):
-        preset, _ = export.load_preset(str(path))
+    for path in sorted(trt_compat.PRESET_DIR.glob("*.yaml")):
+        preset, _ = trt_compat.load_preset(str(path))
         boards[preset.board] = preset
-        assert preset.default_precision in export.PRECISIONS and preset.workspace_mb > 0 and preset.batch >= 1
+        assert preset.default_precision in trt_compat.PRECISIONS and preset.workspace_mb > 0 and preset.batch >= 1
         assert preset.cuda_arch.startswith("sm_") and preset.memory_gb > 0 and preset.jetpack
     assert set(boards) == {"orin-nano", "orin-nx", "agx-orin", "xavier-nx"}
     assert trt_compat.table_version(boards["xavier-nx"].tensorrt) == (8, 5)  # JetPack 5.1
     assert trt_compat.table_version(boards["orin-nano"].tensorrt) == (10, 3)  # JetPack 6.1
     assert boards["orin-nano"].dla_cores == 0 and boards["agx-orin"].dla_cores == 2
-    assert export.load_preset("orin-nx")[0] == boards["orin-nx"]  # bare board names work too
+    assert trt_compat.load_preset("orin-nx")[0] == boards["orin-nx"]  # bare board names work too
 
 
 @pytest.mark.parametrize("extra,message", [({"workspace": 512}, "unknown config key preset.workspace"),
@@ -236,7 +238,7 @@ def test_bad_preset_is_a_user_error(tmp_path, extra, message):
     path = tmp_path / "p.yaml"
     path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
     with pytest.raises(cli.UserError, match=message):
-        export.load_preset(str(path))
+        trt_compat.load_preset(str(path))
 
 
 # --- TensorRT parser compatibility tables ---------------------------------------------------------------------
@@ -312,7 +314,7 @@ def test_every_family_exports_with_parity(family, tmp_path):
                                data={"kind": model.data_kind, "classes": ["ok", "bad"], "normal_classes": ["ok"]})
     out = tmp_path / "out"
     assert run_export("--checkpoint", ckpt, "--out", out, "--tolerance", TOLERANCE.get(family, "1e-4"), *FAST) == 0
-    meta = export.read_metadata(out / "model.onnx")
+    meta = read_metadata(out / "model.onnx")
     assert METADATA_KEYS <= set(meta) and meta["model_name"] == family
     if model.data_kind in ("image", "sequence"):  # input statistics the graph applies
         assert json.loads(meta["normalisation"])
@@ -435,7 +437,7 @@ def test_streaming_export_matches_the_full_sequence(tmp_path):
     parity = report["parity"]
     assert parity["passed"] and parity["steps"] == 40
     assert parity["reference"].startswith("PyTorch full-sequence forward")
-    meta = export.read_metadata(out / "model.onnx")
+    meta = read_metadata(out / "model.onnx")
     stream = json.loads(meta["streaming"])
     assert stream["state_inputs"] == ["conv_state", "ssm_state"]
     assert stream["state_outputs"] == ["conv_state_out", "ssm_state_out"]

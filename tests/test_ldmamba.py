@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from edgediag.compress.dynamic import DynamicPruner, PruneConfig, count_flops, count_params, prune_model
+from edgediag.compress.budget import model_flops as count_flops
+from edgediag.compress.budget import model_params as count_params
+from edgediag.compress.dynamic import DynamicPruner, PruneConfig, prune_model
 from edgediag.config import to_dict
 from edgediag.data import DataConfig, build_data
 from edgediag.data.synth_sequences import generate
@@ -280,8 +282,8 @@ def test_only_the_causal_form_streams():
 
 
 def test_streaming_export_passes_parity_against_the_full_sequence(tmp_path):
-    from edgediag import cli
-    from edgediag.deploy import onnx as export
+    from edgediag import cli, export
+    from edgediag.deploy.metadata import read_metadata
 
     m = _causal_model(2)
     m.threshold.fill_(0.5)
@@ -297,6 +299,6 @@ def test_streaming_export_passes_parity_against_the_full_sequence(tmp_path):
     parity = report["parity"]
     assert parity["passed"] and "full_sequence" in parity["reference"] and parity["steps"] == 24
     assert parity["final_state_max_abs_error"] < 1e-4
-    meta = export.read_metadata(out / "model.onnx")
+    meta = read_metadata(out / "model.onnx")
     stream = json.loads(meta["streaming"])
     assert stream["step_input"] == "x_t" and "block0_ssm" in stream["state_inputs"]

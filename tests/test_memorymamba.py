@@ -283,6 +283,9 @@ def test_image_cnn_learns_synthetic_defects(synth_root):
             opt.zero_grad()
             model.training_step(batch)["loss"].backward()
             opt.step()
+    # Precise BatchNorm statistics, as the models' own fit does: after 36 steps the running
+    # averages trail the weights (eval accuracy 0.50-0.83 by seed without this, 0.75-0.83 with it).
+    model.recalibrate_batchnorm(DataLoader(bundle.train, batch_size=8), forward=model)
     train_acc = model.evaluate(DataLoader(bundle.train, batch_size=16))["acc"]
     assert train_acc > 0.5  # chance: 1/6
 

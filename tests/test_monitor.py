@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 
 from edgediag import cli, runtime
+from edgediag import monitor as monitor_verb
 from edgediag.runtime import monitor
 from tests.test_runtime import SR, build_band_artifacts, build_ema_artifacts, clips
 
@@ -29,7 +30,7 @@ def ema_artifacts(tmp_path_factory) -> dict[str, Path]:
 
 
 def run_monitor(*args) -> int:
-    return cli.run(monitor.main, [str(a) for a in args])
+    return cli.run(monitor_verb.main, [str(a) for a in args])
 
 
 def events(path: Path) -> list[dict]:

@@ -14,14 +14,18 @@ import pytest
 import torch
 from torch import nn
 
-from edgediag import cli
-from edgediag.compress import pipeline as prune_verb
+from edgediag import cli, export
+from edgediag import prune as prune_verb
 from edgediag.compress import structured as sp
+from edgediag.compress.budget import Budget, model_params
 from edgediag.config import to_dict
-from edgediag.deploy import onnx as export
 from edgediag.engine.checkpoint import load_model
 from edgediag.models import create_model
+from edgediag.models.memorymamba import pruning as mm_pruning
+from edgediag.models.tastgram_mfn import pruning as tg_pruning
+from edgediag.nn import pruning as registry
 from edgediag.nn.mamba import SS2D, BiMambaMixer, MambaMixer
+from edgediag.nn.mamba_pruning import MambaMixerPruner, SS2DPruner
 from tests.toy import trained_image_checkpoint
 
 ATOL = 1e-5  # float32, outputs of order 1
@@ -50,7 +54,7 @@ def test_mamba_mixer_inner_group_pruned_exactly(cls):
     x = torch.randn(2, 12, 16)
     with torch.no_grad():
         ref = m(x)
-    pruner = sp.customized_pruners()[cls]
+    pruner = registry.customized_pruners()[cls]
     pruner.prune_inner_channels(m, drop)
     assert m.d_inner == 20 and m.in_proj.out_features == 40 and m.conv1d.groups == 20
     assert m.A_log.shape == (20, 4)  # rows = d_inner, d_state untouched
@@ -63,7 +67,7 @@ def test_mamba_mixer_inner_group_pruned_exactly(cls):
 def test_mamba_mixer_step_runs_after_pruning():
     torch.manual_seed(0)
     m = MambaMixer(16, d_state=4, d_inner=32, scan_backend="chunked").eval()
-    sp.MambaMixerPruner().prune_inner_channels(m, list(range(0, 32, 4)))
+    MambaMixerPruner().prune_inner_channels(m, list(range(0, 32, 4)))
     conv, ssm = m.allocate_states(2)
     y, conv, ssm = m.step(torch.randn(2, 16), conv, ssm)
     assert y.shape == (2, 16) and conv.shape == (2, 24, 4) and ssm.shape == (2, 24, 4)
@@ -77,7 +81,7 @@ def test_mixer_d_model_sides_pruned_exactly():
     x = torch.randn(2, 10, 16)
     with torch.no_grad():
         ref = m(x)
-    p = sp.MambaMixerPruner()
+    p = MambaMixerPruner()
     p.prune_in_channels(m, drop_in)
     p.prune_out_channels(m, drop_out)
     keep_in = [i for i in range(16) if i not in drop_in]
@@ -99,7 +103,7 @@ def test_ss2d_packed_per_direction_parameters_pruned_exactly():
     x = torch.randn(2, 16, 5, 6)
     with torch.no_grad():
         ref = m.cross_scan_core(x)[..., keep]
-    sp.SS2DPruner().prune_inner_channels(m, drop)
+    SS2DPruner().prune_inner_channels(m, drop)
     assert m.x_proj_weight.shape[2] == 13 and m.dt_projs_weight.shape[1] == 13 and m.dt_projs_bias.shape == (4, 13)
     assert m.A_logs.shape == (4 * 13, 4) and m.Ds.shape == (4 * 13,)
     assert m.out_norm.normalized_shape == (13,) and m.conv2d.groups == 13
@@ -120,7 +124,7 @@ def test_arcface_pruned_on_embedding_dim_only():
     emb = torch.randn(3, 12)
     emb[:, drop] = 0.0  # embedding channels that are always zero
     ref = head.class_scores(head.cosine(emb))
-    p = sp.ArcFacePruner()
+    p = tg_pruning.ArcFacePruner()
     assert p.get_out_channels(head) is None  # the class count is never a pruning root
     p.prune_in_channels(head, drop)
     keep = [i for i in range(12) if i not in drop]
@@ -134,11 +138,11 @@ def test_channel_layernorm_prunes_channels_not_width():
     ln = nn.LayerNorm([6, 4, 4])
     with torch.no_grad():
         ln.weight.copy_(torch.arange(6.0).view(6, 1, 1).expand(6, 4, 4))
-    sp.ChannelLayerNormPruner().prune_out_channels(ln, [1, 3])
+    registry.ChannelLayerNormPruner().prune_out_channels(ln, [1, 3])
     assert ln.normalized_shape == (4, 4, 4) and ln.weight.shape == (4, 4, 4)
     assert ln.weight[:, 0, 0].tolist() == [0.0, 2.0, 4.0, 5.0]
     flat = nn.LayerNorm(10)
-    sp.ChannelLayerNormPruner().prune_out_channels(flat, [0])
+    registry.ChannelLayerNormPruner().prune_out_channels(flat, [0])
     assert flat.normalized_shape == (9,)
 
 
@@ -148,7 +152,7 @@ def test_tgram_and_memory_network_inner_groups_pruned_exactly():
 
     torch.manual_seed(0)
     tg = TgramNet(n_mels=16, win=64, hop=32, n_frames=17, layers=2).eval()
-    p = sp.TgramPruner()
+    p = tg_pruning.TgramPruner()
     convs = p.convs(tg)
     _zero_(convs[1].weight, 1, [0, 5])  # the extractor's channels 0 and 5 are not read
     wave = torch.randn(2, 1, 512)
@@ -160,7 +164,7 @@ def test_tgram_and_memory_network_inner_groups_pruned_exactly():
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-5)
 
     mem = MemoryNetwork(8, slots=3, key_dim=8, hidden=10, local=True).eval()
-    mp = sp.MemoryNetworkPruner()
+    mp = mm_pruning.MemoryNetworkPruner()
     _zero_(mem.query[2].weight, 1, [2, 7])
     z = torch.randn(2, 4, 4, 8)
     with torch.no_grad():
@@ -178,14 +182,14 @@ def _small_cnn():
 def test_prune_to_a_params_budget_rebuilds_from_config():
     torch.manual_seed(0)
     model = _small_cnn().eval()
-    p0 = sp.model_params(model)
-    rec = sp.prune_structured(model, budget=sp.Budget("params", 0.5 * p0), round_to=4)
-    assert rec["met"] and sp.model_params(model) <= 0.5 * p0
+    p0 = model_params(model)
+    rec = sp.prune_structured(model, budget=Budget("params", 0.5 * p0), round_to=4)
+    assert rec["met"] and model_params(model) <= 0.5 * p0
     assert model.head[-1].out_features == 3  # the classifier keeps its classes
-    sizes = sp.module_sizes(model)
+    sizes = registry.module_sizes(model)
     convs = [s[0] for n, s in sizes.items() if n.endswith("conv1") or n.endswith("conv2")]
     assert all(c % 4 == 0 for c in convs)  # round_to
-    widths = sp.record_widths(model, _small_cnn())
+    widths = registry.record_widths(model, _small_cnn())
     rebuilt = create_model("image_cnn", {**to_dict(model.config), "pruned_widths": widths})
     rebuilt.load_state_dict(model.state_dict())
     x = torch.rand(2, 1, 32, 32)
@@ -203,8 +207,8 @@ def test_importances_and_global_latency_aware(importance, backend):
     torch.manual_seed(0)
     model = _small_cnn()
     batches = [{"x": torch.rand(4, 1, 32, 32), "y": torch.tensor([0, 1, 2, 0])}]
-    p0 = sp.model_params(model)
-    rec = sp.prune_structured(model, budget=sp.Budget("params", 0.6 * p0), importance=importance,
+    p0 = model_params(model)
+    rec = sp.prune_structured(model, budget=Budget("params", 0.6 * p0), importance=importance,
                               loss_batches=batches, latency_aware=True, latency_backend=backend)
     assert rec["met"] and rec["global"]
     # per-layer times, keyed by the model's module names on both backends
@@ -219,15 +223,15 @@ def test_memorymamba_keeps_its_residual_stream_and_prunes_inside_blocks(stem):
     model = create_model("memorymamba", n_classes=3, in_chans=1, image_size=32, patch_size=4, depths=[1, 1],
                          dims=[16, 32], d_state=1, coarse_slots=2, fine_slots=2, mlp_ratio=2.0,
                          stem=stem).eval()
-    p0 = sp.model_params(model)
-    before = sp.module_sizes(model)
-    sp.prune_structured(model, budget=sp.Budget("params", 0.6 * p0), steps=6)
-    after = sp.module_sizes(model)
-    assert sp.model_params(model) <= 0.6 * p0
+    p0 = model_params(model)
+    before = registry.module_sizes(model)
+    sp.prune_structured(model, budget=Budget("params", 0.6 * p0), steps=6)
+    after = registry.module_sizes(model)
+    assert model_params(model) <= 0.6 * p0
     assert after["stages.0.0.ssm"][:2] == before["stages.0.0.ssm"][:2]  # d_model in/out kept
     assert after["stages.0.0.ssm"][2] < before["stages.0.0.ssm"][2]  # d_inner pruned
     x = model.example_input(2)
-    ref = create_model("memorymamba", {**to_dict(model.config), "pruned_widths": sp.record_widths(
+    ref = create_model("memorymamba", {**to_dict(model.config), "pruned_widths": registry.record_widths(
         model, create_model("memorymamba", {**to_dict(model.config), "pruned_widths": {}}))})
     ref.load_state_dict(model.state_dict())
     torch.testing.assert_close(ref.eval()(x), model(x), atol=ATOL, rtol=1e-5)
@@ -245,9 +249,9 @@ def test_audio_models_keep_their_outputs_and_rebuild_from_config(name, kwargs):
     x = model.example_input(1)
     with torch.no_grad():
         shapes = [o.shape for o in _outputs(model, x)]
-    p0 = sp.model_params(model)
-    assert sp.prune_structured(model, budget=sp.Budget("params", 0.5 * p0))["met"]
-    widths = sp.record_widths(model, create_model(name, **kwargs))
+    p0 = model_params(model)
+    assert sp.prune_structured(model, budget=Budget("params", 0.5 * p0))["met"]
+    widths = registry.record_widths(model, create_model(name, **kwargs))
     rebuilt = create_model(name, {**to_dict(model.config), "pruned_widths": widths}).eval()
     rebuilt.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -290,14 +294,14 @@ def test_prune_verb_writes_a_loadable_checkpoint_that_exports(cnn_run, tmp_path)
     payload = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
     assert payload["model_config"]["pruned_widths"]
     model, _ = load_model(out / "model.pt")
-    assert sp.model_params(model) == report["after_finetune"]["params"]
+    assert model_params(model) == report["after_finetune"]["params"]
     # the pruned model goes through export unchanged: ONNX parity
     exp = tmp_path / "export"
     assert cli.run(export.main, ["--checkpoint", str(out / "model.pt"), "--out", str(exp), "--latency-runs", "2",
                                  "--parity-items", "4", "--threads", "1"]) == 0
     assert json.loads((exp / "export.json").read_text())["parity"]["passed"]
     # ... and through bench: the pruned checkpoint and its graph side by side with the original
-    from edgediag.measure import bench
+    from edgediag import bench
 
     rc = cli.run(bench.main, ["--model", str(ckpt), str(out / "model.pt"), str(exp / "model.onnx"), "--data", str(data),
                               "--out", str(tmp_path / "bench"), "--backends", "eager,onnxruntime", "--iters", "3",

@@ -18,9 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from edgediag import cli, runtime
+from edgediag import cli, export, runtime
 from edgediag.data.synth_audio import machine_clip
-from edgediag.deploy import onnx as export
 from edgediag.engine.checkpoint import make_checkpoint, save_checkpoint
 from edgediag.models import DiagnosisModel, register_model
 from edgediag.nn.features import LogMel

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edgediag.data import DataConfig, build_data
-from edgediag.data.sequences import detect_format
+from edgediag.data.sequence_files import detect_format
 from edgediag.data.synth_sequences import (
     CONVEYOR_CLASSES,
     FURNACE_CLASSES,

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from edgediag import cli
+from edgediag import tegrastats as tegrastats_verb
 from edgediag.runtime import tegrastats
 
 # JetPack 5.1 / 6.x, Orin Nano (tegrastats --logfile adds the timestamp)
@@ -71,12 +72,12 @@ def test_summary_energy_per_inference():
 def test_cli(tmp_path, capsys):
     log = tmp_path / "run.tegrastats"
     log.write_text("\n".join([PLAIN] * 4) + "\n")
-    assert cli.run(tegrastats.main, [str(log), "--inferences", "40", "--interval-ms", "500"]) == 0
+    assert cli.run(tegrastats_verb.main, [str(log), "--inferences", "40", "--interval-ms", "500"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["energy_per_inference_mj"] == pytest.approx(4.803 * 2 / 40 * 1e3)
     empty = tmp_path / "empty.log"
     empty.write_text("nothing here\n")
-    assert cli.run(tegrastats.main, [str(empty)]) == cli.EXIT_USAGE
-    assert cli.run(tegrastats.main, [str(tmp_path / "missing.log")]) == cli.EXIT_USAGE
+    assert cli.run(tegrastats_verb.main, [str(empty)]) == cli.EXIT_USAGE
+    assert cli.run(tegrastats_verb.main, [str(tmp_path / "missing.log")]) == cli.EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error:") for line in err)

@@ -20,33 +20,9 @@ input - and takes all its operators with it.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from edgediag.errors import UserError
-
-
-class RemovedBlock(nn.Module):
-    """What a removed residual block leaves behind: its input, unchanged. Models whose
-    blocks return more than the output (auxiliary losses, streaming states) skip it with
-    ``isinstance(block, RemovedBlock)``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def present(blocks: nn.ModuleList) -> list[tuple[int, nn.Module]]:
-    """(index, block) of the blocks in ``blocks`` that depth pruning left."""
-    return [(i, b) for i, b in enumerate(blocks) if not isinstance(b, RemovedBlock)]
-
-
-def remove_blocks(model: nn.Module, names: list[str]) -> None:
-    """Replace the named blocks by :class:`RemovedBlock` (from a model's ``__init__``)."""
-    allowed = set(model.removable_blocks()) | {n for n, m in model.named_modules() if isinstance(m, RemovedBlock)}
-    for name in names:
-        if name not in allowed:
-            raise UserError(f"{model.model_name}: {name!r} is not a removable residual block "
-                            f"(removable: {', '.join(model.removable_blocks()) or 'none'})")
-        model.set_submodule(name, RemovedBlock())
+from edgediag.nn.depth import remove_blocks
 
 
 @torch.no_grad()
@@ -90,7 +66,7 @@ def prune_depth(model, n_blocks: int, x: torch.Tensor) -> dict:
     for _ in range(n_blocks):
         scores = block_importance(model, x)
         name = min(scores, key=scores.get)
-        model.set_submodule(name, RemovedBlock())
+        remove_blocks(model, [name])
         steps.append({"removed": name, "stream_change": scores[name], "importance": scores})
     removed = [*model.config.removed_blocks, *[s["removed"] for s in steps]]
     changes = {"removed_blocks": removed}
@@ -102,4 +78,4 @@ def prune_depth(model, n_blocks: int, x: torch.Tensor) -> dict:
     return {"removed_blocks": removed, "steps": steps}
 
 
-__all__ = ["RemovedBlock", "present", "remove_blocks", "block_importance", "prune_depth"]
+__all__ = ["block_importance", "prune_depth"]

@@ -26,9 +26,9 @@ The strategy (LDMamba's "dynamic pruning", written model-independent for issue 8
   got there by ``end_epoch`` it closes the lowest-margin channels to meet the budget,
   leaving the remaining epochs to recover.
 
-Costs: :func:`count_params` and :func:`count_flops` (thin wrappers of
-:mod:`edgediag.measure.cost`, which counts the selective scan by formula) and
-:func:`measure_latency` (median CPU wall time).
+The gates and the protocol live in :mod:`edgediag.nn.gates` (models own them); costs
+come from :mod:`edgediag.compress.budget`; gates on any model's channel groups from
+:mod:`edgediag.compress.group_gates`.
 """
 
 from __future__ import annotations
@@ -36,153 +36,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
-from torch import nn
 
+from edgediag.compress.budget import model_cost, model_params
 from edgediag.errors import UserError
-from edgediag.measure import cost as _flops
-from edgediag.measure.timing import median_latency_ms
+from edgediag.nn.gates import channel_costs, is_prunable
+from edgediag.nn.pruning import slice_channels
 
 log = logging.getLogger("edgediag.compress.dynamic")
 
 
-# --- the gate ---------------------------------------------------------------------------
-class ScreeningGate(nn.Module):
-    """Per-channel learned screen: ``mask = score > tau``, relaxed while training.
-
-    ``scores`` are stored divided by ``gain`` (``score = gain * raw``): with Adam-type
-    optimisers every parameter moves about ``lr`` per step whatever its gradient scale,
-    so the gain is what lets a screen cross its threshold within a few epochs at the
-    network's learning rate.
-    """
-
-    def __init__(self, channels: int, init_margin: float = 1.0, temperature: float = 0.5,
-                 relaxation: str = "ste", gain: float = 20.0):
-        super().__init__()
-        if relaxation not in ("ste", "hard_concrete"):
-            raise ValueError(f"relaxation must be ste or hard_concrete, not {relaxation!r}")
-        if channels < 1:
-            raise ValueError("a screening gate needs at least one channel")
-        self.channels = int(channels)
-        self.temperature, self.relaxation, self.gain = float(temperature), relaxation, float(gain)
-        self.raw_scores = nn.Parameter(torch.full((channels,), init_margin / gain))
-        self.raw_tau = nn.Parameter(torch.zeros(()))
-
-    @property
-    def scores(self) -> torch.Tensor:
-        return self.raw_scores * self.gain
-
-    @property
-    def tau(self) -> torch.Tensor:
-        return self.raw_tau * self.gain
-
-    def logits(self) -> torch.Tensor:
-        return (self.scores - self.tau) / self.temperature
-
-    def hard_mask(self) -> torch.Tensor:
-        return (self.scores > self.tau).to(self.raw_scores.dtype)
-
-    def open_probability(self) -> torch.Tensor:
-        """Differentiable probability that each channel is open (the sparsity term's input)."""
-        if self.relaxation == "hard_concrete":
-            # P(z > 0) of the stretched hard-concrete distribution (Louizos et al., eq. 12).
-            beta, gamma, zeta = 2.0 / 3.0, -0.1, 1.1
-            return torch.sigmoid(self.logits() - beta * math.log(-gamma / zeta))
-        return torch.sigmoid(self.logits())
-
-    def forward(self) -> torch.Tensor:
-        """The (C,) mask to multiply the channels with."""
-        hard = self.hard_mask()
-        if not self.training:
-            return hard
-        if self.relaxation == "hard_concrete":
-            beta, gamma, zeta = 2.0 / 3.0, -0.1, 1.1
-            u = torch.rand_like(self.raw_scores).clamp(1e-6, 1 - 1e-6)
-            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.logits()) / beta)
-            return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
-        soft = torch.sigmoid(self.logits())
-        return hard + soft - soft.detach()  # straight-through: hard forward, soft gradient
-
-    def apply_to(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        shape = [1] * x.dim()
-        shape[dim] = self.channels
-        return x * self().to(x.dtype).view(shape)
-
-    def extra_repr(self) -> str:
-        return f"channels={self.channels}, relaxation={self.relaxation}, temperature={self.temperature}"
-
-
-# --- the protocol a prunable model implements ------------------------------------------
-@dataclasses.dataclass
-class ScreeningGroup:
-    """One gate and everything its channels live in.
-
-    ``slices``: (state-dict key, dim, chunks) for every tensor with one entry per channel
-    along ``dim``; ``chunks`` > 1 when the dim stacks several copies (e.g. Mamba's
-    ``in_proj`` holds the x and z halves: chunks=2). ``config_field``/``config_index``:
-    the config entry holding this width (a list field takes an index).
-    """
-
-    name: str
-    gate: ScreeningGate
-    slices: list[tuple[str, int, int]]
-    config_field: str
-    config_index: int | None = None
-    min_channels: int = 4
-
-
-@runtime_checkable
-class Prunable(Protocol):
-    sparsity_weight: float
-
-    def screening_groups(self) -> list[ScreeningGroup]: ...
-
-
-def is_prunable(model: nn.Module) -> bool:
-    return isinstance(model, Prunable)
-
-
-def screening_sparsity(groups: list[ScreeningGroup], costs: dict[str, float] | None = None) -> torch.Tensor:
-    """Expected fraction of the prunable cost kept open (0..1): sum over channels of
-    cost-per-channel x P(open), divided by the total. Minimising it closes the channels
-    whose removal saves most for the least task loss."""
-    total, kept = 0.0, None
-    for g in groups:
-        c = (costs or {}).get(g.name, 1.0)
-        term = g.gate.open_probability().sum() * c
-        kept = term if kept is None else kept + term
-        total += c * g.gate.channels
-    if kept is None:
-        return torch.zeros(())
-    return kept / max(total, 1e-12)
-
-
-def channel_costs(model: nn.Module, groups: list[ScreeningGroup] | None = None) -> dict[str, float]:
-    """Parameters per channel of each group (from the tensors its slices name)."""
-    groups = model.screening_groups() if groups is None else groups
-    state = model.state_dict()
-    out = {}
-    for g in groups:
-        n = 0.0
-        for key, dim, chunks in g.slices:
-            t = state[key]
-            n += t.numel() / (t.shape[dim] / chunks)
-        out[g.name] = n
-    return out
-
-
 # --- physical removal --------------------------------------------------------------------
-def slice_channels(t: torch.Tensor, dim: int, keep: torch.Tensor, chunks: int = 1) -> torch.Tensor:
-    """``t`` restricted to channels ``keep`` along ``dim`` (in each of ``chunks`` copies)."""
-    keep = keep.to(device=t.device, dtype=torch.long)
-    if chunks > 1:
-        size = t.shape[dim] // chunks
-        keep = torch.cat([keep + k * size for k in range(chunks)])
-    return t.index_select(dim, keep).clone()
-
-
 def pruned_config(model, keep: dict[str, torch.Tensor], groups=None):
     """The model's config with every group's width set to ``len(keep[group])``."""
     from edgediag.config import from_dict, to_dict
@@ -254,216 +120,6 @@ def prune_model(model, keep: dict[str, torch.Tensor]):
 
 def widths(model) -> dict[str, int]:
     return {g.name: g.gate.channels for g in model.screening_groups()}
-
-
-# --- gates for any model: structured_pruning's channel groups ----------------------------
-def _dep_slices(name: str, m: nn.Module, out: bool) -> list[tuple[str, int, int]]:
-    """State-dict (key, dim, chunks) of one dependency of a torch-pruning group: the tensors
-    whose entries along ``dim`` are the group's channels (their sizes give channel costs)."""
-    kind = type(m).__name__
-    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)):
-        depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
-        dim = 0 if (out or depthwise) != bool(getattr(m, "transposed", False)) else 1
-        res = [(f"{name}.weight", dim, 1)]
-        return res + ([(f"{name}.bias", 0, 1)] if m.bias is not None and (out or depthwise) else [])
-    if isinstance(m, nn.Linear):
-        res = [(f"{name}.weight", 0 if out else 1, 1)]
-        return res + ([(f"{name}.bias", 0, 1)] if m.bias is not None and out else [])
-    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
-        return [(f"{name}.weight", 0, 1), (f"{name}.bias", 0, 1)]
-    if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-        dim = 0 if len(m.normalized_shape) == 3 else len(m.normalized_shape) - 1
-        return [(f"{name}.weight", dim, 1)]
-    if isinstance(m, nn.PReLU) and m.num_parameters > 1:
-        return [(f"{name}.weight", 0, 1)]
-    if kind in ("MambaMixer", "BiMambaMixer", "SS2D"):
-        return [(f"{name}.out_proj.weight", 0, 1)] if out else [(f"{name}.in_proj.weight", 1, 1)]
-    if kind == "ArcMarginProduct" and not out:
-        return [(f"{name}.weight", 1, 1)]
-    return []
-
-
-def _mask_output(gate: ScreeningGate, dim: int):
-    def hook(_module, _args, output):
-        return gate.apply_to(output, dim)
-    return hook
-
-
-def _mask_input(gate: ScreeningGate, dim: int):
-    def hook(_module, args):
-        return (gate.apply_to(args[0], dim),) + tuple(args[1:])
-    return hook
-
-
-class GroupGates:
-    """Screening gates on every prunable channel group of *any* model - the groups of
-    :mod:`edgediag.compress.structured` (torch-pruning's dependency graph plus the inner
-    groups of Mamba mixers, SS2D, Tgram and memory networks) - so LDMamba's dynamic
-    pruning applies to every model family.
-
-    :meth:`install` makes the model :class:`Prunable` without editing its class: each
-    gate masks its group where the channels leave the group's root layer (forward hooks,
-    so exported graphs are untouched once removed), the model's last training phase adds
-    ``sparsity_weight`` x :func:`screening_sparsity` and optimises the gates, and
-    ``screening_groups()`` lists them (slices name the group's tensors, for channel costs).
-    :func:`prune_model` then removes channels through torch-pruning, in place.
-    :meth:`uninstall` takes it all off again: an ordinary (smaller) model is left.
-
-    The mask sits on the root layer's output only: in a group coupled through a residual
-    sum the other members still write the channel, so removal is not exact there - the
-    training that follows (the remaining epochs, or fine-tuning) recovers.
-    """
-
-    def __init__(self, model, temperature: float = 0.5, relaxation: str = "ste", init_margin: float = 1.0,
-                 min_channels: int = 4):
-        import torch_pruning as tp
-
-        from edgediag.compress import structured as sp
-
-        self.model = model
-        self.pruner = sp.make_pruner(model, tp.importance.MagnitudeImportance(p=2), ratio=0.5, steps=1)
-        DG = self.pruner.DG
-        names = {m: n for n, m in model.named_modules()}
-        param_names = {id(p): n for n, p in model.named_parameters()}
-        kw = dict(temperature=temperature, relaxation=relaxation, init_margin=init_margin)
-        self.entries: list[dict] = []
-        for group in DG.get_all_groups(ignored_layers=self.pruner.ignored_layers,
-                                       root_module_types=self.pruner.root_module_types):
-            root = group[0].dep.target.module
-            n = DG.get_out_channels(root)
-            if not n or n <= min_channels or root not in names:
-                continue
-            slices = []
-            for dep, _ in group:
-                m = dep.target.module
-                if m in names:
-                    slices += _dep_slices(names[m], m, DG.is_out_channel_pruning_fn(dep.handler))
-            dim = 1 if isinstance(root, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)) else -1
-            self.entries.append({"name": names[root], "root": root, "gate": ScreeningGate(n, **kw), "slices": slices,
-                                 "hook": (root, "out", dim), "inner": None})
-        for name, m, p, g in sp.inner_groups(model):
-            n = p.inner_channels(m, g)
-            if n <= min_channels:
-                continue
-            slices = [(param_names[id(t)], dim, chunks) for t, dim, chunks in p.inner_tensors(m, g)
-                      if id(t) in param_names]
-            kind = type(m).__name__
-            if kind in ("MambaMixer", "BiMambaMixer", "SS2D"):
-                hook = (m.out_proj, "in", -1)
-            elif kind == "TgramNet":
-                hook = (p.convs(m)[int(g)], "out", 1)
-            else:  # MemoryNetwork: hidden units / key dims leave query[0] / query[2]
-                hook = (m.query[0] if g == "hidden" else m.query[2], "out", -1)
-            self.entries.append({"name": f"{name}:{g}", "root": m, "gate": ScreeningGate(n, **kw), "slices": slices,
-                                 "hook": hook, "inner": (p, g)})
-        self.min_channels = min_channels
-        self.handles: list = []
-
-    # --- on and off ---
-    def install(self, sparsity_weight: float = 0.0):
-        model = self.model
-        device = next(model.parameters()).device
-        for e in self.entries:
-            e["gate"].to(device)
-            module, where, dim = e["hook"]
-            if where == "out":
-                self.handles.append(module.register_forward_hook(_mask_output(e["gate"], dim)))
-            else:
-                self.handles.append(module.register_forward_pre_hook(_mask_input(e["gate"], dim)))
-        original_step, original_params = model.training_step, model.phase_parameters
-        last = model.phases[-1]
-        gates = self
-
-        def training_step(batch, phase="main"):
-            out = original_step(batch, phase)
-            if phase != last:
-                return out
-            keep = screening_sparsity(gates.groups(), gates.costs)
-            loss = out["loss"] + model.sparsity_weight * keep if model.sparsity_weight > 0 else out["loss"]
-            return {**out, "loss": loss, "channel_keep": keep.detach()}
-
-        def phase_parameters(phase):
-            yield from original_params(phase)
-            if phase == last:
-                for e in gates.entries:
-                    yield from e["gate"].parameters()
-
-        model.training_step, model.phase_parameters = training_step, phase_parameters
-        model.screening_groups = self.groups
-        model.sparsity_weight = float(sparsity_weight)
-        model._group_gates = self
-        self.costs = channel_costs(model, self.groups())
-        return self
-
-    def uninstall(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-        for attr in ("training_step", "phase_parameters", "screening_groups", "sparsity_weight", "_group_gates"):
-            self.model.__dict__.pop(attr, None)
-        return self.model
-
-    def groups(self) -> list[ScreeningGroup]:
-        return [ScreeningGroup(e["name"], e["gate"], e["slices"], "pruned_widths", None, self.min_channels)
-                for e in self.entries]
-
-    # --- physical removal (prune_model's path for these models) ---
-    def remove(self, keep: dict[str, torch.Tensor]):
-        DG = self.pruner.DG
-        for e in self.entries:
-            if e["name"] not in keep:
-                continue
-            n = e["gate"].channels
-            kept = sorted(int(i) for i in keep[e["name"]])
-            drop = [i for i in range(n) if i not in set(kept)]
-            if not drop:
-                continue
-            if e["inner"] is None:
-                root = e["root"]
-                DG.get_pruning_group(root, DG.get_pruner_of_module(root).prune_out_channels, drop).prune()
-            else:
-                pruner, g = e["inner"]
-                pruner.prune_inner_channels(e["root"], drop, g)
-            gate = e["gate"]
-            gate.raw_scores = nn.Parameter(gate.raw_scores.detach()[torch.tensor(kept)].clone())
-            gate.channels = len(kept)
-        self.costs = channel_costs(self.model, self.groups())
-        return self.model
-
-
-# --- costs ------------------------------------------------------------------------------
-# Parameters and FLOPs come from edgediag.measure.cost (the project's one counter, the selective
-# scan included by formula); these two keep the callers' simple signatures.
-def count_params(model: nn.Module) -> int:
-    return int(_flops.count_parameters(model)["total"])
-
-
-def count_flops(model: nn.Module, x: torch.Tensor | None = None) -> int:
-    """FLOPs of one forward of ``model.export_module()`` (a plain module: itself) on ``x``
-    (default ``model.example_input(1)``), by :func:`edgediag.measure.cost.count_flops`."""
-    module = model.export_module() if hasattr(model, "export_module") else model
-    if x is None:
-        x = model.example_input(1)
-    x = x.to(next(model.parameters()).device)
-    was_training = module.training
-    module.eval()
-    try:
-        return int(_flops.count_flops(module, x)["flops"])
-    finally:
-        module.train(was_training)
-
-
-measure_latency = median_latency_ms  # the name the tests and older scripts use
-
-
-def model_cost(model, metric: str) -> float:
-    if metric == "params":
-        return float(count_params(model))
-    if metric == "flops":
-        return float(count_flops(model))
-    if metric == "latency":
-        return measure_latency(model.export_module(), model.example_input(1).to(next(model.parameters()).device))
-    raise UserError(f"prune metric must be params, flops or latency, not {metric!r}")
 
 
 # --- the driver ---------------------------------------------------------------------------
@@ -607,7 +263,7 @@ class DynamicPruner:
                 remove[name].add(c)
             return remove
         pcost = channel_costs(model, groups)
-        allowed = count_params(model) * max(0.0, 1.0 - goal / ratio)
+        allowed = model_params(model) * max(0.0, 1.0 - goal / ratio)
         saved = 0.0
         by_name = {g.name: g for g in groups}
         for _, name, c in cands:
@@ -621,7 +277,7 @@ class DynamicPruner:
                 self.streaks[name][c] = 0
         return remove
 
-    def _respect_minimum(self, g: ScreeningGroup, keep_mask: torch.Tensor) -> torch.Tensor:
+    def _respect_minimum(self, g, keep_mask: torch.Tensor) -> torch.Tensor:
         minimum = min(max(g.min_channels, self.cfg.min_channels), g.gate.channels)
         if int(keep_mask.sum()) >= minimum:
             return keep_mask.nonzero().flatten()
@@ -649,7 +305,7 @@ class DynamicPruner:
                 break
             groups = model.screening_groups()
             pcost = channel_costs(model, groups)
-            total_p = count_params(model)
+            total_p = model_params(model)
             # Savings needed, expressed in parameters (FLOPs/latency scale roughly with them).
             need = total_p * (1 - self.cfg.target / ratio)
             cands = []
@@ -691,6 +347,4 @@ class DynamicPruner:
         self.history = list(state.get("history") or [])
 
 
-__all__ = ["ScreeningGate", "ScreeningGroup", "GroupGates", "Prunable", "is_prunable", "screening_sparsity", "channel_costs",
-           "slice_channels", "pruned_config", "prune_model", "widths", "count_params", "count_flops",
-           "measure_latency", "model_cost", "PruneConfig", "DynamicPruner"]
+__all__ = ["pruned_config", "prune_model", "widths", "PruneConfig", "DynamicPruner"]

@@ -17,7 +17,7 @@ group of the test split into a labelled validation split: DCASE training clips
 are all normal, so this is where a model can choose its detection score (AEGAN-AD's
 ``calibrate``) while the rest of the test split stays held out.
 
-DCASE labels come from the file names (:func:`edgediag.engine.dcase.parse_name`). Classes for a
+DCASE labels come from the file names (:func:`edgediag.data.dcase_names.parse_name`). Classes for a
 classifier: machine type × section (2021+) or × id (2020); a machine type with a single
 section but several attribute values in its training clips is split by attribute
 instead (DCASE 2023 valve: pat_00..pat_03), as attribute-classification systems do.
@@ -57,7 +57,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from edgediag.data import DataBundle, DataConfig, register_data
-from edgediag.engine.dcase import parse_name
+from edgediag.data.dcase_names import parse_name
 from edgediag.errors import UserError
 
 log = logging.getLogger("edgediag.data.audio")

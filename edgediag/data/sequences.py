@@ -38,11 +38,13 @@ normal running nor a fault) stay classes of the diagnosis but get ``anomaly = -1
 are left out of anomaly AUCs, normal statistics and threshold calibration. Classes are
 ordered normal first, then the others alphabetically.
 Per-feature mean/std of the training items go to ``bundle.info`` for the model to store.
+
+This module turns decoded signals into items (front ends, windows, splits); reading the
+files and detecting the format is :mod:`edgediag.data.sequence_files`.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from collections.abc import Sequence
@@ -53,13 +55,19 @@ import torch
 from torch.utils.data import Dataset
 
 from edgediag.data import DataBundle, DataConfig, register_data
+from edgediag.data.sequence_files import (  # noqa: F401 - readers re-exported: the public names stay here
+    detect_format,
+    read_audio,
+    read_labels,
+    read_mat_signal,
+    read_sensor,
+    read_video,
+    sample_frames,
+)
 from edgediag.errors import UserError
 
 log = logging.getLogger("edgediag.data.sequences")
 
-AUDIO_EXT = {".wav", ".flac", ".ogg"}
-VIDEO_EXT = {".mp4", ".avi", ".mov", ".mkv"}
-IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp"}
 DEFAULT_NORMAL = {"normal", "ok", "good", "healthy", "on"}
 
 
@@ -188,19 +196,6 @@ def _resolve_1d_frontend(model_cfg, default: str, n_samples: int, sample_rate: i
 
 
 # --- labels.csv -----------------------------------------------------------------------
-def _read_labels(path: Path) -> tuple[list[str], list[dict]]:
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
-            cols = [c.strip() for c in (reader.fieldnames or [])]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-    if not rows:
-        raise UserError(f"{path} lists no items")
-    return cols, rows
-
-
 def _class_order(labels: Sequence[str], normal_labels: Sequence[str]) -> tuple[list[str], list[str]]:
     present = sorted(set(labels))
     if normal_labels:
@@ -211,6 +206,13 @@ def _class_order(labels: Sequence[str], normal_labels: Sequence[str]) -> tuple[l
     else:
         normal = [c for c in present if c.lower() in DEFAULT_NORMAL]
     return normal + [c for c in present if c not in normal], normal
+
+
+def _labelled_rows(root: Path, data_cfg: DataConfig) -> tuple[Path, list[dict], list[str], list[str]]:
+    """(labels.csv, its rows, the classes normal first, the normal ones) of a path,label folder."""
+    labels_csv = root / "labels.csv"
+    _, rows = read_labels(labels_csv)
+    return (labels_csv, rows, *_class_order([r["label"] for r in rows], data_cfg.normal_labels))
 
 
 def _anomaly(label: str, normal: Sequence[str], data_cfg: DataConfig) -> int:
@@ -253,152 +255,7 @@ def _bad(path: Path, reason: str, data_cfg: DataConfig, skipped: list) -> None:
     raise UserError(f"{path}: {reason} (data.on_bad_file=skip ignores bad files)")
 
 
-# --- readers --------------------------------------------------------------------------
-def read_mat_signal(path: Path) -> tuple[np.ndarray, str]:
-    """The drive-end accelerometer signal of a CWRU .mat file (variable ``X<nnn>_DE_time``)."""
-    import scipy.io
-
-    try:
-        mat = scipy.io.loadmat(str(path))
-    except Exception as exc:  # scipy raises several unrelated types for a broken file
-        raise ValueError(f"not a readable MATLAB file ({type(exc).__name__}: {str(exc)[:80]})") from None
-    names = [k for k in mat if k.endswith("_DE_time")]
-    if not names:
-        raise ValueError(f"no X<nnn>_DE_time variable (has {', '.join(k for k in mat if not k.startswith('__'))})")
-    sig = np.asarray(mat[names[0]], dtype=np.float32).ravel()
-    if not np.all(np.isfinite(sig)):
-        raise ValueError("signal holds NaN/inf values")
-    return sig, names[0]
-
-
-def read_audio(path: Path, sample_rate: int = 0) -> tuple[np.ndarray, int]:
-    import soundfile as sf
-
-    try:
-        wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as exc:  # soundfile.LibsndfileError, RuntimeError, ...
-        raise ValueError(f"not a readable audio file ({str(exc).splitlines()[0][:80]})") from None
-    wave = wave.mean(axis=1)
-    if sample_rate and sr != sample_rate:
-        import librosa
-
-        wave = librosa.resample(wave, orig_sr=sr, target_sr=sample_rate).astype(np.float32)
-        sr = sample_rate
-    return wave, sr
-
-
-def read_sensor(path: Path) -> np.ndarray:
-    """(T, F) float32 from a .npy or a .csv (one row per time step, optional header)."""
-    if path.suffix == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"not a readable .npy file ({str(exc)[:80]})") from None
-    else:
-        try:
-            with open(path) as f:
-                first = f.readline()
-            header = any(c.isalpha() for c in first.replace("e", "").replace("E", ""))
-            arr = np.loadtxt(path, delimiter=",", skiprows=1 if header else 0, ndmin=2)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"not a numeric CSV ({str(exc)[:80]})") from None
-    if arr.ndim == 1:
-        arr = arr[:, None]
-    if arr.ndim != 2:
-        raise ValueError(f"expected a (T, F) array, got shape {arr.shape}")
-    arr = arr.astype(np.float32)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("holds NaN/inf values")
-    return arr
-
-
-def read_video(path: Path, size: int, channels: int) -> np.ndarray:
-    """All frames of a clip, resized: (T, size, size, channels) uint8 (RGB or grey)."""
-    import cv2
-
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXT)
-        if not files:
-            raise ValueError("frame folder holds no images")
-        frames = []
-        for f in files:
-            img = cv2.imread(str(f), cv2.IMREAD_COLOR)
-            if img is None:
-                raise ValueError(f"unreadable frame {f.name}")
-            frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
-    elif path.suffix == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"not a readable .npy file ({str(exc)[:80]})") from None
-        if arr.ndim == 3:
-            arr = arr[..., None]
-        if arr.ndim != 4 or arr.shape[-1] not in (1, 3) or len(arr) == 0:
-            raise ValueError(f"expected video (T, H, W[, C]) with C 1 or 3, got shape {arr.shape}")
-        if arr.dtype != np.uint8:
-            arr = (np.clip(arr.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
-        frames = [np.repeat(f, 3, axis=-1) if f.shape[-1] == 1 else f for f in arr]
-    else:
-        cap = cv2.VideoCapture(str(path))
-        frames = []
-        while cap.isOpened():
-            ok, img = cap.read()
-            if not ok:
-                break
-            frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
-        cap.release()
-        if not frames:
-            raise ValueError("OpenCV decoded no frames (not a video, or a codec OpenCV lacks)")
-    out = []
-    for f in frames:
-        f = cv2.resize(np.ascontiguousarray(f), (size, size), interpolation=cv2.INTER_AREA)
-        if channels == 1:
-            f = cv2.cvtColor(f, cv2.COLOR_RGB2GRAY)[..., None]
-        out.append(f)
-    return np.stack(out).astype(np.uint8)
-
-
-def sample_frames(clip: np.ndarray, n: int) -> np.ndarray:
-    """``n`` frames spread evenly over the clip (first and last included)."""
-    return clip[np.linspace(0, len(clip) - 1, n).round().astype(int)]
-
-
 # --- the builder ----------------------------------------------------------------------
-def detect_format(root: Path) -> str:
-    """'cwru', 'audio', 'video' or 'sensor' (the rules in the module docstring)."""
-    labels = root / "labels.csv"
-    if not labels.is_file():
-        raise UserError(f"{root} has no labels.csv (sequence data needs labels.csv with path,label[,split] "
-                        "or file,fault for .mat recordings)")
-    cols, rows = _read_labels(labels)
-    if "file" in cols and "path" not in cols:
-        if not all(r["file"].lower().endswith(".mat") for r in rows):
-            raise UserError(f"{labels}: a 'file' column must name .mat recordings")
-        return "cwru"
-    if "path" not in cols or "label" not in cols:
-        raise UserError(f"{labels} needs columns path,label (or file,fault for .mat), has {', '.join(cols)}")
-    kinds = set()
-    for r in rows:
-        p = root / r["path"]
-        ext = p.suffix.lower()
-        if p.is_dir() or ext in VIDEO_EXT:
-            kinds.add("video")
-        elif ext in AUDIO_EXT:
-            kinds.add("audio")
-        elif ext == ".csv":
-            kinds.add("sensor")
-        elif ext == ".npy":
-            if not p.is_file():
-                raise UserError(f"{p}: listed in labels.csv but missing")
-            kinds.add("video" if np.load(p, mmap_mode="r", allow_pickle=False).ndim >= 3 else "sensor")
-        else:
-            raise UserError(f"{p}: unsupported file type {ext or '(none)'} (audio {sorted(AUDIO_EXT)}, "
-                            f"video {sorted(VIDEO_EXT)} or frame folders, sensor .npy/.csv)")
-    if len(kinds) > 1:
-        raise UserError(f"{labels} mixes {' and '.join(sorted(kinds))} items; use one kind per folder")
-    return kinds.pop()
-
-
 @register_data("sequence")
 def build_sequences(root: Path, data_cfg: DataConfig, model_cfg) -> DataBundle:
     root = Path(root)
@@ -483,7 +340,7 @@ def _time_split_items(signal_len: int, window: int, stride: int, data_cfg: DataC
 
 def _build_cwru(root, data_cfg, model_cfg):
     labels_csv = root / "labels.csv"
-    cols, rows = _read_labels(labels_csv)
+    cols, rows = read_labels(labels_csv)
     label_col = "fault" if "fault" in cols else "label" if "label" in cols else None
     if label_col is None:
         raise UserError(f"{labels_csv} needs a fault (or label) column")
@@ -524,9 +381,7 @@ def _build_cwru(root, data_cfg, model_cfg):
 
 
 def _build_audio(root, data_cfg, model_cfg):
-    labels_csv = root / "labels.csv"
-    _, rows = _read_labels(labels_csv)
-    classes, normal = _class_order([r["label"] for r in rows], data_cfg.normal_labels)
+    labels_csv, rows, classes, normal = _labelled_rows(root, data_cfg)
     want_sr = int(getattr(model_cfg, "sample_rate", 0) or 0)
     clip_s = float(getattr(model_cfg, "clip_seconds", 0.0) or 0.0)
     kept_rows, decoded = _read_rows(root, rows, lambda path: read_audio(path, want_sr), data_cfg, "audio files")
@@ -556,9 +411,7 @@ def _build_audio(root, data_cfg, model_cfg):
 
 
 def _build_video(root, data_cfg, model_cfg):
-    labels_csv = root / "labels.csv"
-    _, rows = _read_labels(labels_csv)
-    classes, normal = _class_order([r["label"] for r in rows], data_cfg.normal_labels)
+    labels_csv, rows, classes, normal = _labelled_rows(root, data_cfg)
     size = int(getattr(model_cfg, "frame_size", 48) or 48)
     channels = int(getattr(model_cfg, "in_channels", 3) or 3)
     if channels not in (1, 3):
@@ -579,9 +432,7 @@ def _build_video(root, data_cfg, model_cfg):
 
 
 def _build_sensor(root, data_cfg, model_cfg):
-    labels_csv = root / "labels.csv"
-    _, rows = _read_labels(labels_csv)
-    classes, normal = _class_order([r["label"] for r in rows], data_cfg.normal_labels)
+    labels_csv, rows, classes, normal = _labelled_rows(root, data_cfg)
     window = int(getattr(model_cfg, "window", 0) or 0)
     stride = int(getattr(model_cfg, "window_stride", 0) or 0) or window
     kept, arrays = _read_rows(root, rows, read_sensor, data_cfg, "sequences")

@@ -1,4 +1,5 @@
-"""Will the TensorRT ONNX parser of a given version take this graph? A static check run by
+"""Target boards: their presets (export/presets/<board>.yaml, :class:`ExportPreset`) and whether
+the TensorRT ONNX parser of a given version takes a graph, a static check run by
 ``python -m edgediag.export`` before a user carries the file to a board.
 
 The tables below are transcribed from onnx-tensorrt's ``docs/operators.md`` support
@@ -16,9 +17,11 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 
 import onnx
 
+from edgediag.config import from_dict, load_yaml
 from edgediag.errors import UserError
 
 SOURCE = ("onnx-tensorrt docs/operators.md support matrix and docs/Changelog.md "
@@ -221,5 +224,58 @@ def report(model: onnx.ModelProto, version: str, board: str = "") -> dict:
             "verified_on_device": False}
 
 
-__all__ = ["Issue", "check_model", "report", "summary_line", "problems", "unsupported_ops", "table_version",
+# --- board presets ---------------------------------------------------------------------------
+PRESET_DIR = Path(__file__).resolve().parents[2] / "export" / "presets"
+PRECISIONS = ("fp32", "fp16", "int8")
+# Without a preset the compatibility check covers both JetPack lines (5.1 and 6.x).
+DEFAULT_TRT_VERSIONS = {"8.5": "JetPack 5.1", "10.3": "JetPack 6.1"}
+# Default TensorRT parity tolerances (standardised max abs error) per precision: reduced
+# precision moves scores by more than fp32 rounding. Not verified on a device.
+TRT_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "int8": 2e-1}
+
+
+@dataclasses.dataclass
+class ExportPreset:
+    """A target board (export/presets/<board>.yaml); unknown keys are errors."""
+
+    board: str
+    tensorrt: str  # the TensorRT version of the board's JetPack, e.g. "10.3"
+    description: str = ""
+    jetpack: str = ""
+    cuda: str = ""
+    cuda_arch: str = ""  # e.g. sm_87
+    dla_cores: int = 0
+    memory_gb: float = 0.0
+    default_precision: str = "fp16"
+    workspace_mb: int = 1024  # TensorRT builder workspace (memory pool) limit
+    batch: int = 1
+
+    def validate(self, where: str) -> None:
+        if self.default_precision not in PRECISIONS:
+            raise UserError(f"{where}: default_precision must be one of {', '.join(PRECISIONS)}, "
+                            f"not {self.default_precision!r}")
+        if self.workspace_mb < 1 or self.batch < 1 or self.dla_cores < 0:
+            raise UserError(f"{where}: workspace_mb and batch must be >= 1, dla_cores >= 0")
+        table_version(self.tensorrt)  # a readable, known version
+
+
+def load_preset(spec: str) -> tuple[ExportPreset, Path]:
+    """A preset from a YAML path or a bare board name (export/presets/<name>.yaml)."""
+    path = Path(spec)
+    if not path.is_file() and not path.suffix and (PRESET_DIR / f"{spec}.yaml").is_file():
+        path = PRESET_DIR / f"{spec}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+        raise UserError(f"preset not found: {spec} (known boards: {known or 'none'})")
+    values = {k: (str(v) if k in ("tensorrt", "jetpack", "cuda") and v is not None else v)
+              for k, v in load_yaml(path).items()}
+    for key in ("board", "tensorrt"):
+        if key not in values:
+            raise UserError(f"preset {path} lacks the required key {key!r}")
+    preset = from_dict(ExportPreset, values, where="preset.")
+    preset.validate(f"preset {path}")
+    return preset, path
+
+
+__all__ = ["ExportPreset", "load_preset", "PRESET_DIR", "PRECISIONS", "Issue", "check_model", "report", "summary_line", "problems", "unsupported_ops", "table_version",
            "KNOWN_VERSIONS", "SOURCE"]

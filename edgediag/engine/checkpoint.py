@@ -69,7 +69,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def model_from_checkpoint(payload: dict):
-    from edgediag.models import create_model
+    from edgediag.engine.registry import create_model
 
     model = create_model(payload["model_name"], payload["model_config"])
     try:

@@ -5,11 +5,14 @@ compression (a pruned model is refitted exactly like a trained one)."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from edgediag.config import to_dict
+from edgediag.engine.checkpoint import make_checkpoint, save_checkpoint
 from edgediag.engine.metrics import calibrate_threshold
 from edgediag.engine.trainer import DeviceLoader, TrainConfig
 
@@ -63,3 +66,15 @@ def evaluate_test(model, bundle, batch_size: int, device, out_dir=None) -> dict:
         return {}
     loader = DeviceLoader(DataLoader(bundle.test, batch_size=batch_size, shuffle=False), device)
     return model.evaluate(loader, out_dir=out_dir) if out_dir is not None else model.evaluate(loader)
+
+
+def finalize(model, bundle, train_cfg: TrainConfig, device, out_dir, checkpoint_data: dict) -> dict:
+    """Best weights -> fit normal statistics -> calibrate the threshold -> evaluate -> ``model.pt``.
+    What every run ends with: a pruned model is measured and saved like a trained one."""
+    out_dir = Path(out_dir)
+    fitted = refit(model, bundle, train_cfg, device)
+    metrics = evaluate_test(model, bundle, train_cfg.batch_size, device, out_dir=out_dir / "eval")
+    payload = make_checkpoint(model, data=checkpoint_data,
+                              meta={"train_config": to_dict(train_cfg), "test_metrics": scalars(metrics), **fitted})
+    save_checkpoint(out_dir / "model.pt", payload)
+    return metrics

@@ -15,7 +15,8 @@ from edgediag.errors import UserError
 _REGISTRY: dict[str, type[DiagnosisModel]] = {}
 _VARIANTS: dict[str, tuple[str, dict]] = {}  # variant name -> (family, config defaults)
 
-# Families are imported lazily so that `import edgediag.models` stays cheap.
+# Families are imported by name when first needed (not statically: a model package imports the
+# engine, never the other way), which also keeps `import edgediag.models` cheap.
 _FAMILY_MODULES = ("tastgram_mfn", "aegan_ad", "memorymamba", "ldmamba", "image_cnn")
 
 

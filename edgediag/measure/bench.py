@@ -1,4 +1,5 @@
-"""`python -m edgediag.bench`: params, FLOPs, latency and memory against accuracy, as a report.
+"""The bench flow of `python -m edgediag.bench` (the verb parses, :func:`run` measures):
+params, FLOPs, latency and memory against accuracy, as a report.
 
     python -m edgediag.bench --model runs/a/best.pt export/a/model.onnx --data DIR --out bench/ \\
         [--backends eager,onnxruntime,tensorrt] [--threads N] [--batch 1,8] [--warmup W --iters I]
@@ -17,7 +18,6 @@ plots of each evaluation).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import datetime
 import json
@@ -25,58 +25,37 @@ import math
 import os
 import platform
 import re
-import resource
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from edgediag import __version__, cli, runtime
+from edgediag import __version__, runtime
 from edgediag.config import from_dict
 from edgediag.data import DataConfig, build_data
+from edgediag.deploy.metadata import read_metadata
 from edgediag.engine.checkpoint import load_model
-from edgediag.engine.metrics import auc_pauc, decision_report, save_roc_png
-from edgediag.engine.trainer import DeviceLoader
+from edgediag.errors import UserError
+from edgediag.measure.accuracy import accuracy
 from edgediag.measure.cost import count_flops, count_parameters
-from edgediag.measure.timing import timed_calls
+from edgediag.measure.memory import peak_rss_mb, reset_peak_rss
+from edgediag.measure.report import markdown, pareto_png
+from edgediag.measure.timing import timed_rounds
 from edgediag.utils import atomic_path, write_json
 
-BACKENDS = ("eager", "onnxruntime", "tensorrt")
-SUFFIX_BACKEND = {".pt": "eager", ".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt"}
+# Backends by artifact suffix: the runtime's map, with the bench's name for PyTorch ("eager",
+# what --backends and the reports say).
+_NAMES = {"pytorch": "eager"}
+SUFFIX_BACKEND = {suffix: _NAMES.get(b, b) for suffix, b in runtime.SUFFIX_BACKEND.items()}
+BACKENDS = tuple(dict.fromkeys(SUFFIX_BACKEND.values()))
 
 
-def parser():
-    p = cli.make_parser("bench", "Params, FLOPs, latency and memory against accuracy, as a report.")
-    p.add_argument("--model", nargs="+", required=True, metavar="ARTIFACT",
-                   help="checkpoints (.pt), ONNX graphs (.onnx) and TensorRT engines (.engine/.plan)")
-    p.add_argument("--data", help="data folder to measure accuracy on (default: a checkpoint's own data folder)")
-    p.add_argument("--out", required=True, help="folder for report.json, report.md, pareto.png, plots/")
-    p.add_argument("--backends", default="eager,onnxruntime,tensorrt",
-                   help="comma-separated subset of eager,onnxruntime,tensorrt (default: all)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="CPU threads for torch and ONNX Runtime (intra-op), pinned for every figure")
-    p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8 (default 1)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs before timing (default 5)")
-    p.add_argument("--iters", type=int, default=50, help="timed runs per figure (default 50)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="split the timed runs into R rounds that go through every artifact in turn, so "
-                        "the machine's drift hits every row alike (RSS is then the peak over all rows; "
-                        "default 1: each artifact timed in one block, as power logs need)")
-    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="wall: elapsed time (default); cpu: the timing thread's CPU time, which leaves out "
-                        "time the thread was preempted or its virtual CPU stolen (a shared or virtual "
-                        "machine); needs --threads 1, where it equals the compute latency")
-    p.add_argument("--split", default="test", choices=["test", "val", "train"], help="split for accuracy")
-    p.add_argument("--max-items", type=int, default=0, help="score at most this many items (0 = all)")
-    p.add_argument("--device", default="cpu", help="eager device: cpu or cuda (default cpu)")
-    p.add_argument("--tegrastats", metavar="LOG",
-                   help="a tegrastats log written during this run (tegrastats --interval 100 --logfile LOG): "
-                        "each timed row gets the power summary of its time span, energy per item")
-    p.add_argument("--tegrastats-interval-ms", type=float, help="the --interval of that log (default: from its timestamps)")
-    return p
+def backend_of(path: Path) -> str:
+    """The bench's backend name for an artifact (the runtime refuses unknown suffixes)."""
+    backend = runtime.backend_of(path)
+    return _NAMES.get(backend, backend)
 
 
 # --- environment -------------------------------------------------------------------------------
@@ -102,25 +81,6 @@ def environment(threads: int) -> dict[str, Any]:
     return env
 
 
-# --- memory ------------------------------------------------------------------------------------
-def reset_peak_rss() -> str:
-    """Reset the kernel's peak-RSS mark (Linux: clear_refs 5) so each figure has its own
-    peak; where that is impossible the figure is the process's lifetime peak."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return "VmHWM after reset"
-    except OSError:
-        return "process lifetime peak (ru_maxrss)"
-
-
-def peak_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # --- artifacts ---------------------------------------------------------------------------------
@@ -153,10 +113,8 @@ class Artifact:
 
 def load_artifact(path: Path) -> Artifact:
     if not path.exists():
-        raise cli.UserError(f"artifact not found: {path}")
-    backend = SUFFIX_BACKEND.get(path.suffix.lower())
-    if backend is None:
-        raise cli.UserError(f"{path}: unknown artifact type {path.suffix!r} (expected .pt, .onnx, .engine or .plan)")
+        raise UserError(f"artifact not found: {path}")
+    backend = backend_of(path)
     if backend == "eager":
         model, ckpt = load_model(path)
         data = ckpt.get("data") or {}
@@ -166,14 +124,14 @@ def load_artifact(path: Path) -> Artifact:
         art.params = count_parameters(model)
         return art
     graph_path = path if backend == "onnxruntime" else path.with_name("model.onnx")
-    meta = _onnx_metadata(graph_path) if graph_path.is_file() else {}
+    meta = read_metadata(graph_path) if graph_path.is_file() else {}
     if backend == "onnxruntime" and "model_name" not in meta:
-        raise cli.UserError(f"{path} has no edgediag metadata (model_name); export it with python -m edgediag.export")
+        raise UserError(f"{path} has no edgediag metadata (model_name); export it with python -m edgediag.export")
     try:
         config = json.loads(meta.get("model_config", "{}"))
         threshold = float(meta.get("threshold", "nan"))
     except ValueError:
-        raise cli.UserError(f"{graph_path}: unreadable model_config/threshold metadata") from None
+        raise UserError(f"{graph_path}: unreadable model_config/threshold metadata") from None
     art = Artifact(path, backend, meta.get("model_name", path.stem), config, threshold,
                    meta.get("data_kind", ""), {}, meta=meta)
     if backend == "onnxruntime":
@@ -181,14 +139,6 @@ def load_artifact(path: Path) -> Artifact:
     return art
 
 
-def _onnx_metadata(path: Path) -> dict[str, str]:
-    import onnx
-
-    try:
-        graph = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad input file
-        raise cli.UserError(f"{path} is not a readable ONNX file ({type(exc).__name__})") from None
-    return {p.key: p.value for p in graph.metadata_props}
 
 
 def _onnx_parameters(path: Path) -> dict[str, int]:
@@ -253,7 +203,7 @@ def load_dataset(art: Artifact, data_root: str | None, split: str, cache: dict):
     if data_root:
         values["root"] = data_root
     if not values.get("root"):
-        raise cli.UserError(f"{art.path}: no data folder recorded; pass --data")
+        raise UserError(f"{art.path}: no data folder recorded; pass --data")
     cfg = from_dict(DataConfig, values, "data.")
     model_cfg = art.model.config if art.model is not None else create_model(art.model_name, art.config).config
     kind = art.data_kind or getattr(art.model, "data_kind", "")
@@ -262,7 +212,7 @@ def load_dataset(art: Artifact, data_root: str | None, split: str, cache: dict):
         bundle = build_data(kind, cfg, model_cfg)
         dataset = getattr(bundle, split)
         if dataset is None or len(dataset) == 0:
-            raise cli.UserError(f"{cfg.root} has no {split} split to measure accuracy on")
+            raise UserError(f"{cfg.root} has no {split} split to measure accuracy on")
         cache[key] = dataset
     return cache[key]
 
@@ -315,9 +265,7 @@ def time_runs(run: Callable, x: torch.Tensor, warmup: int, iters: int, cuda: boo
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     rss_method = reset_peak_rss()
-    for _ in range(warmup):
-        run(x)
-    times = timed_calls(lambda: run(x), iters)
+    times = timed_rounds([lambda: run(x)], iters, warmup=warmup)[0]
     out = {**latency_stats(times, len(x), clock), "rss_peak_mb": round(peak_rss_mb(), 1), "rss_method": rss_method}
     if cuda:
         out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -360,16 +308,10 @@ def time_interleaved(jobs: list[tuple[dict, Callable, torch.Tensor]], warmup: in
     rss_method = reset_peak_rss()
     ref_row: dict = {}
     jobs = [(ref_row, *reference_kernel()), *jobs]
-    for _, run, x in jobs:
-        for _ in range(warmup):
-            run(x)
-    samples: list[dict[str, list[float]]] = [{"wall": [], "cpu": []} for _ in jobs]
+    calls = [lambda run=run, x=x: run(x) for _, run, x in jobs]
+    timed_rounds(calls, 0, warmup=warmup)  # warm-up outside the span the rows report
     started = datetime.datetime.now()
-    for r in range(rounds):
-        n = iters // rounds + (1 if r < iters % rounds else 0)
-        for k, (_, run, x) in enumerate(jobs):
-            for c, t in timed_calls(lambda run=run, x=x: run(x), n).items():
-                samples[k][c] += t
+    samples = timed_rounds(calls, iters, rounds)
     span = {"start": started.isoformat(timespec="milliseconds"),
             "end": datetime.datetime.now().isoformat(timespec="milliseconds"), "interleaved": True}
     peak = round(peak_rss_mb(), 1)  # the process's peak over all rows: they ran together
@@ -379,79 +321,6 @@ def time_interleaved(jobs: list[tuple[dict, Callable, torch.Tensor]], warmup: in
                    rounds=rounds)
         row["relative_p50"] = row["latency_ms"]["p50"] / reference["p50"]
     return reference
-
-
-def _batches(dataset, static_batch: int | None, max_items: int):
-    """(input batch, its items) over the dataset; a static graph's last batch is padded."""
-    n = len(dataset) if not max_items else min(max_items, len(dataset))
-    step = static_batch or 32
-    for start in range(0, n, step):
-        items = [dataset[i] for i in range(start, min(start + step, n))]
-        x = torch.stack([torch.as_tensor(it["x"]) for it in items]).float()
-        if static_batch and len(items) < static_batch:
-            x = torch.cat([x, x[-1:].expand(static_batch - len(items), *x.shape[1:])])
-        yield x, items
-
-
-def score_dataset(run: Callable, dataset, static_batch: int | None, max_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of every item by the runner; labels = the items' anomaly flags."""
-    scores, labels = [], []
-    for x, items in _batches(dataset, static_batch, max_items):
-        scores.append(run(x)[: len(items)])
-        labels += [int(it["anomaly"]) for it in items]
-    return np.concatenate(scores), np.asarray(labels)
-
-
-def class_accuracy(run: Callable, dataset, static_batch: int | None, max_items: int) -> float | None:
-    """Accuracy of a classifier graph from its ``probs`` output (argmax vs the items' class),
-    so a graph reports the same metric as its checkpoint; None when it has no such output."""
-    pred = getattr(run, "predictor", None)
-    if pred is None or "probs" not in getattr(pred, "output_names", ()):
-        return None
-    hits = total = 0
-    for x, items in _batches(dataset, static_batch, max_items):
-        probs = pred.outputs(x)["probs"][: len(items)]
-        hits += int((probs.argmax(-1) == np.asarray([int(it["y"]) for it in items])).sum())
-        total += len(items)
-    return hits / total if total else None
-
-
-def accuracy(art: Artifact, run: Callable, static_batch: int | None, dataset, args, plot_dir: Path) -> dict:
-    """The model's own metric (model.evaluate) for a checkpoint; for a graph, the metrics its
-    scores give (AUC, pAUC, decision accuracy at the calibrated threshold)."""
-    from edgediag.models import get_model_class
-
-    scores, labels = score_dataset(run, dataset, static_batch, args.max_items)
-    auc, pauc = auc_pauc(labels, scores)
-    result = {"auc": auc, "pauc": pauc}
-    if math.isfinite(art.threshold):
-        result["decision_accuracy"] = decision_report(labels, scores, art.threshold)["accuracy"]
-    if len(np.unique(labels)) > 1:
-        save_roc_png(plot_dir / "roc.png", {art.backend: (labels, scores)}, title=f"{art.model_name} ({art.backend})")
-    try:
-        primary = get_model_class(art.model_name)[0].primary_metric
-    except Exception:  # noqa: BLE001 - an unknown model still has score metrics
-        primary = "auc"
-    if art.backend == "eager":
-        loader = DeviceLoader(DataLoader(dataset, batch_size=32, shuffle=False), torch.device("cpu"))
-        art.model.to("cpu")
-        metrics = art.model.evaluate(loader, out_dir=plot_dir)
-        write_json(plot_dir / "metrics.json", metrics)
-        result["metric_name"], result["metric"] = primary, metrics.get(primary)
-        if "auc" in metrics:
-            result["auc"] = metrics["auc"]
-        result["metric_source"] = "model.evaluate"
-    elif primary in result:
-        result["metric_name"], result["metric"] = primary, result[primary]
-        result["metric_source"] = f"{art.backend} scores"
-    elif primary == "acc" and (acc := class_accuracy(run, dataset, static_batch, args.max_items)) is not None:
-        result["metric_name"], result["metric"] = "acc", acc
-        result["metric_source"] = f"{art.backend} probs output"
-    else:  # e.g. a classifier's accuracy needs its class outputs; the graph gives the score
-        name = "decision_accuracy" if result.get("decision_accuracy") is not None else "auc"
-        result["metric_name"], result["metric"] = name, result[name]
-        result["metric_source"] = f"{art.backend} scores (the graph outputs scores, not {primary})"
-    return result
 
 
 def attach_power(rows: list[dict], log: str, interval_ms: float | None, iters: int) -> dict:
@@ -478,115 +347,6 @@ def _finite(v):
     return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
-# --- report ------------------------------------------------------------------------------------
-def markdown(rows: list[dict], env: dict, reference: dict | None = None) -> str:
-    head = ["model", "variant", "backend", "batch", "params", "MFLOPs/item", "p50 ms", "p90 ms", "items/s",
-            "RSS MB", "metric", "AUC"]
-    lines = ["# edgediag benchmark", "",
-             f"Machine: {env['cpu']}, {env['cores']} cores, {env['threads']} threads; torch {env['torch']}, "
-             f"onnxruntime {env['onnxruntime']}, numpy {env['numpy']}; load average {env['load_avg_1m']} "
-             "when it started.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    skipped = []
-    for r in rows:
-        if r["status"] != "ok":
-            skipped.append(f"- `{r['artifact']}` {r['backend']} batch {r['batch']}: skipped: {r['reason']}")
-            continue
-        lat = r["latency_ms"]
-        metric = "n/a" if r.get("metric") is None else f"{r['metric_name']} {r['metric']:.4f}"
-        mflops = "n/a" if r.get("flops_per_item") is None else f"{r['flops_per_item'] / 1e6:.2f}"
-        params = "n/a" if r.get("params_total") is None else f"{r['params_total']:,}"
-        lines.append(f"| {r['model']} | {r['variant']} | {r['backend']} | {r['batch']} | {params} | {mflops} | "
-                     f"{lat['p50']:.3f} | {lat['p90']:.3f} | {r['items_per_s']:.1f} | {r['rss_peak_mb']:.0f} | "
-                     f"{metric} | {'n/a' if r.get('auc') is None else format(r['auc'], '.4f')} |")
-    if skipped:
-        lines += ["", "Skipped:", *skipped]
-    clocks = {r.get("clock", "wall") for r in rows if r["status"] == "ok"}
-    what = ("CPU time of the timing thread (one thread; preemption and stolen time left out)" if clocks == {"cpu"}
-            else "wall time")
-    lines += ["", f"Latency: {what} of one call on a prepared batch, after the warm-up; RSS: the process's "
-              "peak resident memory during the timed runs (models, runtime and data included)."]
-    shares = [(r["cpu_share"], r) for r in rows if r["status"] == "ok" and "cpu_share" in r]
-    busy = [(share, r) for share, r in shares if share < 0.9]
-    if busy:
-        share, r = min(busy, key=lambda t: t[0])
-        lines += ["", f"Contention: on {len(busy)} of {len(shares)} rows the timing thread ran less than 90 % of "
-                  f"the wall time (least: {100 * share:.0f} %, {r['model']} {r['variant']} {r['backend']}): the "
-                  "machine was busy or its virtual CPU stolen. `--clock cpu` leaves that time out."]
-    elif shares:
-        lines += ["", "The timing thread ran at least 90 % of the wall time on every row (no contention seen)."]
-    if reference:
-        lines += ["", f"Reference kernel ({reference['what']}), timed in the same rounds: p50 "
-                  f"{reference['p50']:.3f} ms: how fast the machine's plain compute was (`relative_p50` in "
-                  "report.json divides each p50 by it)."]
-    return "\n".join(lines) + "\n"
-
-
-def pareto_png(path: Path, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if r["status"] == "ok"]
-    batch = min((r["batch"] for r in ok), default=1)
-    ok = [r for r in ok if r["batch"] == batch]
-    # One y axis for all points: AUC when every row has it (a checkpoint's own metric and a
-    # graph's score metric can differ in kind), else each row's metric.
-    y_key = "auc" if ok and all(r.get("auc") is not None for r in ok) else "metric"
-    ok = [{**r, "y": r[y_key]} for r in ok if r.get(y_key) is not None]
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(dict.fromkeys(r["model_name"] for r in ok))}
-    markers = {"eager": "o", "onnxruntime": "s", "tensorrt": "^"}
-    biggest = max((r.get("params_total") or 1 for r in ok), default=1)
-    for r in ok:  # colour: model, marker: backend, fill: original (filled) or pruned (hollow)
-        size = 60 + 440 * math.sqrt((r.get("params_total") or 1) / biggest)
-        pruned = r["variant"] == "pruned"
-        ax.scatter(r["latency_ms"]["p50"], r["y"], s=size, marker=markers.get(r["backend"], "o"), alpha=0.8,
-                   facecolors="white" if pruned else colours[r["model_name"]],
-                   edgecolors=colours[r["model_name"]] if pruned else "black", linewidths=1.6 if pruned else 0.6)
-    # Text only where colour, marker and fill leave two points ambiguous (two runs of a model):
-    # their artifact folders; labels cycle through offsets so close points stay readable.
-    seen = collections.Counter((r["model_name"], r["variant"], r["backend"]) for r in ok)
-    offsets = [(10, 10), (10, -16), (-10, 22), (-10, -28)]
-    ambiguous = [r for r in ok if seen[(r["model_name"], r["variant"], r["backend"])] > 1]
-    for i, r in enumerate(sorted(ambiguous, key=lambda r: r["latency_ms"]["p50"])):
-        dx, dy = offsets[i % len(offsets)]
-        ax.annotate(Path(r["artifact"]).parent.name or r["artifact"], (r["latency_ms"]["p50"], r["y"]),
-                    textcoords="offset points", xytext=(dx, dy), fontsize=7.5, ha="left" if dx > 0 else "right",
-                    arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.5})
-    for name in colours:  # original -> pruned of one model family and backend, as a line
-        for backend in markers:
-            pts = sorted((r for r in ok if r["model_name"] == name and r["backend"] == backend),
-                         key=lambda r: r["variant"] != "original")
-            if len(pts) > 1 and {p["variant"] for p in pts} == {"original", "pruned"}:
-                ax.plot([p["latency_ms"]["p50"] for p in pts], [p["y"] for p in pts], "--",
-                        color=colours[name], linewidth=1.2)
-    for name, colour in colours.items():
-        ax.scatter([], [], color=colour, label=name, s=60)
-    for backend, marker in markers.items():
-        if any(r["backend"] == backend for r in ok):
-            ax.scatter([], [], color="grey", marker=marker, label=backend, s=60)
-    ax.scatter([], [], color="grey", edgecolors="black", linewidths=0.6, label="original", s=60)
-    ax.scatter([], [], facecolors="white", edgecolors="grey", linewidths=1.6, label="pruned", s=60)
-    names = ["AUC"] if y_key == "auc" else sorted({r["metric_name"] for r in ok})
-    lat = [r["latency_ms"]["p50"] for r in ok]
-    if lat and max(lat) > 10 * min(lat):  # latencies over decades: a log axis keeps all visible
-        ax.set_xscale("log")
-    ax.set_xlabel(f"median latency, batch {batch} (ms{', log scale' if ax.get_xscale() == 'log' else ''})")
-    ax.set_ylabel("accuracy: " + ", ".join(names))
-    ax.set_title("accuracy vs latency (marker size = parameters; dashed: original -> pruned)")
-    ax.grid(alpha=0.3)
-    if ok:
-        ax.legend(loc="best", fontsize=8, framealpha=0.8)
-        ax.margins(x=0.25, y=0.15)
-    else:
-        ax.text(0.5, 0.5, "no measured rows", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
 
 # --- main --------------------------------------------------------------------------------------
 def _int_list(text: str, what: str) -> list[int]:
@@ -595,7 +355,7 @@ def _int_list(text: str, what: str) -> list[int]:
     except ValueError:
         values = []
     if not values or min(values) < 1:
-        raise cli.UserError(f"--{what} must be comma-separated positive integers, not {text!r}")
+        raise UserError(f"--{what} must be comma-separated positive integers, not {text!r}")
     return values
 
 
@@ -605,22 +365,22 @@ def _print_row(row: dict, art: Artifact, acc: dict) -> None:
           f"{row['items_per_s']:.1f} items/s, {acc.get('metric_name')} {acc.get('metric')}")
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+def run(args) -> int:
+    """The bench the command line ``args`` (the verb's parser) asks for; the exit code."""
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
-        raise cli.UserError(f"unknown backend {', '.join(unknown) or repr(args.backends)} "
+        raise UserError(f"unknown backend {', '.join(unknown) or repr(args.backends)} "
                             f"(choose from {', '.join(BACKENDS)})")
     batches = _int_list(args.batch, "batch")
     if not 1 <= args.rounds <= max(args.iters, 1):
-        raise cli.UserError(f"--rounds must be between 1 and --iters ({args.iters}), not {args.rounds}")
+        raise UserError(f"--rounds must be between 1 and --iters ({args.iters}), not {args.rounds}")
     if args.threads < 1 or args.iters < 1 or args.warmup < 0:
-        raise cli.UserError("--threads and --iters must be >= 1, --warmup >= 0")
+        raise UserError("--threads and --iters must be >= 1, --warmup >= 0")
     if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
-        raise cli.UserError("--clock cpu times one CPU thread: use it with --threads 1 on the cpu device")
+        raise UserError("--clock cpu times one CPU thread: use it with --threads 1 on the cpu device")
     if args.data and not Path(args.data).exists():
-        raise cli.UserError(f"data folder not found: {args.data}")
+        raise UserError(f"data folder not found: {args.data}")
     arts = [load_artifact(Path(p)) for p in args.model]
     link_and_label(arts)
     attach_flops(arts)
@@ -692,7 +452,3 @@ def main(argv=None) -> int:
     pareto_png(out / "pareto.png", rows)
     print(f"report: {out / 'report.md'} ({len(rows)} rows), {out / 'report.json'}, {out / 'pareto.png'}")
     return 0
-
-
-if __name__ == "__main__":
-    cli.entry(main)

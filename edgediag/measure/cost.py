@@ -1,11 +1,10 @@
 """Parameters and FLOPs of a model, with the selective scan counted by its formula.
 
 ``torch.utils.flop_counter.FlopCounterMode`` counts matmuls and convolutions, but it
-cannot see the selective scan: depending on the backend it is a C++ loop, a CUDA
-kernel or a chunk of cumsum/exp ops that the counter ignores or miscounts. So while
-counting, every module-level ``selective_scan`` name (``edgediag.nn.mamba`` and any other
-module that imported it) is replaced by a wrapper that runs the real scan with the
-counter paused and adds :func:`scan_flops` to the enclosing modules instead.
+cannot see the selective scan (a C++ loop, a CUDA kernel or cumsum/exp ops it ignores or
+miscounts). So while counting, the scan's observer hook (:mod:`edgediag.ops.flops`) runs
+each scan with the counter paused and files :func:`~edgediag.ops.flops.scan_flops` under
+the enclosing modules instead.
 
 FLOPs are counted as the counter does: a multiply-add is 2 FLOPs (MACs = FLOPs / 2).
 """
@@ -13,8 +12,6 @@ FLOPs are counted as the counter does: a multiply-add is 2 FLOPs (MACs = FLOPs /
 from __future__ import annotations
 
 import contextlib
-import importlib
-import sys
 from collections.abc import Iterator
 
 import torch
@@ -23,25 +20,9 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import FlopCounterMode
 
 from edgediag.nn.features import stft_method
+from edgediag.ops.flops import SCAN_KEY, observing_scans
 
-# the module, not the function of the same name that edgediag.ops re-exports
-_scan_module = importlib.import_module("edgediag.ops.selective_scan")
-
-SCAN_KEY = "selective_scan"  # the op name the scan's FLOPs are filed under
 OUTSIDE = "(outside modules)"
-
-
-def scan_flops(u: torch.Tensor, A: torch.Tensor, D=None, z=None) -> int:
-    """The selective scan's FLOPs: about 9·B·L·D·N for the recurrence (discretise dt·A,
-    exp, dt·B·u, state update, C·state), plus B·D·L for the skip term D·u and B·D·L for
-    the gate by z. u: (B, D, L); A: (D, N)."""
-    batch, channels, length = u.shape
-    flops = 9 * batch * length * channels * A.shape[-1]
-    if D is not None:
-        flops += batch * channels * length
-    if z is not None:
-        flops += batch * channels * length
-    return int(flops)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -54,31 +35,22 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 @contextlib.contextmanager
 def _counting_scans(counter: _Counter) -> Iterator[list[int]]:
-    """Swap every imported ``selective_scan`` for a counting wrapper while inside."""
-    original = _scan_module.selective_scan
+    """Count every selective scan run inside by its formula; yields the per-call FLOPs."""
     calls: list[int] = []
 
-    def counted(u, delta, A, B, C, D=None, z=None, *args, **kwargs):
+    def count(run, flops: int):
         # The real scan runs with the dispatch modes popped, so its inner ops are not
         # counted a second time on top of the formula.
         with _disable_current_modes():
-            out = original(u, delta, A, B, C, D, z, *args, **kwargs)
-        flops = scan_flops(u, A, D, z)
+            out = run()
         calls.append(flops)
         for parent in set(counter.mod_tracker.parents):
             counter.flop_counts[parent][SCAN_KEY] += flops
         counter.add_own(flops)
         return out
 
-    patched = [mod for mod in list(sys.modules.values())
-               if mod is not None and getattr(mod, "selective_scan", None) is original]
-    for mod in patched:
-        mod.selective_scan = counted
-    try:
+    with observing_scans(count):
         yield calls
-    finally:
-        for mod in patched:
-            mod.selective_scan = original
 
 
 def _total(ops: dict) -> int:

@@ -30,6 +30,23 @@ def timed_calls(fn: Callable[[], object], n: int) -> dict[str, list[float]]:
     return times
 
 
+def timed_rounds(fns: Sequence[Callable[[], object]], iters: int, rounds: int = 1,
+                 warmup: int = 0) -> list[dict[str, list[float]]]:
+    """Seconds per call of each of ``fns`` (``iters`` calls each, after ``warmup`` untimed ones),
+    on both clocks. The calls are split into ``rounds`` rounds that go through all functions in
+    turn, so a shared machine's drift (other jobs, clock changes) hits every function alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[dict[str, list[float]]] = [{c: [] for c in CLOCKS} for _ in fns]
+    for r in range(rounds):
+        n = iters // rounds + (1 if r < iters % rounds else 0)
+        for k, fn in enumerate(fns):
+            for clock, t in timed_calls(fn, n).items():
+                times[k][clock] += t
+    return times
+
+
 def timed_alternately(fns: Sequence[Callable[[], Any]], runs: int, warmup: int = 3) -> dict[str, list[list[float]]]:
     """Per-run times (ms) of several functions, run in turn so that all see the same load on
     a shared machine: ``{"wall": [times of fns[0], ...], "cpu": [...]}``."""

@@ -25,20 +25,24 @@ from torch import Tensor, nn
 
 from edgediag.ops import selective_scan
 
-__all__ = ["MambaMixer", "BiMambaMixer", "SS2D"]
+__all__ = ["MambaMixer", "BiMambaMixer", "SS2D", "inner_channel_tensors"]
 
 
 def _resolve_dt_rank(dt_rank, d_model: int) -> int:
     return math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
 
 
-def _set_sizes(mixer: nn.Module, d_model: int, d_state: int, d_conv: int, expand: float, dt_rank,
-               d_inner: int | None) -> None:
-    """The size attributes every mixer keeps (mamba-ssm names); d_inner overrides expand
-    (pruned widths)."""
-    mixer.d_model, mixer.d_state, mixer.d_conv, mixer.expand = d_model, d_state, d_conv, expand
-    mixer.d_inner = int(d_inner) if d_inner is not None else int(expand * d_model)
-    mixer.dt_rank = _resolve_dt_rank(dt_rank, d_model)
+class _ScanMixer(nn.Module):
+    """The size attributes every mixer keeps (mamba-ssm names) and its scan backend; d_inner
+    overrides expand (pruned widths)."""
+
+    def __init__(self, d_model: int, d_state: int, d_conv: int, expand: float, dt_rank, d_inner: int | None,
+                 scan_backend: str):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(d_inner) if d_inner is not None else int(expand * d_model)
+        self.dt_rank = _resolve_dt_rank(dt_rank, d_model)
+        self.scan_backend = scan_backend
 
 
 def _dt_bias(d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float) -> Tensor:
@@ -68,6 +72,56 @@ def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_scale: float, dt_init: st
     dt_proj.bias._no_reinit = True  # mamba-ssm convention: keep through re-initialisation
 
 
+def _direction(mixer: nn.Module, suffix: str, conv_bias: bool, dt_init_args: tuple) -> None:
+    """One scan direction's parameters (conv1d, x_proj, dt_proj, A_log, D), suffixed as in
+    Vim ("" forward, "_b" backward): MambaMixer has one direction, BiMambaMixer two."""
+    d_inner, d_state, R = mixer.d_inner, mixer.d_state, mixer.dt_rank
+    conv = nn.Conv1d(d_inner, d_inner, kernel_size=mixer.d_conv, groups=d_inner, padding=mixer.d_conv - 1,
+                     bias=conv_bias)
+    x_proj = nn.Linear(d_inner, R + 2 * d_state, bias=False)  # before dt_proj: the seeded init order
+    dt_proj = nn.Linear(R, d_inner, bias=True)
+    _init_dt_proj(dt_proj, R, *dt_init_args)
+    A_log = nn.Parameter(_A_log_init(d_inner, d_state))
+    A_log._no_weight_decay = True
+    D = nn.Parameter(torch.ones(d_inner))
+    D._no_weight_decay = True
+    setattr(mixer, f"conv1d{suffix}", conv)
+    setattr(mixer, f"x_proj{suffix}", x_proj)
+    setattr(mixer, f"dt_proj{suffix}", dt_proj)
+    setattr(mixer, "A_log" if not suffix else f"A{suffix}_log", A_log)
+    setattr(mixer, f"D{suffix}", D)
+
+
+# --- the inner (d_inner) channels -----------------------------------------------------------
+# (parameter name, dim, stacked copies, ranks channels) of every tensor holding a mixer's
+# d_inner channels. The one description that structured pruning, dynamic pruning's slicing
+# and LDMamba's screening groups all use; a bias or norm affine is sliced but does not rank.
+def _mixer_layout(mixer: nn.Module) -> list[tuple[str, int, int, bool]]:
+    out = [("in_proj.weight", 0, 2, True), ("in_proj.bias", 0, 2, False)]  # x and z halves
+    for sfx in mixer.directions:
+        a_log = "A_log" if not sfx else f"A{sfx}_log"
+        out += [(f"conv1d{sfx}.weight", 0, 1, True), (f"conv1d{sfx}.bias", 0, 1, False),
+                (f"x_proj{sfx}.weight", 1, 1, True), (f"dt_proj{sfx}.weight", 0, 1, True),
+                (f"dt_proj{sfx}.bias", 0, 1, False), (a_log, 0, 1, True), (f"D{sfx}", 0, 1, True)]
+    return out + [("out_proj.weight", 1, 1, True)]
+
+
+def _ss2d_layout(ss2d: nn.Module) -> list[tuple[str, int, int, bool]]:
+    K = ss2d.K  # A_logs and Ds stack the same channel once per scan direction
+    return [("in_proj.weight", 0, 2, True), ("in_proj.bias", 0, 2, False), ("conv2d.weight", 0, 1, True),
+            ("conv2d.bias", 0, 1, False), ("x_proj_weight", 2, 1, True), ("dt_projs_weight", 1, 1, True),
+            ("dt_projs_bias", 1, 1, False), ("A_logs", 0, K, True), ("Ds", 0, K, True),
+            ("out_norm.weight", 0, 1, False), ("out_norm.bias", 0, 1, False), ("out_proj.weight", 1, 1, True)]
+
+
+def inner_channel_tensors(mixer: nn.Module, ranking: bool = False) -> list[tuple[str, int, int]]:
+    """(parameter name, dim, chunks) of every tensor of a MambaMixer / BiMambaMixer / SS2D with
+    one entry per d_inner channel along ``dim``, in ``chunks`` stacked copies. ``ranking``:
+    only the weights that rank channels (no biases, no norm affines)."""
+    params = dict(mixer.named_parameters())
+    return [(n, d, c) for n, d, c, ranks in mixer.inner_layout() if n in params and (ranks or not ranking)]
+
+
 def _project(x: Tensor, x_proj: nn.Linear, dt_proj: nn.Linear) -> tuple[Tensor, Tensor, Tensor]:
     """x (..., d_inner) channels-last -> (dt, B, C): dt through dt_proj without its bias (it
     goes into the scan as delta_bias), B and C (..., d_state). The mixers' shared projection."""
@@ -76,7 +130,7 @@ def _project(x: Tensor, x_proj: nn.Linear, dt_proj: nn.Linear) -> tuple[Tensor, 
     return F.linear(dt, dt_proj.weight), B, C
 
 
-class MambaMixer(nn.Module):
+class MambaMixer(_ScanMixer):
     """Mamba mixer, mamba-ssm's ``Mamba`` (non-fused path). Input/output (B, L, d_model).
 
     in_proj -> (x, z); x -> depthwise causal conv1d -> silu -> x_proj -> (dt, B, C);
@@ -84,24 +138,18 @@ class MambaMixer(nn.Module):
     delta_bias=dt_proj.bias, delta_softplus=True) -> out_proj.
     """
 
+    uses_selective_scan = True  # deploy asks this, not the class name, for scan export paths
+    directions = ("",)  # attribute suffixes of the scan directions
+    inner_layout = _mixer_layout
+
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2,
                  dt_rank="auto", dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
                  dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True,
                  bias: bool = False, scan_backend: str = "auto", d_inner: int | None = None):
-        super().__init__()
-        _set_sizes(self, d_model, d_state, d_conv, expand, dt_rank, d_inner)
-        self.scan_backend = scan_backend
+        super().__init__(d_model, d_state, d_conv, expand, dt_rank, d_inner, scan_backend)
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
-        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
-                                padding=d_conv - 1, bias=conv_bias)
-        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
-        _init_dt_proj(self.dt_proj, self.dt_rank, dt_scale, dt_init, dt_min, dt_max, dt_init_floor)
-        self.A_log = nn.Parameter(_A_log_init(self.d_inner, d_state))
-        self.A_log._no_weight_decay = True
-        self.D = nn.Parameter(torch.ones(self.d_inner))
-        self.D._no_weight_decay = True
+        _direction(self, "", conv_bias, (dt_scale, dt_init, dt_min, dt_max, dt_init_floor))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
     def forward(self, hidden_states: Tensor, return_states: bool = False):
@@ -165,7 +213,7 @@ class MambaMixer(nn.Module):
         return (out.unsqueeze(1) if squeeze else out), conv_state, new_ssm.to(ssm_state.dtype)
 
 
-class BiMambaMixer(nn.Module):
+class BiMambaMixer(_ScanMixer):
     """Bidirectional Mamba mixer, Vision-Mamba ("bimamba v2") style.
 
     One shared ``in_proj`` and ``out_proj``; each direction has its own conv,
@@ -179,32 +227,21 @@ class BiMambaMixer(nn.Module):
     sequence, so streaming one step at a time is not defined.
     """
 
+    uses_selective_scan = True
+    directions = ("", "_b")
+    inner_layout = _mixer_layout
+
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: float = 2,
                  dt_rank="auto", dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
                  dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True,
                  bias: bool = False, divide_out: bool = True, scan_backend: str = "auto",
                  d_inner: int | None = None):
-        super().__init__()
-        _set_sizes(self, d_model, d_state, d_conv, expand, dt_rank, d_inner)
+        super().__init__(d_model, d_state, d_conv, expand, dt_rank, d_inner, scan_backend)
         self.divide_out = divide_out
-        self.scan_backend = scan_backend
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
-        for suffix in ("", "_b"):
-            conv = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
-                             padding=d_conv - 1, bias=conv_bias)
-            x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
-            dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
-            _init_dt_proj(dt_proj, self.dt_rank, dt_scale, dt_init, dt_min, dt_max, dt_init_floor)
-            A_log = nn.Parameter(_A_log_init(self.d_inner, d_state))
-            A_log._no_weight_decay = True
-            D = nn.Parameter(torch.ones(self.d_inner))
-            D._no_weight_decay = True
-            setattr(self, f"conv1d{suffix}", conv)
-            setattr(self, f"x_proj{suffix}", x_proj)
-            setattr(self, f"dt_proj{suffix}", dt_proj)
-            setattr(self, "A_log" if not suffix else "A_b_log", A_log)
-            setattr(self, f"D{suffix}", D)
+        for suffix in self.directions:
+            _direction(self, suffix, conv_bias, (dt_scale, dt_init, dt_min, dt_max, dt_init_floor))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -248,7 +285,7 @@ class BiMambaMixer(nn.Module):
     allocate_states = step  # no streaming state either, for the same reason
 
 
-class SS2D(nn.Module):
+class SS2D(_ScanMixer):
     """VMamba's 2D selective scan (SS2D). Input/output (B, H, W, C), channels-last.
 
     in_proj -> (x, z); x -> depthwise Conv2d -> silu -> cross-scan into K=4
@@ -261,14 +298,14 @@ class SS2D(nn.Module):
     """
 
     K = 4
+    uses_selective_scan = True
+    inner_layout = _ss2d_layout
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 3, expand: float = 2,
                  dt_rank="auto", dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
                  dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True,
                  bias: bool = False, scan_backend: str = "auto", d_inner: int | None = None):
-        super().__init__()
-        _set_sizes(self, d_model, d_state, d_conv, expand, dt_rank, d_inner)
-        self.scan_backend = scan_backend
+        super().__init__(d_model, d_state, d_conv, expand, dt_rank, d_inner, scan_backend)
         K, d_inner, R, N = self.K, self.d_inner, self.dt_rank, d_state
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from edgediag.ops import _cpu_ext
+from edgediag.ops.flops import observed_scan
 from edgediag.utils import context_value
 
 BACKENDS = ("ref", "chunked", "cpu", "cuda")
@@ -557,5 +558,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                    return_last_state=False, backend: str = "auto"):
     """mamba-ssm ``selective_scan_fn`` semantics, on the chosen backend (see module docs)."""
     name = resolve_backend(backend, u, delta, A, B, C, D, z, delta_bias)
-    return _FUNCTIONS[name](u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                            delta_softplus=delta_softplus, return_last_state=return_last_state)
+    fn = _FUNCTIONS[name]
+    # A FLOP counter (edgediag.measure.cost) observes the call: it counts the scan by formula.
+    return observed_scan(lambda: fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                    delta_softplus=delta_softplus, return_last_state=return_last_state), u, A, D, z)

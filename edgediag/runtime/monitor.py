@@ -1,4 +1,5 @@
-"""`python -m edgediag.monitor`: watch a stream with an exported model and raise alarms.
+"""The stream monitor behind `python -m edgediag.monitor` (the verb parses, :func:`run`
+monitors): watch a stream with an exported model and raise alarms.
 
     python -m edgediag.monitor --model export/fan/model.onnx --source line.wav --out events.jsonl
     python -m edgediag.monitor --model model.onnx --source incoming/ --smooth 3 --min-duration 1
@@ -45,8 +46,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgediag import cli
 from edgediag.errors import UserError
+from edgediag.runtime.predictor import load
 from edgediag.runtime.sources import open_source
 
 CLIP_LEVEL = 0.999  # full scale is 1.0
@@ -330,47 +331,12 @@ def _num(v: float):
     return round(float(v), 6) if math.isfinite(v) else None
 
 
-# --- the verb -----------------------------------------------------------------------------------
-def parser():
-    p = cli.make_parser("monitor", "Monitor a stream (wav, folder, microphone, video, CSV) with an exported model.")
-    p.add_argument("--model", required=True, metavar="ARTIFACT", help="model.onnx, model.engine or a model.pt checkpoint")
-    p.add_argument("--source", required=True,
-                   help="file.wav|.flac, a folder to watch, mic:[N], video file, camera:N, or - (CSV on stdin)")
-    p.add_argument("--window", type=float, help="window length in seconds (default: the model's input length)")
-    p.add_argument("--hop", type=float, help="seconds between windows (default: half a window)")
-    p.add_argument("--threshold", type=float, help="on-threshold (default: the artifact's calibrated threshold)")
-    p.add_argument("--off-threshold", type=float, help="alarm OFF below this (default: 10%% of |on| below on)")
-    p.add_argument("--min-duration", type=float, default=0.0, help="seconds above the threshold before the alarm")
-    p.add_argument("--smooth", type=int, default=1, help="smooth scores over the last K windows (default 1 = off)")
-    p.add_argument("--smooth-mode", default="median", choices=["median", "ema"])
-    p.add_argument("--out", help="append JSON-lines events to this file (default: stdout)")
-    p.add_argument("--events", default="all", choices=["all", "changes"],
-                   help="all windows, or only alarm changes, flagged windows and health")
-    p.add_argument("--health-every", type=float, default=60.0, help="stream seconds between health events")
-    p.add_argument("--rate", type=float, help="CSV on stdin: sample rate of value-only lines")
-    p.add_argument("--fps", type=float, help="video/camera: frames per second to score")
-    p.add_argument("--once", action="store_true", help="folder source: stop when the files present are done")
-    p.add_argument("--threads", type=int, default=1, help="inference threads (default 1)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--streaming", action="store_true", help=".pt checkpoints: run the streaming module")
-    p.add_argument("--stream-reset", type=float, default=0.0,
-                   help="streaming graphs: zero the carried states every S seconds (default 0 = never)")
-    p.add_argument("--max-seconds", type=float, default=0.0, help="stop after this much stream time (0 = never)")
-
-    def error(message):  # argparse's usage+error lines -> the project's one-line exit 2
-        raise UserError(message)
-
-    p.error = error
-    return p
-
-
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+# --- the monitor loop (python -m edgediag.monitor parses its command line) ---------------------
+def run(args) -> int:
+    """Monitor the stream the command line ``args`` (the verb's parser) names; the exit code."""
     if args.window is not None and args.window <= 0 or args.hop is not None and args.hop <= 0:
         raise UserError("--window and --hop must be positive seconds")
-    from edgediag import runtime
-
-    pred = runtime.load(args.model, threads=args.threads, device=args.device, streaming=args.streaming)
+    pred = load(args.model, threads=args.threads, device=args.device, streaming=args.streaming)
     chunks, fps, audio_levels = open_source(args, pred)
     settings = Settings(window=args.window, hop=args.hop, threshold=args.threshold, off_threshold=args.off_threshold,
                         min_duration=args.min_duration, smooth=args.smooth, smooth_mode=args.smooth_mode,
@@ -418,7 +384,3 @@ def main(argv=None) -> int:
         print(f"warning: the stream ended before one window of {mon.window} samples/frames", file=sys.stderr)
     print(f"{mon.health.windows} windows, {alarms} alarm(s), real-time factor {final['rtf']}x", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    cli.entry(main)

@@ -21,7 +21,6 @@ zero states, ``step(x_t, states) -> (outputs, new_states)`` one time step.
 from __future__ import annotations
 
 import abc
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,9 +28,20 @@ from typing import Any
 
 import numpy as np
 
+from edgediag.deploy.metadata import parse_metadata, read_metadata
 from edgediag.errors import UserError
 
+# The one map from artifact suffix to backend (bench derives its names from it).
 SUFFIX_BACKEND = {".pt": "pytorch", ".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt"}
+
+
+def backend_of(path: str | Path) -> str:
+    """The backend that runs an artifact, by its suffix."""
+    path = Path(path)
+    backend = SUFFIX_BACKEND.get(path.suffix.lower())
+    if backend is None:
+        raise UserError(f"{path}: unknown artifact type {path.suffix!r} (expected .pt, .onnx, .engine or .plan)")
+    return backend
 
 
 def load(path: str | Path, threads: int | None = None, device: str | None = None,
@@ -41,9 +51,7 @@ def load(path: str | Path, threads: int | None = None, device: str | None = None
     ``streaming``: for a ``.pt`` checkpoint, run ``model.streaming_module()`` instead of the
     window graph (ONNX/TensorRT artifacts say themselves whether they are streaming)."""
     path = Path(path)
-    backend = SUFFIX_BACKEND.get(path.suffix.lower())
-    if backend is None:
-        raise UserError(f"{path}: unknown artifact type {path.suffix!r} (expected .pt, .onnx, .engine or .plan)")
+    backend = backend_of(path)
     if not path.is_file():
         raise UserError(f"artifact not found: {path}")
     if backend == "pytorch":
@@ -51,22 +59,6 @@ def load(path: str | Path, threads: int | None = None, device: str | None = None
     if backend == "onnxruntime":
         return _OrtPredictor(path, threads, device)
     return _TrtPredictor(path)
-
-
-def parse_metadata(raw: dict[str, str], where: Path) -> dict[str, Any]:
-    """The metadata contract's string values -> Python values (JSON fields decoded)."""
-    if "model_name" not in raw or "input_spec" not in raw:
-        raise UserError(f"{where} has no edgediag metadata (model_name, input_spec); "
-                        "export it with python -m edgediag.export")
-    meta: dict[str, Any] = dict(raw)
-    try:
-        for key in ("model_config", "input_spec", "classes", "normal_classes", "export", "normalisation", "streaming"):
-            if key in raw:
-                meta[key] = json.loads(raw[key])
-        meta["threshold"] = float(raw.get("threshold", "nan"))
-    except ValueError as exc:
-        raise UserError(f"{where}: unreadable edgediag metadata ({str(exc)[:100]})") from None
-    return meta
 
 
 # --- pre-processing ----------------------------------------------------------------------------------
@@ -288,10 +280,10 @@ class _TrtPredictor(Predictor):
         if not graph.is_file():
             raise UserError(f"{path}: no model.onnx beside the engine to read the edgediag metadata from "
                             "(keep the export folder together)")
-        meta = parse_metadata(_onnx_metadata(graph), graph)
+        meta = parse_metadata(read_metadata(graph), graph)
         try:
             # TensorRT I/O with CUDA buffers through torch, cuda-python or pycuda: the export's
-            # own runner (edgediag/trt_tool.py, torch-free), shared with its engine parity check
+            # own runner (edgediag/deploy/tensorrt.py, torch-free), shared with its engine parity check
             from edgediag.deploy.tensorrt import EngineRunner
         except ImportError:
             raise UserError("tensorrt is not installed here (JetPack brings it: python3 -c 'import tensorrt')") from None
@@ -303,18 +295,6 @@ class _TrtPredictor(Predictor):
     def _run(self, arrays):
         out = self.runner(dict(zip(self.input_names, arrays)))
         return [out[n] for n in self.output_names]
-
-
-def _onnx_metadata(path: Path) -> dict[str, str]:
-    try:
-        import onnx
-
-        return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    except ImportError:  # a board without onnx: ONNX Runtime reads the same map
-        import onnxruntime as ort
-
-        return dict(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-                    .get_modelmeta().custom_metadata_map)
 
 
 class _TorchPredictor(Predictor):
@@ -336,7 +316,7 @@ class _TorchPredictor(Predictor):
             "model_name": ckpt["model_name"], "model_config": dict(ckpt.get("model_config") or {}),
             "input_spec": dict(model.input_spec()), "threshold": threshold,
             "classes": list(data.get("classes") or []), "normal_classes": list(data.get("normal_classes") or []),
-            "data_kind": str(data.get("kind") or model.data_kind)}
+            "data_kind": str(data.get("kind") or model.data_kind), "data": dict(data)}
         if streaming:
             self.module = model.streaming_module().to(self.device).eval()
             names = list(self.module.input_names)
@@ -370,4 +350,4 @@ def from_model(model, ckpt: dict, path: str | Path = "<memory>", threads: int | 
     return _TorchPredictor(Path(path), threads, device, False, loaded=(model, ckpt))
 
 
-__all__ = ["load", "from_model", "Predictor", "Preprocess", "parse_metadata", "SUFFIX_BACKEND"]
+__all__ = ["load", "from_model", "backend_of", "Predictor", "Preprocess", "parse_metadata", "SUFFIX_BACKEND"]

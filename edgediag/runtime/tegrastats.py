@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import re
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from edgediag import cli
 from edgediag.errors import UserError
 
 _TIME = re.compile(r"^(\d\d-\d\d-\d{4} \d\d:\d\d:\d\d)\s+")
@@ -169,20 +166,3 @@ def summarize(samples: list[Sample], interval_ms: float | None = None, inference
             if idle_mw is not None:
                 out["energy_above_idle_per_inference_mj"] = round(out["energy_above_idle_j"] / inferences * 1e3, 4)
     return out
-
-
-def main(argv=None) -> int:
-    p = cli.make_parser("tegrastats", "Summarise a tegrastats log: input power, energy (per inference), loads.")
-    p.add_argument("log", help="tegrastats output (tegrastats --logfile FILE, or its stdout saved)")
-    p.add_argument("--interval-ms", type=float, help="tegrastats --interval used (default: from timestamps, else 1000)")
-    p.add_argument("--inferences", type=int, help="inferences run during the log: energy per inference")
-    p.add_argument("--idle-mw", type=float, help="idle input power of the board, for energy above idle")
-    args = p.parse_args(argv)
-    summary = summarize(read_log(args.log), args.interval_ms, args.inferences, args.idle_mw)
-    json.dump(summary, sys.stdout, indent=2)
-    print()
-    return 0
-
-
-if __name__ == "__main__":
-    cli.entry(main)

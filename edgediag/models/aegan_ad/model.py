@@ -61,21 +61,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgediag.engine.dcase import ITEM_FIELDS, anomaly_report, report_groups
-from edgediag.engine.metrics import auc_pauc
 from edgediag.engine.model import DiagnosisModel
 from edgediag.errors import UserError
 from edgediag.models import register_model
+from edgediag.models.aegan_ad.networks import WINDOW, Discriminator, Generator, dcgan_init, gradient_penalty
+from edgediag.models.aegan_ad.scores import (
+    G_SCORES,
+    SCORE_NAMES,
+    choose_score,
+    lof_fit,
+    lof_score,
+    pairwise_distances,
+    score_parts,
+    score_rows,
+)
 from edgediag.nn.features import LogMel
+from edgediag.nn.pruning import apply_widths, resize_to_loaded
 from edgediag.ops import is_tracing
 
 log = logging.getLogger("edgediag.models.aegan_ad")
 
-WINDOW = 128  # frames per window = mel bins: the conv pyramid maps 128x128 to 4x4
-N_DOWN = 5  # stride-2 blocks: 128 -> 4
-D_SCORES = ("D-maha", "D-KNN", "D-LOF", "D-cos")
-G_SCORES = tuple(f"G-{space}-{dist}-{agg}" for space in ("x", "z") for dist in ("L1", "L2", "cos")
-                 for agg in ("mean", "min", "max", "sum"))
-SCORE_NAMES = D_SCORES + G_SCORES
 FITTED_STATS = ("bank", "maha_mean", "maha_precision", "lof_kdist", "lof_lrd")  # set by fit_normal
 
 
@@ -106,128 +111,8 @@ class AEGANConfig:
     input_min: float = 0.0  # log-mel (dB) range of the training clips; set by config_for_data
     input_max: float = 0.0  # (max <= min: not fitted yet)
     # Structured pruning (python -m edgediag.prune): module name -> pruned sizes, as
-    # edgediag.compress.structured.record_widths writes them; empty = unpruned.
+    # edgediag.nn.pruning.record_widths writes them; empty = unpruned.
     pruned_widths: dict[str, list[int]] = dataclasses.field(default_factory=dict)
-
-
-def _norm(kind: str, channels: int, size: int) -> nn.Module:
-    if kind == "layer":
-        return nn.LayerNorm([channels, size, size])
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    return nn.Identity()
-
-
-class ConvPyramid(nn.Module):
-    """(N, 1, 128, 128) -> (N, 16·channels, 4, 4): five Conv2d 4x4/s2/p1 + norm + LeakyReLU."""
-
-    def __init__(self, channels: int, norm: str):
-        super().__init__()
-        layers, c_in, size = [], 1, WINDOW
-        for i in range(N_DOWN):
-            c_out, size = channels * 2 ** i, size // 2
-            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=norm == "none"), _norm(norm, c_out, size),
-                       nn.LeakyReLU(0.2)]
-            c_in = c_out
-        self.net = nn.Sequential(*layers)
-        self.out_channels = c_in
-
-    def forward(self, x):
-        return self.net(x)
-
-
-class Generator(nn.Module):
-    """Autoencoder: encoder (pyramid + 4x4 conv to latent x 1 x 1), mirrored decoder."""
-
-    def __init__(self, channels: int, latent_dim: int, norm: str):
-        super().__init__()
-        pyramid = ConvPyramid(channels, norm)
-        self.encoder = nn.Sequential(pyramid, nn.Conv2d(pyramid.out_channels, latent_dim, 4, 1, 0,
-                                                        bias=norm == "none"))
-        layers, c_in, size = [], latent_dim, 1
-        for i in reversed(range(N_DOWN)):
-            c_out = channels * 2 ** i
-            first = i == N_DOWN - 1  # latent 1x1 -> 4x4, then doubling
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 1 if first else 2, 0 if first else 1, bias=norm == "none"),
-                       _norm(norm, c_out, 4 if first else size * 2), nn.ReLU()]
-            size = 4 if first else size * 2
-            c_in = c_out
-        layers += [nn.ConvTranspose2d(c_in, 1, 4, 2, 1, bias=norm == "none"), nn.Tanh()]
-        self.decoder = nn.Sequential(*layers)
-
-    def encode(self, x):
-        return self.encoder(x)
-
-    def forward(self, x):
-        return self.decoder(self.encoder(x))
-
-
-class Discriminator(nn.Module):
-    """WGAN critic: pyramid -> depthwise 4x4 conv (512-d embedding) -> LayerNorm -> LeakyReLU -> Linear."""
-
-    def __init__(self, channels: int, norm: str):
-        super().__init__()
-        self.pyramid = ConvPyramid(channels, norm)
-        dim = self.pyramid.out_channels
-        self.depthwise = nn.Conv2d(dim, dim, 4, 1, 0, groups=dim, bias=norm == "none")
-        self.head = nn.Sequential(nn.LayerNorm(dim), nn.LeakyReLU(0.2), nn.Linear(dim, 1))
-        self.embedding_dim = dim
-
-    def embed(self, x):
-        return self.depthwise(self.pyramid(x)).flatten(1)
-
-    def forward(self, x):
-        return self.head(self.embed(x)).squeeze(1)
-
-
-def _dcgan_init(module: nn.Module) -> None:
-    """DCGAN initialisation (N(0, 0.02) convs, N(1, 0.02) norm scales), as GAN code does."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) and m.weight is not None:
-            nn.init.normal_(m.weight, 1.0, 0.02)
-            nn.init.zeros_(m.bias)
-
-
-def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
-    """WGAN-GP: mean over samples of (||grad_x critic(x_hat)||_2 - 1)^2 at the interpolates
-    x_hat = eps·real + (1 - eps)·fake, eps ~ U(0, 1) per sample (or given, shape (N,))."""
-    real, fake = real.detach(), fake.detach()
-    if eps is None:
-        eps = torch.rand(real.shape[0], device=real.device, dtype=real.dtype)
-    eps = eps.view(-1, *([1] * (real.dim() - 1)))
-    x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
-    out = critic(x_hat)
-    # create_graph: the penalty is itself differentiated when the critic steps.
-    grad, = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
-    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
-
-
-def pairwise_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances (A, B) with plain matmuls (torch.cdist has no ONNX export)."""
-    sq = (a * a).sum(1, keepdim=True) - 2 * a @ b.t() + (b * b).sum(1).unsqueeze(0)
-    return sq.clamp_min(0).sqrt()
-
-
-def lof_fit(bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k-distance, local reachability density) of each training point, excluding itself
-    from its neighbours, as scikit-learn's LocalOutlierFactor fit does."""
-    d = pairwise_distances(bank, bank)
-    d.fill_diagonal_(float("inf"))
-    dk, idx = d.topk(k, dim=1, largest=False)
-    kdist = dk[:, -1]
-    reach = torch.maximum(dk, kdist[idx])
-    return kdist, 1.0 / (reach.mean(1) + 1e-10)
-
-
-def lof_score(emb: torch.Tensor, bank: torch.Tensor, kdist: torch.Tensor, lrd: torch.Tensor, k: int) -> torch.Tensor:
-    """Local outlier factor of new points (= -LocalOutlierFactor(novelty=True).score_samples)."""
-    dk, idx = pairwise_distances(emb, bank).topk(k, dim=1, largest=False)
-    lrd_q = 1.0 / (torch.maximum(dk, kdist[idx]).mean(1) + 1e-10)
-    return lrd[idx].mean(1) / lrd_q
 
 
 def window_starts(n_frames: int, hop: int) -> list[int]:
@@ -238,13 +123,6 @@ def window_starts(n_frames: int, hop: int) -> list[int]:
     if starts[-1] != last:
         starts.append(last)
     return starts
-
-
-def _score_parts(names) -> tuple[bool, bool, bool]:
-    """(needs G in x space, needs G in z space, needs D) for a set of score names."""
-    names = set(names)
-    return (any(n.startswith("G-x-") for n in names), any(n.startswith("G-z-") for n in names),
-            any(n.startswith("D-") for n in names))
 
 
 def _as_windows(rows: torch.Tensor) -> torch.Tensor:
@@ -294,7 +172,7 @@ class AEGANAD(DiagnosisModel):
         self.register_buffer("input_max", torch.tensor(float(c.input_max)))
         self.generator = Generator(c.channels, c.latent_dim, c.norm)
         self.discriminator = Discriminator(c.d_channels, c.d_norm)
-        _dcgan_init(self)
+        dcgan_init(self)
         # Normal statistics of the D scores, fitted by fit_normal. Plain buffers (not a dict
         # in get_extra_state, which torch.jit.trace and so the ONNX export cannot handle);
         # their sizes depend on the training set, see _load_from_state_dict.
@@ -303,8 +181,6 @@ class AEGANAD(DiagnosisModel):
                             ("lof_kdist", (0,)), ("lof_lrd", (0,))):
             self.register_buffer(name, torch.zeros(shape))
         if c.pruned_widths:
-            from edgediag.compress.structured import apply_widths
-
             apply_widths(self, c.pruned_widths)
 
     # --- structured pruning ---------------------------------------------------------------
@@ -344,11 +220,7 @@ class AEGANAD(DiagnosisModel):
         return float(self.input_max) > float(self.input_min)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The fitted statistics' sizes come from the training set: take the checkpoint's.
-        for name in FITTED_STATS:
-            value = state_dict.get(prefix + name)
-            if isinstance(value, torch.Tensor) and value.shape != getattr(self, name).shape:
-                setattr(self, name, torch.zeros_like(value, dtype=torch.float32, device=self.threshold.device))
+        resize_to_loaded(self, state_dict, prefix, FITTED_STATS)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # --- features ----------------------------------------------------------------------
@@ -481,7 +353,7 @@ class AEGANAD(DiagnosisModel):
     def clip_scores(self, wave: torch.Tensor, names=SCORE_NAMES) -> dict[str, torch.Tensor]:
         """The named scores (each (B,)) of clips ``wave`` (B, n_samples)."""
         names = tuple(names)
-        gx, gz, d = _score_parts(names)
+        gx, gz, d = score_parts(names)
         if not is_tracing():  # graph capture: no eager-only checks, no data-dependent branch
             if not self._scaler_fitted():
                 raise RuntimeError("AEGAN-AD input scaling is not fitted (config_for_data or a training step)")
@@ -613,42 +485,6 @@ class AEGANExport(nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         return self.model.clip_scores(wave, (self.score_name,))[self.score_name]
-
-
-def score_rows(scores: dict[str, np.ndarray], meta: dict[str, list], chosen: str = "") -> list[dict]:
-    """One row per score: AUC, pAUC (and the DCASE official score when there are sections)."""
-    rows = []
-    for name, s in scores.items():
-        r = anomaly_report(s, meta["anomaly"], **report_groups(meta))
-        row = {"score": name, "auc": r["auc"], "pauc": r["pauc"]}
-        if "official_score" in r:
-            row["official_score"] = r["official_score"]
-        row["chosen"] = "*" if name == chosen else ""
-        rows.append(row)
-    return rows
-
-
-def choose_score(scores: dict[str, np.ndarray], anomaly, default: str) -> dict[str, Any]:
-    """The score with the highest AUC (ties: higher pAUC, then the earlier name) on clips
-    with labels ``anomaly``; ``default`` when they do not hold both normal and anomalous
-    clips (AUC is undefined). Returns what was chosen and why."""
-    a = np.asarray(anomaly)
-    if not (np.any(a == 0) and np.any(a == 1)):
-        missing = "anomalous" if np.any(a == 0) else "normal"
-        return {"score": default, "selected_by": f"configured default: the validation clips hold no {missing} "
-                                                 "clips, so AUC cannot rank the scores"}
-    known = a >= 0
-    ranked = []
-    for i, (name, s) in enumerate(scores.items()):
-        auc, pauc = auc_pauc(a[known], np.asarray(s)[known])
-        if np.isfinite(auc):
-            ranked.append((auc, pauc if np.isfinite(pauc) else -1.0, -i, name))
-    if not ranked:
-        return {"score": default, "selected_by": "configured default: no score has a finite validation AUC"}
-    auc, pauc, _, best = max(ranked)
-    return {"score": best, "selected_by": f"validation AUC over {len(ranked)} scores ({int(np.sum(a == 0))} normal, "
-                                          f"{int(np.sum(a == 1))} anomalous clips)",
-            "val_auc": float(auc), "val_pauc": float(pauc), "default": default}
 
 
 @torch.no_grad()

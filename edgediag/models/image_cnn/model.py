@@ -31,6 +31,7 @@ from edgediag.engine.metrics import auc_pauc, classification_report, decision_re
 from edgediag.engine.model import DiagnosisModel
 from edgediag.errors import UserError
 from edgediag.models import register_model
+from edgediag.nn.pruning import apply_widths
 
 
 @dataclasses.dataclass
@@ -48,7 +49,7 @@ class ImageClassifierConfig:
     label_smoothing: float = 0.0
     split_digest: str = ""  # of the test split trained with (see edgediag.data.images)
     # Structured pruning (python -m edgediag.prune): module name -> pruned sizes, as
-    # edgediag.compress.structured.record_widths writes them; empty = unpruned.
+    # edgediag.nn.pruning.record_widths writes them; empty = unpruned.
     pruned_widths: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
@@ -112,8 +113,6 @@ class ImageClassifier(DiagnosisModel):
     def apply_pruned_widths(self) -> None:
         """Subclasses call this last in ``__init__``: shrink to ``config.pruned_widths``."""
         if self.config.pruned_widths:
-            from edgediag.compress.structured import apply_widths
-
             apply_widths(self, self.config.pruned_widths)
 
     def pruning_fixed_layers(self) -> list[nn.Module]:
@@ -274,7 +273,7 @@ class ImageCNN(ImageClassifier):
     first at stride 1, then stride 2), global average pool, dropout, linear head."""
 
     Config = ImageCNNConfig
-    # The from-scratch recipe measured on magnetic tiles (docs/models/memorymamba.md): batch
+    # The from-scratch recipe measured on magnetic tiles (../memorymamba/README.md): batch
     # 16, 50 epochs, ~2850 steps; 12 epochs of 32 stayed at always-Free.
     train_defaults = {"epochs": 50, "batch_size": 16, "lr": 2e-3, "weight_decay": 0.05, "optimizer": "adamw",
                       "warmup": 0.05, "schedule": "cosine"}

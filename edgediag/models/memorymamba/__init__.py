@@ -1,5 +1,6 @@
 """MemoryMamba: a memory-augmented 2D state-space backbone for defect images."""
 
+from edgediag.models.memorymamba import pruning  # noqa: F401 - registers its layers' pruners
 from edgediag.models.memorymamba.model import (  # noqa: F401 - importing registers the family
     ConvBNStem,
     ConvStem,

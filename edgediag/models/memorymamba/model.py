@@ -55,7 +55,7 @@ and the edge variants embed patches with a BatchNorm conv stem (``stem="convbn"`
 which the blocks memorise a small training set instead of generalising.
 
 ``memorymamba_t`` reproduces the released model size (49.68 M parameters with 10 classes,
-50.44 M with 1000); docs/models/memorymamba.md derives the block internals from it.
+50.44 M with 1000); README.md derives the block internals from it.
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgediag.compress.depth import present, remove_blocks
 from edgediag.errors import UserError
 from edgediag.models import register_model
 from edgediag.models.image_cnn.model import ImageClassifier, ImageClassifierConfig
+from edgediag.nn.depth import present, remove_blocks
 from edgediag.nn.mamba import SS2D
 
 
@@ -231,7 +231,7 @@ class ConvBNStem(nn.Sequential):
     generalise instead of memorising. Synthetic defects at 64 px, 3000 steps: test accuracy
     0.47 against 0.17 for the patch stem and 0.19 for the released LayerNorm-GELU conv stem,
     at the same 0.86-0.92 training accuracy. Magnetic tiles: macro-F1 0.53 against 0.14
-    (docs/models/memorymamba.md). A plausible reason, not measured: BatchNorm keeps each
+    (README.md). A plausible reason, not measured: BatchNorm keeps each
     position's contrast against the image (a pit, a scratch), which per-token LayerNorm on
     narrow maps normalises away. It folds into the convs at export.
     """
@@ -284,7 +284,7 @@ class MemoryMamba(ImageClassifier):
     # 5 % warm-up then linear decay, batch 64. Nothing can be downloaded here, so training
     # is from scratch: a 25x larger learning rate with AdamW, stronger weight decay and
     # thousands of steps (50 epochs of 908 MT tiles in batches of 16: 2850 steps; at a
-    # tenth of that every model here stays at always-Free). docs/models/memorymamba.md
+    # tenth of that every model here stays at always-Free). README.md
     # has the runs behind these values.
     train_defaults = {"epochs": 50, "batch_size": 16, "lr": 5e-4, "weight_decay": 0.05, "optimizer": "adamw",
                       "warmup": 0.05, "schedule": "linear", "grad_clip": 1.0}
@@ -334,7 +334,7 @@ class MemoryMamba(ImageClassifier):
                 # unit-variance branch in every block from the first step, burying the input
                 # signal under random features; with a zero gain each block starts as the
                 # identity (as ResNets zero their last BatchNorm). From scratch this is the
-                # difference between learning and staying at chance (docs/models/memorymamba.md).
+                # difference between learning and staying at chance (README.md).
                 nn.init.zeros_(block.ssm_norm.weight)
         remove_blocks(self, c.removed_blocks)
         self.apply_pruned_widths()

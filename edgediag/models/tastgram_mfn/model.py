@@ -37,12 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgediag.compress.depth import remove_blocks
 from edgediag.engine.dcase import ITEM_FIELDS, anomaly_report, report_groups
 from edgediag.engine.model import DiagnosisModel
 from edgediag.errors import UserError
 from edgediag.models import register_model
+from edgediag.nn.depth import remove_blocks
 from edgediag.nn.features import LogMel
+from edgediag.nn.pruning import apply_widths, resize_to_loaded
 from edgediag.ops import is_tracing
 
 PUBLISHED_BOTTLENECKS = [[2, 128, 2, 2], [4, 128, 2, 2], [4, 128, 2, 2]]  # t, c, n, s
@@ -75,7 +76,7 @@ class TASTgramConfig:
     time_shift: bool = False  # training augmentation: roll each clip by a random offset
     train_normal_only: bool = True  # read by the audio data builder
     # Structured pruning (python -m edgediag.prune): module name -> pruned sizes, as
-    # edgediag.compress.structured.record_widths writes them; empty = unpruned.
+    # edgediag.nn.pruning.record_widths writes them; empty = unpruned.
     pruned_widths: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     # Depth pruning (--remove-blocks): residual bottlenecks removed, by module path.
     removed_blocks: list[str] = dataclasses.field(default_factory=list)
@@ -304,8 +305,6 @@ class TASTgramMFN(DiagnosisModel):
         self.register_buffer("knn_bank", torch.zeros(0, c.embedding_dim))
         remove_blocks(self, c.removed_blocks)
         if c.pruned_widths:
-            from edgediag.compress.structured import apply_widths
-
             apply_widths(self, c.pruned_widths)
 
     # --- structured pruning ---------------------------------------------------------------
@@ -334,9 +333,7 @@ class TASTgramMFN(DiagnosisModel):
         return self.config.score
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        bank = state_dict.get(prefix + "knn_bank")
-        if bank is not None:
-            self.knn_bank = torch.empty(bank.shape, dtype=self.knn_bank.dtype, device=self.knn_bank.device)
+        resize_to_loaded(self, state_dict, prefix, ("knn_bank",))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # --- forward -----------------------------------------------------------------------

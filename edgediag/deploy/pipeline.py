@@ -1,0 +1,444 @@
+"""The export flow of `python -m edgediag.export`: a checkpoint to ONNX (and TensorRT) with
+parity checks. The verb (edgediag/export.py) parses the command line and calls :func:`run`.
+
+    python -m edgediag.export --checkpoint runs/x/model.pt --target onnx --out export/out
+    python -m edgediag.export --checkpoint runs/x/model.pt --target trt \\
+        --preset export/presets/orin-nano.yaml [--precision fp16|int8] --out export/orin
+
+What it does, in order, writing into a hidden staging folder beside --out that replaces
+--out only when every check passed (a failed export leaves nothing behind):
+
+1. load the checkpoint; take ``model.export_module()`` (raw input -> score (B,) first,
+   pre-processing inside) or, with ``--streaming``, ``model.streaming_module()``;
+2. trace it to ONNX with the TorchScript exporter (``dynamo=False``, opset 17; the
+   selective scans use the exportable ``chunked`` backend), static shapes unless
+   ``--dynamic-batch``; LayerNorm is decomposed into plain ops for TensorRT < 8.6;
+3. ``onnx.checker``; parity of ONNX Runtime against PyTorch on real inputs (test items of
+   ``--calib-data`` or of the checkpoint's data folder); then ``onnxslim`` and parity
+   again (the unsimplified graph is kept, with a warning, if simplification breaks it);
+4. metadata (the contract in export/README.md), latency of ORT vs eager PyTorch at
+   batch 1, the TensorRT parser compatibility check (edgediag.deploy.presets);
+5. ``--target trt``: with ``tensorrt`` and a CUDA GPU here, build the engine (FP16/INT8,
+   entropy calibrator), run and parity-check it; otherwise write ``build_engine.sh``
+   (trtexec), ``calibrate_int8.py`` + ``calib_data.npy`` for INT8, and a README for the board.
+
+Exit codes: 0 every requested artifact built; 2 bad input (one ``error:`` line);
+3 ``--target trt`` without TensorRT/GPU here: ONNX + build script written, build the
+engine on the board; 4 parity beyond tolerance (or ONNX Runtime cannot run the graph):
+nothing written; 1 internal error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from edgediag import __version__
+from edgediag.config import from_dict
+from edgediag.deploy import presets as trt_compat
+from edgediag.deploy.board import build_trt_here, trt_here, write_board_files
+from edgediag.deploy.metadata import build_metadata, graph_io, set_metadata
+from edgediag.deploy.onnx import as_tuple, export_graph, latency, run_chunks, torch_runner, tracing_context
+from edgediag.deploy.parity import (
+    first_line,
+    graph_parity,
+    parity_line,
+    streaming_parity,
+    trt_parity,
+)
+from edgediag.deploy.presets import DEFAULT_TRT_VERSIONS, TRT_TOLERANCE, ExportPreset, load_preset
+from edgediag.errors import UserError
+
+EXIT_OK = 0
+EXIT_BUILD_ON_BOARD = 3
+EXIT_PARITY = 4
+
+# --- inputs ------------------------------------------------------------------------------------
+_BUNDLES: dict[str, Any] = {}
+
+
+def data_items(model, ckpt: dict, calib_data: str | None, n: int, splits: Sequence[str]) -> tuple[torch.Tensor, str]:
+    """``n`` items spread evenly over the first non-empty split of the data folder: the
+    ``x`` of each stacked, and where they came from. (None, reason) without data."""
+    from edgediag.data import DataConfig, build_data
+
+    data = ckpt.get("data") or {}
+    values = dict(data.get("config") or {})
+    if calib_data:
+        values["root"] = str(calib_data)
+    root = values.get("root") or ""
+    if not root or not Path(root).exists():
+        return None, (f"the checkpoint's data folder {root!r} is not here" if root else "the checkpoint records no data")
+    kind = data.get("kind") or model.data_kind
+    key = json.dumps([kind, values], sort_keys=True, default=str)
+    if key not in _BUNDLES:  # parity and INT8 calibration read the same folder: decode it once
+        _BUNDLES[key] = build_data(kind, from_dict(DataConfig, values, where="data."), model.config)
+    bundle = _BUNDLES[key]
+    for split in splits:
+        ds = getattr(bundle, split, None)
+        if ds is not None and len(ds):
+            idx = sorted({int(round(i)) for i in np.linspace(0, len(ds) - 1, min(n, len(ds)))})
+            x = torch.stack([torch.as_tensor(ds[i]["x"]).float() for i in idx])
+            return x, f"{len(idx)} {split} items of {root}"
+    return None, f"{root} has no {' or '.join(splits)} items"
+
+
+def _repeat_to(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x if len(x) >= n else x[torch.arange(n) % len(x)]
+
+
+
+# --- streaming ---------------------------------------------------------------------------------------------
+def stream_sequence(model, ckpt, calib_data, example: tuple, steps: int, batch: int) -> tuple[torch.Tensor, str]:
+    """(B, T, *x_t shape) sequence to stream: real items whose x is (T, *x_t shape), else
+    the example step with a slow drift and noise."""
+    step_shape = tuple(example[0].shape[1:])
+    x, source = data_items(model, ckpt, calib_data, batch, ("test", "train"))
+    if x is not None and tuple(x.shape[2:]) == step_shape:
+        x = _repeat_to(x, batch)[:batch]
+        return x[:, :steps].contiguous(), f"{source} (first {min(steps, x.shape[1])} steps)"
+    g = torch.Generator().manual_seed(0)
+    base = example[0].float().unsqueeze(1)
+    drift = torch.linspace(-1, 1, steps).view(1, steps, *([1] * len(step_shape)))
+    seq = base + 0.5 * drift + torch.randn(batch, steps, *step_shape, generator=g)
+    why = source if x is None else f"{source} do not have the step shape {list(step_shape)}"
+    return seq, f"synthetic sequence ({why})"
+
+
+
+# --- main ---------------------------------------------------------------------------------------------------
+def _swap_into_place(stage: Path, out: Path) -> None:
+    """Replace ``out`` by the staged folder (two renames on the same filesystem)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        os.rename(stage, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(stage, out)
+
+
+@dataclasses.dataclass
+class Settings:
+    """The command line resolved against the preset."""
+
+    preset: ExportPreset | None
+    preset_path: Path | None
+    precision: str
+    batch: int
+    dla_core: int  # -1: GPU only
+    trt_versions: dict[str, str]  # TensorRT version -> board (or JetPack line) checked
+    decompose_layernorm: bool
+    out: Path
+
+
+def resolve_settings(args) -> Settings:
+    if args.parity_items < 1 or args.calib_items < 1 or args.latency_runs < 1 or args.stream_steps < 1:
+        raise UserError("--parity-items, --calib-items, --latency-runs and --stream-steps must be >= 1")
+    if args.tolerance < 0:
+        raise UserError("--tolerance must be >= 0")
+    preset, preset_path = load_preset(args.preset) if args.preset else (None, None)
+    precision = args.precision or (preset.default_precision if preset and args.target == "trt" else
+                                   "fp16" if args.target == "trt" else "fp32")
+    if args.target == "onnx" and precision != "fp32":
+        raise UserError(f"--precision {precision} is a TensorRT precision: use --target trt "
+                            "(ONNX graphs are exported in fp32)")
+    batch = args.batch or (preset.batch if preset else 1)
+    if batch < 1 or args.max_batch < batch:
+        raise UserError("--batch must be >= 1 and --max-batch >= the batch")
+    dla_core = -1
+    if args.dla:
+        if args.target != "trt" or not preset or preset.dla_cores < 1:
+            raise UserError("--dla needs --target trt and a preset with DLA cores "
+                                f"({preset.board if preset else 'no preset'} has none)")
+        dla_core = 0
+    trt_versions = {preset.tensorrt: preset.board} if preset else dict(DEFAULT_TRT_VERSIONS)
+    decompose = args.layernorm == "decompose" or (
+        args.layernorm == "auto" and preset is not None and trt_compat.parse_version(preset.tensorrt) < (8, 6))
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "export.json").exists())):
+        raise UserError(f"--out {out} exists and is not an earlier export folder: choose a new or empty folder")
+    return Settings(preset, preset_path, precision, batch, dla_core, trt_versions, decompose, out)
+
+
+@dataclasses.dataclass
+class Target:
+    """The module to trace and how to call it."""
+
+    module: nn.Module
+    example: tuple  # trace inputs
+    input_names: list[str]
+    output_names: list[str]
+    n_out: int  # outputs before the carried states (streaming); all of them otherwise
+
+
+def export_target(model, args, batch: int, decompose: bool, warn: list[str]) -> Target:
+    """export_module() (or streaming_module()) checked against the contract of base.py."""
+    kind = "streaming_module" if args.streaming else "export_module"
+    if args.streaming:
+        module = model.streaming_module().eval()
+        example = tuple(module.example_inputs(batch))
+        input_names = list(getattr(module, "input_names", []))
+        output_names = list(getattr(module, "output_names", []))
+        n_states = len(example) - 1
+        if len(input_names) != len(example) or len(output_names) <= n_states:
+            raise UserError(f"{model.model_name}: streaming_module() needs input_names for (x_t, *states) and "
+                                f"output_names for (outputs..., *new_states) (got {input_names}, {output_names})")
+        n_out = len(output_names) - n_states
+    else:
+        module = model.export_module().eval()
+        example = (model.example_input(2 if args.dynamic_batch else batch).float(),)
+        input_names = list(getattr(module, "input_names", None) or ["input"])
+        output_names = list(getattr(module, "output_names", None) or ["score"])
+        n_out = len(output_names)
+    with tracing_context(decompose):
+        probe = as_tuple(module(*example))
+    if len(probe) != len(output_names):
+        raise UserError(f"{model.model_name}: {kind}() returns {len(probe)} outputs (shapes "
+                            f"{[tuple(p.shape) for p in probe]}) but names {len(output_names)} ({output_names}); "
+                            "the model's owner must set output_names (the score (B,) first)")
+    if not args.streaming and tuple(probe[0].shape) != (len(example[0]),):
+        raise UserError(f"{model.model_name}: export_module() must return the anomaly score (B,) first; its "
+                            f"first output {output_names[0]!r} has shape {tuple(probe[0].shape)} (the model's owner "
+                            "must put the score first)")
+    return Target(module, example, input_names, output_names, n_out)
+
+
+def calibration_items(model, ckpt, args, batch: int) -> np.ndarray:
+    """INT8 calibration items (training split first), a whole number of batches."""
+    if args.streaming:
+        raise UserError("INT8 calibration of streaming graphs (several inputs) is not supported")
+    x, source = data_items(model, ckpt, args.calib_data, math.ceil(args.calib_items / batch) * batch,
+                           ("train", "test"))
+    if x is None:
+        raise UserError(f"INT8 needs real calibration data: {source}; pass --calib-data DIR")
+    return _repeat_to(x, math.ceil(len(x) / batch) * batch).numpy()
+
+
+def trace_and_check(target: Target, args, decompose: bool, check, stage: Path, model_name: str, warn: list[str]):
+    """Trace, onnx.checker, parity, onnxslim, parity again. Returns (graph, parity of the
+    graph kept, parity of the unsimplified graph, simplified?, note, opset)."""
+    raw_path = stage / "raw.onnx"
+    with tracing_context(decompose):
+        try:
+            export_graph(target.module, target.example, raw_path, target.input_names, target.output_names,
+                         args.opset, args.dynamic_batch, args.exporter)
+        except (torch.onnx.errors.UnsupportedOperatorError, torch.onnx.errors.SymbolicValueError) as exc:
+            raise UserError(f"{model_name}: torch.onnx cannot export an op of the model: "
+                                f"{first_line(exc)}") from None
+    raw = onnx.load(str(raw_path))
+    raw_path.unlink()
+    try:
+        onnx.checker.check_model(raw, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise UserError(f"onnx.checker rejects the exported graph of {model_name}: {first_line(exc)}") from None
+    opset = next((o.version for o in raw.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset != args.opset:
+        warn.append(f"the {args.exporter} exporter wrote opset {opset}, not {args.opset}")
+    raw_parity = check(raw)
+    if args.no_simplify:
+        return raw, raw_parity, raw_parity, False, "skipped (--no-simplify)", opset
+    import onnxslim
+
+    try:
+        slim = onnxslim.slim(onnx.ModelProto.FromString(raw.SerializeToString()))
+    except Exception as exc:  # noqa: BLE001 - simplification is optional
+        note = f"onnxslim failed ({type(exc).__name__}: {first_line(exc)[:120]})"
+        warn.append(f"{note}: kept the unsimplified graph")
+        return raw, raw_parity, raw_parity, False, note, opset
+    slim_parity = check(slim)
+    if slim_parity.get("passed"):
+        return (slim, slim_parity, raw_parity, True,
+                f"onnxslim: {len(raw.graph.node)} -> {len(slim.graph.node)} nodes, parity re-checked", opset)
+    note = f"onnxslim broke parity ({slim_parity.get('error') or parity_line(slim_parity)})"
+    if raw_parity.get("passed"):
+        warn.append(f"{note}: kept the unsimplified graph")
+    return raw, raw_parity, raw_parity, False, note, opset
+
+
+def run(args) -> int:
+    """The export the command line ``args`` (the verb's parser) asks for; the exit code."""
+    cfg = resolve_settings(args)
+    from edgediag.engine.checkpoint import load_model
+
+    model, ckpt = load_model(args.checkpoint)
+    threshold = float(ckpt.get("threshold", float(model.threshold)))
+    threads = args.threads or torch.get_num_threads()
+    warn: list[str] = []
+    if not math.isfinite(threshold):
+        warn.append("the checkpoint has no calibrated threshold: decisions are not compared, metadata threshold is nan")
+    target = export_target(model, args, cfg.batch, cfg.decompose_layernorm, warn)
+    static = None if args.dynamic_batch else cfg.batch  # the chunk size graphs are run with
+
+    # --- parity inputs (real data when there is any) and the PyTorch reference ---
+    ref = parity_x = None
+    if args.streaming:
+        seq, parity_source = stream_sequence(model, ckpt, args.calib_data, target.example, args.stream_steps,
+                                             cfg.batch)
+        check = streaming_parity(target.module, seq, target.example, target.n_out, target.output_names,
+                                  threshold, args.tolerance)
+    else:
+        n_parity = args.parity_items if args.dynamic_batch else math.ceil(args.parity_items / cfg.batch) * cfg.batch
+        parity_x, parity_source = data_items(model, ckpt, args.calib_data, n_parity, ("test", "train"))
+        if parity_x is None:
+            warn.append(f"parity on the model's example inputs: {parity_source} (pass --calib-data DIR for real data)")
+            parity_source = f"model.example_input ({parity_source})"
+            parity_x = model.example_input(n_parity).float()
+        parity_x = _repeat_to(parity_x, n_parity)
+        ref = run_chunks(torch_runner(target.module), [parity_x.numpy()], static)
+        check = graph_parity(ref, [parity_x.numpy()], target.output_names, threshold, args.tolerance, static)
+    calib = calibration_items(model, ckpt, args, cfg.batch) if cfg.precision == "int8" else None
+
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.", suffix=".tmp", dir=cfg.out.parent))
+    stage.chmod(0o755)  # mkdtemp's 0700 would become the output folder's mode
+    try:
+        graph, parity, raw_parity, simplified, simplify_note, opset = trace_and_check(
+            target, args, cfg.decompose_layernorm, check, stage, model.model_name, warn)
+        loose = [n for n, o in parity.get("outputs", {}).items()
+                 if o["max_abs_error_std"] is not None and o["max_abs_error_std"] > args.tolerance]
+        if loose and parity.get("passed"):  # extra outputs are reported, the score decides
+            warn.append(f"outputs {', '.join(loose)} differ by more than the tolerance (in their own std units); "
+                        "the score passed")
+        if not parity.get("passed"):
+            reason = parity.get("error") or parity_line(parity)
+            if args.dynamic_batch and parity.get("error"):
+                reason += " (traced at batch 2, run at another batch: the model fixes the batch size somewhere; " \
+                          "export with a static --batch)"
+            print(f"parity failed for {model.model_name} ({parity_source}): {reason}; nothing written",
+                  file=sys.stderr)
+            return EXIT_PARITY
+
+        # latency at batch 1 (the static batch if larger), compatibility, metadata
+        if args.streaming:
+            lat_args = [a.float().numpy() for a in target.module.example_inputs(static or 1)]
+        else:
+            lat_args = [parity_x[: static or 1].numpy()]
+        lat = latency(target.module, graph, lat_args, threads, args.latency_runs)
+        compat = {v: trt_compat.report(graph, v, board) for v, board in cfg.trt_versions.items()}
+        compat_line = "; ".join(trt_compat.summary_line(trt_compat.check_model(graph, v), v, b)
+                                for v, b in cfg.trt_versions.items())
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        export_info = {"opset": opset, "precision": cfg.precision, "preset": cfg.preset.board if cfg.preset else None,
+                       "tensorrt": cfg.preset.tensorrt if cfg.preset else None, "created": created,
+                       "exporter": args.exporter, "torch": str(torch.__version__), "onnx": onnx.__version__,
+                       "batch": "dynamic" if args.dynamic_batch else cfg.batch, "streaming": bool(args.streaming),
+                       "simplified": simplified, "layernorm": "decomposed" if cfg.decompose_layernorm else "op",
+                       "scan_backend": "chunked", "checkpoint": str(args.checkpoint)}
+        streaming_info = None
+        if args.streaming:
+            names, n_out = target.input_names, target.n_out
+            streaming_info = {"step_input": names[0], "state_inputs": names[1:],
+                              "step_outputs": target.output_names[:n_out], "state_outputs": target.output_names[n_out:],
+                              "initial_states": "zeros",
+                              "state_shapes": {n: list(t.shape) for n, t in zip(names[1:], target.example[1:])}}
+        set_metadata(graph, build_metadata(model, ckpt, graph, export_info, streaming_info))
+        graph_path = stage / "model.onnx"
+        onnx.save(graph, str(graph_path))
+
+        # --- TensorRT: build here, or leave the build to the board ---
+        exit_code, trt_info = EXIT_OK, None
+        if args.target == "trt":
+            ok, why = trt_here()
+            if ok:
+                trt_info = build_trt_here(stage, graph_path, cfg.preset, cfg.precision, cfg.batch, args.max_batch,
+                                          cfg.dla_core, calib)
+                if not args.streaming:
+                    trt_info["parity"] = trt_parity(stage / "model.engine", [parity_x.numpy()], ref,
+                                                     target.output_names, threshold,
+                                                     args.trt_tolerance or TRT_TOLERANCE[cfg.precision], static)
+                    if not trt_info["parity"]["passed"]:
+                        print(f"TensorRT parity failed for {model.model_name}: {parity_line(trt_info['parity'])}; "
+                              "nothing written", file=sys.stderr)
+                        return EXIT_PARITY
+            else:
+                summary = {"model_name": model.model_name, "created": created, "checkpoint": str(args.checkpoint),
+                           "trt_compat_line": compat_line, "parity_line": parity_line(parity)}
+                files = write_board_files(stage, cfg.preset, cfg.precision,
+                                          {i["name"]: i["shape"] for i in graph_io(graph.graph.input)}, args.dynamic_batch,
+                                          cfg.batch, args.max_batch, cfg.dla_core, calib, summary)
+                trt_info = {"status": "build_on_board", "reason": why, "files": files}
+                exit_code = EXIT_BUILD_ON_BOARD
+            trt_info.update(precision=cfg.precision, dla_core=cfg.dla_core if cfg.dla_core >= 0 else None)
+
+        report = {
+            "checkpoint": str(args.checkpoint), "model_name": model.model_name, "target": args.target,
+            "precision": cfg.precision, "created": created, "edgediag_version": __version__,
+            "preset": dataclasses.asdict(cfg.preset) if cfg.preset else None,
+            "preset_file": str(cfg.preset_path) if cfg.preset_path else None,
+            "onnx": {"file": "model.onnx", "opset": opset, "nodes": len(graph.graph.node),
+                     "ops": dict(sorted(_op_counts(graph).items())), "size_bytes": graph_path.stat().st_size,
+                     "inputs": graph_io(graph.graph.input), "outputs": graph_io(graph.graph.output),
+                     "simplified": simplified, "simplify": simplify_note, "exporter": args.exporter,
+                     "layernorm": export_info["layernorm"]},
+            "parity": {"data": parity_source, **parity},
+            "parity_unsimplified": raw_parity if simplified else None,
+            "latency": lat, "trt_compat": compat, "tensorrt": trt_info, "warnings": warn, "exit_code": exit_code,
+            "exit_codes": EXIT_CODES,
+        }
+        from edgediag.utils import write_json
+
+        write_json(stage / "export.json", report)
+        (stage / "export.json").chmod(0o644)
+        _swap_into_place(stage, cfg.out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    print_summary(report, cfg, parity_source, threads)
+    return exit_code
+
+
+EXIT_CODES = {"0": "all requested artifacts built", "1": "internal error", "2": "bad input",
+              "3": "--target trt without TensorRT/GPU here: ONNX + build script written, build the engine on the board",
+              "4": "parity beyond tolerance (or ONNX Runtime cannot run the graph): nothing written"}
+
+
+
+def print_summary(report: dict, cfg: Settings, parity_source: str, threads: int) -> None:
+    """What happened, in a few lines."""
+    out, lat, onnx_info, parity = cfg.out, report["latency"], report["onnx"], report["parity"]
+    for w in report["warnings"]:
+        print(f"warning: {w}")
+    ratio = f"{lat['ratio']:.2f}x" if lat["ratio"] is not None else "n/a"
+    print(f"onnx: {out / 'model.onnx'} (opset {onnx_info['opset']}, {onnx_info['nodes']} nodes"
+          f"{', simplified' if onnx_info['simplified'] else ''})")
+    print(f"parity vs PyTorch on {parity_source}: {parity_line(parity)}")
+    print(f"latency, batch {lat['batch']}, {threads} thread(s), median (min) of {lat['runs']}: onnxruntime "
+          f"{lat['onnxruntime_ms']:.2f} ({lat['onnxruntime_min_ms']:.2f}) ms, PyTorch eager "
+          f"{lat['pytorch_eager_ms']:.2f} ({lat['pytorch_eager_min_ms']:.2f}) ms: ratio {ratio}")
+    if lat.get("ratio_cpu") is not None:
+        print(f"  on the thread's CPU clock (median): onnxruntime {lat['onnxruntime_cpu_ms']:.2f} ms, PyTorch eager "
+              f"{lat['pytorch_eager_cpu_ms']:.2f} ms: ratio {lat['ratio_cpu']:.2f}x")
+    compat = "; ".join(trt_compat.summary_line([trt_compat.Issue(**i) for i in r["issues"]], v, r["board"] or "")
+                       for v, r in report["trt_compat"].items())
+    print(f"TensorRT parser check (onnx-tensorrt tables, not verified on a device): {compat}")
+    trt_info = report["tensorrt"]
+    if trt_info and trt_info["status"] == "build_on_board":
+        where = f" on the {cfg.preset.board}" if cfg.preset else " on the board"
+        extra = " + calibrate_int8.py + calib_data.npy" if cfg.precision == "int8" else ""
+        print(f"tensorrt: {trt_info['reason']}: wrote model.onnx + build_engine.sh{extra} to {out}; run "
+              f"`bash build_engine.sh` there{where} to build the {cfg.precision} engine (exit code 3)")
+    elif trt_info:
+        print(f"tensorrt: {out / 'model.engine'} ({cfg.precision}, TensorRT {trt_info.get('tensorrt')}), parity: "
+              + (parity_line(trt_info["parity"]) if trt_info.get("parity") else "not checked (streaming)"))
+    print(f"report: {out / 'export.json'}")
+
+
+def _op_counts(graph: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in graph.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
