@@ -24,8 +24,8 @@ def parser():
     p.add_argument("--out", required=True, help="folder for report.json, report.md, pareto.png, plots/")
     p.add_argument("--backends", default="eager,onnxruntime,tensorrt",
                    help="comma-separated subset of eager,onnxruntime,tensorrt (default: all)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="CPU threads for torch and ONNX Runtime (intra-op), pinned for every figure")
+    cli.add_threads_arg(p, os.cpu_count() or 1,
+                        "CPU threads for torch and ONNX Runtime (intra-op), pinned for every figure")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8 (default 1)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs before timing (default 5)")
     p.add_argument("--iters", type=int, default=50, help="timed runs per figure (default 50)")

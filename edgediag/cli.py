@@ -1,4 +1,5 @@
-"""Shared command-line plumbing of every verb: one-line errors, --config/--set, --debug, --version.
+"""Shared command-line plumbing of every verb: one-line errors, --config/--set, --debug, --version,
+--threads.
 
 Every verb's ``main`` is wrapped by :func:`run`, so bad input ends with one line on
 stderr and exit code 2 (a traceback only with ``--debug``).
@@ -31,6 +32,19 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with the run's configuration")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def add_threads_arg(parser: argparse.ArgumentParser, default: int | None, help: str, minimum: int = 1) -> None:
+    """``--threads N`` (CPU threads for torch and ONNX Runtime), checked at parse time."""
+    def threads(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = minimum - 1
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, not {text!r}")
+        return n
+    parser.add_argument("--threads", type=threads, default=default, help=help)
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:

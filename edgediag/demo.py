@@ -60,7 +60,7 @@ def parser():
     # One thread by default: at batch 1 these small models gain nothing from a second thread
     # and their eager timings get noisier (2 threads on 2 cores: ldmamba_small 19.7 ms
     # against 10.3 ms with one; pruned models timing slower than the originals).
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for the bench (default 1)")
+    cli.add_threads_arg(p, 1, "CPU threads for the bench (default 1)")
     return p
 
 
@@ -76,8 +76,6 @@ def _verb(verb: str, args: list[str]) -> None:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.threads < 1:
-        raise cli.UserError(f"--threads must be >= 1, not {args.threads}")
     out = Path(args.out)
     runs = [r for r in RUNS if not args.models or r.model in args.models]
     if args.models and len(runs) != len(args.models):

@@ -50,8 +50,8 @@ def parser():
                         "(auto: decompose when the target TensorRT is older than 8.6)")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     p.add_argument("--dla", action="store_true", help="build for DLA core 0 (with GPU fallback) if the preset has DLA")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads of both runtimes in the latency comparison (default: torch's)")
+    cli.add_threads_arg(p, 0, "CPU threads of both runtimes in the latency comparison (default: torch's)",
+                        minimum=0)
     p.add_argument("--latency-runs", type=int, default=30, help="timed runs per runtime (median reported)")
     return p
 

@@ -33,7 +33,7 @@ def parser():
     p.add_argument("--rate", type=float, help="CSV on stdin: sample rate of value-only lines")
     p.add_argument("--fps", type=float, help="video/camera: frames per second to score")
     p.add_argument("--once", action="store_true", help="folder source: stop when the files present are done")
-    p.add_argument("--threads", type=int, default=1, help="inference threads (default 1)")
+    cli.add_threads_arg(p, 1, "inference threads (default 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--streaming", action="store_true", help=".pt checkpoints: run the streaming module")
     p.add_argument("--stream-reset", type=float, default=0.0,

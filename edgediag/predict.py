@@ -24,7 +24,7 @@ def parser():
     p.add_argument("--split", default="test", choices=["test", "val", "train"], help="which split to score")
     p.add_argument("--out", help="CSV file (default: predictions.csv beside the model)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: the runtime's)")
+    cli.add_threads_arg(p, None, "CPU threads for inference (default: the runtime's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
                    help="override a data setting, e.g. --set data.segments=true")
     return p

@@ -257,7 +257,7 @@ def test_runtime_imports_without_torch_for_onnx(band_artifacts):
 
 
 def test_engine_runner_needs_tensorrt_not_torch(band_artifacts, tmp_path):
-    """.engine artifacts go through edgediag.deploy.tensorrt (torch-free): where tensorrt is missing
+    """.engine artifacts go through edgediag.deploy.trt_engine (torch-free): where tensorrt is missing
     the one-line error names it, even with torch unimportable."""
     pytest.importorskip("onnx")
     if importlib.util.find_spec("tensorrt") is not None:

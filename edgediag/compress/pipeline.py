@@ -300,7 +300,7 @@ def run_dynamic(model, bundle, train_cfg: TrainConfig, budget, start: float, arg
     """Gate training with the sparsity term (DynamicPruner on the shared engine) until the
     budget, as a fraction of the starting cost, is met; closed channels are removed. Models
     without their own screening gates (LDMamba has them) get gates on their structured
-    channel groups (dynamic_pruning.GroupGates), taken off again afterwards."""
+    channel groups (compress.group_gates.GroupGates), taken off again afterwards."""
     from edgediag.compress.dynamic import DynamicPruner, PruneConfig
     from edgediag.compress.group_gates import GroupGates
     from edgediag.nn.gates import is_prunable

@@ -10,10 +10,10 @@ import numpy as np
 from edgediag import __version__
 from edgediag.deploy.presets import ExportPreset
 
-# One implementation of the TensorRT side (edgediag/deploy/tensorrt.py, torch-free), used twice:
+# One implementation of the TensorRT side (edgediag/deploy/trt_engine.py, torch-free), used twice:
 # imported here when tensorrt and a GPU are present, and copied to the output folder as
 # calibrate_int8.py for the board.
-TRT_TOOL = Path(__file__).with_name("tensorrt.py")
+TRT_TOOL = Path(__file__).with_name("trt_engine.py")
 
 
 def trt_here() -> tuple[bool, str]:
@@ -108,7 +108,7 @@ def board_readme(preset: ExportPreset | None, precision: str, summary: dict) -> 
 def build_trt_here(stage: Path, graph_path: Path, preset: ExportPreset | None, precision: str, batch: int,
                    max_batch: int, dla_core: int, calib: np.ndarray | None) -> dict:
     """Engine, timing cache (and calibration cache) built in this process."""
-    from edgediag.deploy.tensorrt import build_engine  # imports tensorrt: only where it is installed
+    from edgediag.deploy.trt_engine import build_engine  # imports tensorrt: only where it is installed
 
     info = build_engine(str(graph_path), str(stage / "model.engine"), precision,
                         preset.workspace_mb if preset else 1024, calib, batch,

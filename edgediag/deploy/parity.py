@@ -134,7 +134,7 @@ def streaming_parity(module, seq: torch.Tensor, example: tuple, n_out: int, name
 def trt_parity(engine_path: Path, inputs: list[np.ndarray], ref: list[np.ndarray], names, threshold,
                 tolerance, batch) -> dict:
     """The built engine against the same PyTorch outputs the ONNX graph was checked on."""
-    from edgediag.deploy.tensorrt import EngineRunner
+    from edgediag.deploy.trt_engine import EngineRunner
 
     runner = EngineRunner(str(engine_path))
     test = run_chunks(lambda a: [runner({runner.inputs[0]: a[0]})[n] for n in names], inputs, batch)

@@ -283,8 +283,8 @@ class _TrtPredictor(Predictor):
         meta = parse_metadata(read_metadata(graph), graph)
         try:
             # TensorRT I/O with CUDA buffers through torch, cuda-python or pycuda: the export's
-            # own runner (edgediag/deploy/tensorrt.py, torch-free), shared with its engine parity check
-            from edgediag.deploy.tensorrt import EngineRunner
+            # own runner (edgediag/deploy/trt_engine.py, torch-free), shared with its engine parity check
+            from edgediag.deploy.trt_engine import EngineRunner
         except ImportError:
             raise UserError("tensorrt is not installed here (JetPack brings it: python3 -c 'import tensorrt')") from None
         self.runner = EngineRunner(str(path))
