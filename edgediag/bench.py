@@ -20,7 +20,7 @@ def parser():
     p = cli.make_parser("bench", "Params, FLOPs, latency and memory against accuracy, as a report.")
     p.add_argument("--model", nargs="+", required=True, metavar="ARTIFACT",
                    help="checkpoints (.pt), ONNX graphs (.onnx) and TensorRT engines (.engine/.plan)")
-    p.add_argument("--data", help="data folder to measure accuracy on (default: a checkpoint's own data folder)")
+    cli.add_data_args(p, "split for accuracy")
     p.add_argument("--out", required=True, help="folder for report.json, report.md, pareto.png, plots/")
     p.add_argument("--backends", default="eager,onnxruntime,tensorrt",
                    help="comma-separated subset of eager,onnxruntime,tensorrt (default: all)")
@@ -37,7 +37,6 @@ def parser():
                    help="wall: elapsed time (default); cpu: the timing thread's CPU time, which leaves out "
                         "time the thread was preempted or its virtual CPU stolen (a shared or virtual "
                         "machine); needs --threads 1, where it equals the compute latency")
-    p.add_argument("--split", default="test", choices=["test", "val", "train"], help="split for accuracy")
     p.add_argument("--max-items", type=int, default=0, help="score at most this many items (0 = all)")
     p.add_argument("--device", default="cpu", help="eager device: cpu or cuda (default cpu)")
     p.add_argument("--tegrastats", metavar="LOG",

@@ -34,6 +34,15 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override one config value, e.g. --set train.lr=3e-4 (repeatable)")
 
 
+def add_data_args(parser: argparse.ArgumentParser, split_help: str = "which split to score") -> None:
+    """``--data``, ``--split`` and ``--set data.KEY=VALUE``: how a stage that reads an artifact's
+    data is pointed elsewhere (resolved by :func:`edgediag.data.resolve_data_config`)."""
+    parser.add_argument("--data", help="data folder (default: the one recorded in the artifact)")
+    parser.add_argument("--split", default="test", choices=["test", "val", "train"], help=split_help)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
+                        help="override a data setting, e.g. --set data.normal_labels=[ON] (repeatable)")
+
+
 def add_threads_arg(parser: argparse.ArgumentParser, default: int | None, help: str, minimum: int = 1) -> None:
     """``--threads N`` (CPU threads for torch and ONNX Runtime), checked at parse time."""
     def threads(text: str) -> int:

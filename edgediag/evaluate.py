@@ -11,8 +11,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from edgediag import cli
-from edgediag.config import apply_overrides, from_dict
-from edgediag.data import DataConfig, build_data
+from edgediag.data import build_data, resolve_data_config
 from edgediag.engine.checkpoint import load_model
 from edgediag.engine.metrics import format_metrics
 from edgediag.engine.trainer import DeviceLoader
@@ -22,13 +21,10 @@ from edgediag.utils import select_device, write_json
 def parser():
     p = cli.make_parser("evaluate", "Score a checkpoint on a data folder; print and save metrics.")
     p.add_argument("--checkpoint", required=True, help="a model.pt written by train or prune")
-    p.add_argument("--data", help="data folder (default: the one the model was trained on)")
-    p.add_argument("--split", default="test", choices=["test", "val", "train"], help="which split to score")
+    cli.add_data_args(p)
     p.add_argument("--out", help="folder for metrics.json and plots")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
-                   help="override a data setting, e.g. --set data.on_bad_file=skip")
     return p
 
 
@@ -36,12 +32,9 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     model, ckpt = load_model(args.checkpoint)
     data = ckpt.get("data") or {}
-    tree = apply_overrides({"data": dict(data.get("config") or {})}, args.overrides)
-    data_values = tree["data"]
-    if args.data:
-        data_values["root"] = args.data
-    data_cfg = from_dict(DataConfig, data_values, "data.")
-    bundle = build_data(data.get("kind") or model.data_kind, data_cfg, model.config)
+    data_cfg = resolve_data_config(data.get("config"), args.data, args.overrides, source=str(args.checkpoint))
+    # a test-only folder is fine: the checkpoint carries its fitted statistics and threshold
+    bundle = build_data(data.get("kind") or model.data_kind, data_cfg, model.config, need_train=False)
     dataset = getattr(bundle, args.split)
     if dataset is None or len(dataset) == 0:
         raise cli.UserError(f"{data_cfg.root} has no {args.split} split to evaluate")

@@ -209,3 +209,26 @@ def test_one_threads_cpu_time_is_not_reported_for_several_threads(toy_artifacts,
                                 "--warmup", "1", "--threads", "2"]) == 0
     ok = [r for r in json.loads((out / "report.json").read_text())["rows"] if r["status"] == "ok"]
     assert ok and all("cpu_share" not in r and "cpu_p50_ms" not in r and r["wall_p50_ms"] > 0 for r in ok)
+
+
+def test_unknown_labels_are_left_out_and_every_row_sees_the_same_items(toy_artifacts, tmp_path, capsys):
+    """Items with no normal/anomalous label (an OFF fan: anomaly -1) are left out of the
+    accuracy figures with a note instead of crashing; --max-items applies to every row; the
+    data settings take --set data.KEY=VALUE like the other verbs."""
+    root, _, ckpt, graph = toy_artifacts
+    data = write_toy_data(tmp_path / "data", unknown=5)
+    out = tmp_path / "bench"
+    rc = cli.run(bench.main, ["--model", str(ckpt), str(graph), "--data", str(data), "--out", str(out),
+                              "--max-items", "20", "--warmup", "1", "--iters", "2", "--threads", "1",
+                              "--set", "data.split_seed=3"])
+    assert rc == 0, capsys.readouterr().err
+    ok = [r for r in json.loads((out / "report.json").read_text())["rows"] if r["status"] == "ok"]
+    assert {r["backend"] for r in ok} == {"eager", "onnxruntime"}
+    assert all(r["items"] == 15 and "5 items with no normal/anomalous label" in r["note"] for r in ok)
+    eager = next(r for r in ok if r["backend"] == "eager")
+    ort = next(r for r in ok if r["backend"] == "onnxruntime")
+    assert math.isclose(eager["auc"], ort["auc"], abs_tol=1e-6)  # the same 15 items through both runtimes
+    rc = cli.run(bench.main, ["--model", str(ckpt), "--data", str(data), "--out", str(tmp_path / "b2"),
+                              "--set", "train.lr=1"])
+    assert rc == cli.EXIT_USAGE and "data.KEY=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "b2" / "report.json").exists()

@@ -5,6 +5,7 @@ carried states. The models here are small test models fitted on synthetic machin
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import importlib.util
 import json
@@ -278,3 +279,31 @@ def test_metadata_contract_parsed(band_artifacts):
     assert meta["model_name"] == "test_runtime_bands" and isinstance(meta["model_config"], dict)
     assert meta["input_spec"]["score_output"] == "score" and meta["normal_classes"] == ["normal"]
     assert json.loads(json.dumps(meta["export"]))["opset"] == 17
+
+
+def test_predict_on_a_test_only_dcase_folder_writes_the_submission_files(band_artifacts, tmp_path):
+    """A DCASE folder with only test clips (the shared valve test half) is scored with the
+    threshold the artifact carries: predictions.csv with a row per clip, both DCASE files in
+    the official format, and the same decisions from the checkpoint and its ONNX graph."""
+    from edgediag import predict
+    from tests.conftest import shared_data
+
+    valve = shared_data("dcase2023_valve") / "valve" / "test"
+    (tmp_path / "data" / "valve").mkdir(parents=True)
+    (tmp_path / "data" / "valve" / "test").symlink_to(valve.resolve())
+    rows = {}
+    for name in ("pt", "onnx"):
+        out = tmp_path / name
+        assert cli.run(predict.main, ["--checkpoint", str(band_artifacts[name]), "--data", str(tmp_path / "data"),
+                                      "--out", str(out), "--threads", "1"]) == 0
+        with open(out / "predictions.csv") as fh:
+            rows[name] = list(csv.DictReader(fh))
+        assert len(rows[name]) == 70
+        assert {r["section"] for r in rows[name]} == {"section_00"} and {r["machine"] for r in rows[name]} == {"valve"}
+        for kind in ("anomaly_score", "decision_result"):
+            lines = (out / f"{kind}_valve_section_00_test.csv").read_text().splitlines()
+            assert len(lines) == 70 and all(line.startswith("section_00_") and line.count(",") == 1 for line in lines)
+        decisions = dict(line.split(",") for line in (out / "decision_result_valve_section_00_test.csv").read_text().split())
+        assert set(decisions.values()) <= {"0", "1"}
+    assert [r["decision"] for r in rows["pt"]] == [r["decision"] for r in rows["onnx"]]
+    assert sum(r["true_anomaly"] == "1" for r in rows["pt"]) == 50

@@ -16,31 +16,37 @@ from edgediag.models import DiagnosisModel, register_model
 
 
 class _Arrays(torch.utils.data.Dataset):
-    def __init__(self, x, y):
+    def __init__(self, x, y, anomaly=None):
         self.x, self.y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y)
+        self.anomaly = (self.y != 0).long() if anomaly is None else torch.as_tensor(anomaly)
 
     def __len__(self):
         return len(self.y)
 
     def __getitem__(self, i):
-        return {"x": self.x[i], "y": int(self.y[i]), "anomaly": int(self.y[i] != 0), "domain": "", "key": str(i)}
+        return {"x": self.x[i], "y": int(self.y[i]), "anomaly": int(self.anomaly[i]), "domain": "", "key": str(i)}
 
 
 @register_data("toy")
 def build_toy(root: Path, data_cfg, model_cfg) -> DataBundle:
     arrays = np.load(root / "toy.npz")
     x, y = arrays["x"], arrays["y"]
+    anomaly = arrays["anomaly"] if "anomaly" in arrays else (y != 0).astype(np.int64)  # -1: unknown (a stopped machine)
     n_test = len(y) // 4
-    return DataBundle(train=_Arrays(x[n_test:], y[n_test:]), val=_Arrays(x[:n_test], y[:n_test]),
-                      test=_Arrays(x[:n_test], y[:n_test]), classes=["normal", "fault"], normal_classes=["normal"])
+    test = _Arrays(x[:n_test], y[:n_test], anomaly[:n_test])
+    return DataBundle(train=_Arrays(x[n_test:], y[n_test:]), val=test, test=test, classes=["normal", "fault"],
+                      normal_classes=["normal"])
 
 
-def write_toy_data(root: Path, n: int = 256, seed: int = 0) -> Path:
+def write_toy_data(root: Path, n: int = 256, seed: int = 0, unknown: int = 0) -> Path:
+    """``unknown``: the first items get anomaly flag -1 (neither normal nor a fault)."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n)
     x = rng.normal(size=(n, 8)) + y[:, None] * 2.5
+    anomaly = (y != 0).astype(np.int64)
+    anomaly[:unknown] = -1
     root.mkdir(parents=True, exist_ok=True)
-    np.savez(root / "toy.npz", x=x.astype(np.float32), y=y)
+    np.savez(root / "toy.npz", x=x.astype(np.float32), y=y, anomaly=anomaly)
     return root
 
 

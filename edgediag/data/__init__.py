@@ -65,8 +65,9 @@ def register_data(kind: str):
     return deco
 
 
-def build_data(kind: str, data_cfg: DataConfig, model_cfg) -> DataBundle:
-    """Read ``data_cfg.root`` for a model whose inputs are of ``kind``."""
+def build_data(kind: str, data_cfg: DataConfig, model_cfg, need_train: bool = True) -> DataBundle:
+    """Read ``data_cfg.root`` for a model whose inputs are of ``kind``. ``need_train=False``:
+    a folder with only test items is fine (scoring with a fitted checkpoint)."""
     if not data_cfg.root:
         raise UserError("no data folder given (--data DIR)")
     root = Path(data_cfg.root)
@@ -79,4 +80,31 @@ def build_data(kind: str, data_cfg: DataConfig, model_cfg) -> DataBundle:
     for name in ("val_from_test", "segments"):  # options only the audio reader has
         if getattr(data_cfg, name) and kind != "audio":
             raise UserError(f"data.{name} applies to audio sets only, not {kind!r} inputs")
-    return _BUILDERS[kind](root, data_cfg, model_cfg)
+    bundle = _BUILDERS[kind](root, data_cfg, model_cfg)
+    if need_train and not len(bundle.train):
+        raise UserError(f"no training items in {root}")
+    return bundle
+
+
+def resolve_data_config(recorded: dict | None, root: str | None = None, overrides=(), source: str = "") -> DataConfig:
+    """The data settings a stage reads with: what the artifact recorded, then ``--set
+    data.KEY=VALUE``, then ``--data`` (evaluate, predict and bench all resolve it here)."""
+    from edgediag.config import apply_overrides, from_dict
+
+    tree = apply_overrides({"data": dict(recorded or {})}, list(overrides))
+    if set(tree) != {"data"}:
+        raise UserError(f"--set here takes data.KEY=VALUE only, not {sorted(set(tree) - {'data'})}")
+    values = tree["data"]
+    if root:
+        values["root"] = str(root)
+    if not values.get("root"):
+        raise UserError(f"{source or 'the artifact'}: no data folder recorded; pass --data")
+    return from_dict(DataConfig, values, "data.")
+
+
+def labelled_items(dataset, max_items: int = 0) -> tuple[list[int], int]:
+    """Indices of the first ``max_items`` items (0 = all) whose anomaly flag is known, and how
+    many were left out because it is not (an ``ignore_labels`` state such as a stopped fan)."""
+    n = len(dataset) if not max_items else min(max_items, len(dataset))
+    keep = [i for i in range(n) if int(dataset[i].get("anomaly", 0)) >= 0]
+    return keep, n - len(keep)

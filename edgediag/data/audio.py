@@ -354,8 +354,6 @@ def build_audio(root: Path, data_cfg: DataConfig, model_cfg) -> DataBundle:
     for r in records:
         r.y = class_index.get(r.label, -1)
     train_records = [r for r in records if r.split == "train"]
-    if not train_records:
-        raise UserError(f"no training clips in {root}")
     if data_cfg.val_fraction > 0 and not any(r.split == "val" for r in records):
         _stratified_split(train_records, data_cfg.val_fraction, data_cfg.split_seed, "val", pool="train")
     if data_cfg.val_from_test:
@@ -386,8 +384,6 @@ def build_audio(root: Path, data_cfg: DataConfig, model_cfg) -> DataBundle:
     if skipped:
         log.warning("skipped %d bad audio file(s) (data.on_bad_file=skip)", len(skipped))
     info.update(skipped_files=skipped[:50], n_skipped=len(skipped))
-    if len(splits["train"]) == 0:
-        raise UserError(f"no usable training clips in {root}")
     if classes:
         info["class_counts"] = {c: sum(1 for r in splits["train"].records if r.label == c) for c in classes}
     return DataBundle(train=splits["train"], val=splits["val"] if len(splits["val"]) else None,

@@ -48,8 +48,11 @@ def decision_report(labels: Sequence[int], scores: Sequence[float], threshold: f
     labels = np.asarray(labels)
     pred = (np.asarray(scores) > threshold).astype(int)
     p, r, f, _ = skm.precision_recall_fscore_support(labels, pred, average="binary", zero_division=0)
+    normal = labels == 0
+    # fpr: the false-alarm rate a user gets at this threshold; tpr (= recall): faults caught
+    fpr = float(pred[normal].mean()) if normal.any() else float("nan")
     return {"threshold": float(threshold), "precision": float(p), "recall": float(r), "f1": float(f),
-            "accuracy": float(skm.accuracy_score(labels, pred))}
+            "accuracy": float(skm.accuracy_score(labels, pred)), "fpr": fpr, "tpr": float(r)}
 
 
 def classification_report(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str]) -> dict:

@@ -16,9 +16,9 @@ from edgediag.engine.trainer import DeviceLoader
 from edgediag.utils import write_json
 
 
-def _batches(dataset, static_batch: int | None, max_items: int):
+def _batches(dataset, static_batch: int | None):
     """(input batch, its items) over the dataset; a static graph's last batch is padded."""
-    n = len(dataset) if not max_items else min(max_items, len(dataset))
+    n = len(dataset)
     step = static_batch or 32
     for start in range(0, n, step):
         items = [dataset[i] for i in range(start, min(start + step, n))]
@@ -28,35 +28,35 @@ def _batches(dataset, static_batch: int | None, max_items: int):
         yield x, items
 
 
-def score_dataset(run: Callable, dataset, static_batch: int | None, max_items: int) -> tuple[np.ndarray, np.ndarray]:
+def score_dataset(run: Callable, dataset, static_batch: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Scores of every item by the runner; labels = the items' anomaly flags."""
     scores, labels = [], []
-    for x, items in _batches(dataset, static_batch, max_items):
+    for x, items in _batches(dataset, static_batch):
         scores.append(run(x)[: len(items)])
         labels += [int(it["anomaly"]) for it in items]
     return np.concatenate(scores), np.asarray(labels)
 
 
-def class_accuracy(run: Callable, dataset, static_batch: int | None, max_items: int) -> float | None:
+def class_accuracy(run: Callable, dataset, static_batch: int | None) -> float | None:
     """Accuracy of a classifier graph from its ``probs`` output (argmax vs the items' class),
     so a graph reports the same metric as its checkpoint; None when it has no such output."""
     pred = getattr(run, "predictor", None)
     if pred is None or "probs" not in getattr(pred, "output_names", ()):
         return None
     hits = total = 0
-    for x, items in _batches(dataset, static_batch, max_items):
+    for x, items in _batches(dataset, static_batch):
         probs = pred.outputs(x)["probs"][: len(items)]
         hits += int((probs.argmax(-1) == np.asarray([int(it["y"]) for it in items])).sum())
         total += len(items)
     return hits / total if total else None
 
 
-def accuracy(art, run: Callable, static_batch: int | None, dataset, args, plot_dir: Path) -> dict:
+def accuracy(art, run: Callable, static_batch: int | None, dataset, plot_dir: Path) -> dict:
     """The model's own metric (model.evaluate) for a checkpoint; for a graph, the metrics its
     scores give (AUC, pAUC, decision accuracy at the calibrated threshold)."""
     from edgediag.models import get_model_class
 
-    scores, labels = score_dataset(run, dataset, static_batch, args.max_items)
+    scores, labels = score_dataset(run, dataset, static_batch)
     auc, pauc = auc_pauc(labels, scores)
     result = {"auc": auc, "pauc": pauc}
     if math.isfinite(art.threshold):
@@ -79,7 +79,7 @@ def accuracy(art, run: Callable, static_batch: int | None, dataset, args, plot_d
     elif primary in result:
         result["metric_name"], result["metric"] = primary, result[primary]
         result["metric_source"] = f"{art.backend} scores"
-    elif primary == "acc" and (acc := class_accuracy(run, dataset, static_batch, args.max_items)) is not None:
+    elif primary == "acc" and (acc := class_accuracy(run, dataset, static_batch)) is not None:
         result["metric_name"], result["metric"] = "acc", acc
         result["metric_source"] = f"{art.backend} probs output"
     else:  # e.g. a classifier's accuracy needs its class outputs; the graph gives the score

@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 
 from edgediag import __version__, runtime
-from edgediag.config import from_dict
-from edgediag.data import DataConfig, build_data
+from edgediag.data import build_data, labelled_items, resolve_data_config
 from edgediag.deploy.metadata import read_metadata
 from edgediag.engine.checkpoint import load_model
 from edgediag.errors import UserError
@@ -196,15 +196,14 @@ def attach_flops(arts: list[Artifact]) -> None:
 
 
 # --- data --------------------------------------------------------------------------------------
-def load_dataset(art: Artifact, data_root: str | None, split: str, cache: dict):
+def load_dataset(art: Artifact, args, cache: dict):
+    """The items every row of this artifact is measured on: the split's first --max-items
+    items whose anomaly flag is known (the same items for every backend), and a note on
+    those left out."""
     from edgediag.models import create_model
 
-    values = dict(art.data_config)
-    if data_root:
-        values["root"] = data_root
-    if not values.get("root"):
-        raise UserError(f"{art.path}: no data folder recorded; pass --data")
-    cfg = from_dict(DataConfig, values, "data.")
+    cfg = resolve_data_config(art.data_config, args.data, args.overrides, source=str(art.path))
+    split = args.split
     model_cfg = art.model.config if art.model is not None else create_model(art.model_name, art.config).config
     kind = art.data_kind or getattr(art.model, "data_kind", "")
     key = (kind, json.dumps(dataclasses.asdict(cfg), sort_keys=True), json.dumps(art.config, sort_keys=True))
@@ -213,7 +212,12 @@ def load_dataset(art: Artifact, data_root: str | None, split: str, cache: dict):
         dataset = getattr(bundle, split)
         if dataset is None or len(dataset) == 0:
             raise UserError(f"{cfg.root} has no {split} split to measure accuracy on")
-        cache[key] = dataset
+        keep, unknown = labelled_items(dataset, args.max_items)
+        if not keep:
+            raise UserError(f"{cfg.root}: no item of the {split} split has a known normal/anomalous label")
+        note = (f"{unknown} items with no normal/anomalous label ({', '.join(cfg.ignore_labels) or 'unknown'}) "
+                "left out of the accuracy figures" if unknown else "")
+        cache[key] = (Subset(dataset, keep), note)
     return cache[key]
 
 
@@ -409,9 +413,13 @@ def run(args) -> int:
             rows += [{**base, "batch": b, "status": "skipped", "reason": str(exc), "env": env} for b in batches]
             print(f"skip {art.path} ({art.backend}): {exc}")
             continue
-        dataset = load_dataset(art, args.data, args.split, cache)
+        dataset, data_note = load_dataset(art, args, cache)
         plot_dir = out / "plots" / f"{art.slug}-{art.backend}"
-        acc = accuracy(art, run, static, dataset, args, plot_dir)
+        acc = accuracy(art, run, static, dataset, plot_dir)
+        if data_note:
+            base["note"] = "; ".join(filter(None, [base.get("note"), data_note]))
+            acc["items_left_out"] = data_note
+        acc["items"] = len(dataset)
         for b in batches:
             row = {**base, "batch": b, **acc, "env": env, "plots": str(plot_dir.relative_to(out))}
             if static and b != static:
