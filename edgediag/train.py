@@ -35,6 +35,9 @@ def parser():
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--target-far", type=float,
+                   help="false-alarm rate the decision threshold is calibrated for, on normal items the "
+                        "model's statistics did not fit (default 0.1)")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
     p.add_argument("--force", action="store_true", help="overwrite an earlier run in --out")
@@ -52,7 +55,7 @@ def resolve_configs(args):
     cls, _ = get_model_class(name)
     model_cfg = build_config(name, model_tree)
     flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-             "device": args.device}
+             "device": args.device, "target_far": args.target_far}
     train_cfg = from_dict(TrainConfig, {**cls.train_defaults, **(tree.get("train") or {}),
                                         **{k: v for k, v in flags.items() if v is not None}}, "train.")
     train_cfg.validate()

@@ -137,7 +137,8 @@ def run(args) -> int:
     flags = {k: v for k, v in {"batch_size": args.batch_size, "seed": args.seed,
                                "max_steps_per_epoch": args.max_steps_per_epoch}.items() if v is not None}
     base_train = {**cls.train_defaults, **{k: v for k, v in train_meta.items()
-                                          if k in ("batch_size", "threshold_method", "threshold_quantile", "optimizer",
+                                          if k in ("batch_size", "threshold_method", "threshold_quantile", "target_far",
+                                                   "calibration_folds", "optimizer",
                                                    "betas", "weight_decay", "schedule", "grad_clip", "lr")}}
     # fine-tuning a trained model: a tenth of its training learning rate
     lr = args.lr if args.lr is not None else float(base_train.get("lr", 1e-3)) / 10

@@ -16,7 +16,8 @@ from edgediag import __version__
 from edgediag.errors import UserError
 
 # Keys whose string values are JSON: encoded by the writer, decoded by parse_metadata.
-JSON_KEYS = ("model_config", "input_spec", "classes", "normal_classes", "export", "normalisation", "streaming")
+JSON_KEYS = ("model_config", "input_spec", "classes", "normal_classes", "export", "normalisation", "streaming",
+             "threshold_calibration")
 _NORMALISATION = re.compile(r"^(pixel|in|input|feature)_(mean|std|min|max)$")
 
 
@@ -61,6 +62,9 @@ def build_metadata(model, ckpt: dict, graph, export_info: dict, streaming: dict 
         "data_kind": str(data.get("kind") or model.data_kind),
         "export": export_info,
     }
+    calibration = (ckpt.get("meta") or {}).get("threshold_calibration")
+    if calibration:  # the promise the threshold makes: target FAR, on how many normals, its interval
+        values["threshold_calibration"] = calibration
     stats = normalisation_stats(model)
     if stats:
         values["normalisation"] = stats

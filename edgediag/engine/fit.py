@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Subset
 from edgediag.config import to_dict
 from edgediag.engine.checkpoint import make_checkpoint, save_checkpoint
 from edgediag.engine.metrics import calibrate_threshold
+from edgediag.engine.model import DiagnosisModel
 from edgediag.engine.trainer import DeviceLoader, TrainConfig
 
 log = logging.getLogger("edgediag.engine")
@@ -39,25 +40,74 @@ def scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
 
 
-def refit(model, bundle, train_cfg: TrainConfig, device) -> dict:
-    """fit_normal on the training set, the model's own calibration on the validation set
-    (where there is one), then the decision threshold from the normal items of the
-    calibration set. Returns what to record: ``{"calibration": ..., "threshold_from": ...}``."""
-    loader = DataLoader(bundle.train, batch_size=train_cfg.batch_size, shuffle=False)
+def _fit_normal(model, dataset, batch_size: int, device) -> None:
     model.eval()
-    model.fit_normal(DeviceLoader(loader, device))
-    calib = bundle.val if bundle.val is not None and len(bundle.val) else bundle.train
+    model.fit_normal(DeviceLoader(DataLoader(dataset, batch_size=batch_size, shuffle=False), device))
+
+
+def crossfit_normal_scores(model, dataset, train_cfg: TrainConfig, device) -> np.ndarray:
+    """Scores of the training set's normal items, each from normal statistics fitted on the
+    other folds (k = ``train.calibration_folds``); the model is refitted on all items after.
+    The network's weights did see every item: the scores are out-of-fold for the statistics
+    (a kNN bank's distance of a clip to itself, a Gaussian fitted on it), not for training."""
+    normal = set(normal_subset(dataset).indices)
+    order = np.random.default_rng(train_cfg.seed).permutation(len(dataset))
+    scores = []
+    for part in np.array_split(order, train_cfg.calibration_folds):
+        held = set(int(i) for i in part)
+        _fit_normal(model, Subset(dataset, [i for i in range(len(dataset)) if i not in held]),
+                    train_cfg.batch_size, device)
+        scores.append(scores_of(model, Subset(dataset, sorted(held & normal)), device, train_cfg.batch_size))
+    _fit_normal(model, dataset, train_cfg.batch_size, device)
+    return np.concatenate(scores) if scores else np.zeros(0)
+
+
+def far_estimate(normal_scores: np.ndarray, threshold: float) -> dict:
+    """The false-alarm rate the calibration normals show at ``threshold``, with its 95 %
+    Clopper-Pearson interval: how far the promise can be trusted on this many normals."""
+    from scipy import stats
+
+    n = int(len(normal_scores))
+    k = int(np.sum(normal_scores > threshold))
+    lo = float(stats.beta.ppf(0.025, k, n - k + 1)) if k > 0 else 0.0
+    hi = float(stats.beta.ppf(0.975, k + 1, n - k)) if k < n else 1.0
+    return {"n_normals": n, "far_on_calibration": k / n if n else float("nan"), "far_ci95": [lo, hi]}
+
+
+def refit(model, bundle, train_cfg: TrainConfig, device) -> dict:
+    """Fit the normal statistics, let the model calibrate itself on the validation set (where
+    there is one), then set the decision threshold for ``train.target_far`` on normal scores
+    that the statistics did not fit: the validation split's normals, else out-of-fold scores
+    of the training normals (:func:`crossfit_normal_scores`). Returns what a checkpoint
+    records: ``{"calibration", "threshold_from", "threshold_calibration"}``."""
+    _fit_normal(model, bundle.train, train_cfg.batch_size, device)
     chosen = {}
-    if calib is bundle.val:
+    if bundle.val is not None and len(bundle.val):
         val_loader = DataLoader(bundle.val, batch_size=train_cfg.batch_size, shuffle=False)
         chosen = model.calibrate(DeviceLoader(val_loader, device)) or {}
         if chosen:
             log.info("calibrated on the validation set: %s", chosen)
-    scores = scores_of(model, normal_subset(calib), device, train_cfg.batch_size)
+        scores = scores_of(model, normal_subset(bundle.val), device, train_cfg.batch_size)
+        where = "normal items of the validation set"
+    elif (train_cfg.calibration_folds >= 2 and len(bundle.train) >= train_cfg.calibration_folds
+          and type(model).fit_normal is not DiagnosisModel.fit_normal):
+        scores = crossfit_normal_scores(model, bundle.train, train_cfg, device)
+        where = f"normal items of the training set, scored out-of-fold ({train_cfg.calibration_folds}-fold cross-fit)"
+    else:
+        scores = scores_of(model, normal_subset(bundle.train), device, train_cfg.batch_size)
+        where = "normal items of the training set (in-sample: optimistic, alarms will exceed the target)"
+    quantile = train_cfg.threshold_quantile or 1.0 - train_cfg.target_far
+    report = {"target_far": round(1.0 - quantile, 6), "method": train_cfg.threshold_method, "source": where}
     if len(scores):
-        model.threshold.fill_(calibrate_threshold(scores, train_cfg.threshold_method, train_cfg.threshold_quantile))
-    where = "validation" if calib is bundle.val else "training"
-    return {"calibration": chosen, "threshold_from": f"{len(scores)} normal items of the {where} set"}
+        threshold = calibrate_threshold(scores, train_cfg.threshold_method, quantile)
+        model.threshold.fill_(threshold)
+        report.update(far_estimate(scores, float(model.threshold)))
+    else:
+        report["n_normals"] = 0
+    log.info("threshold %.5g for a %.0f %% false-alarm rate from %d %s", float(model.threshold),
+             100 * report["target_far"], report["n_normals"], where)
+    return {"calibration": chosen, "threshold_from": f"{report['n_normals']} {where}",
+            "threshold_calibration": report}
 
 
 def evaluate_test(model, bundle, batch_size: int, device, out_dir=None) -> dict:

@@ -53,9 +53,21 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validations
     max_steps_per_epoch: int = 0  # 0 = whole epoch; for quick runs
     threshold_method: str = "gamma"  # gamma | percentile (see edgediag.engine.metrics)
-    threshold_quantile: float = 0.9
+    # The promise a threshold makes: the fraction of normal items allowed to raise an alarm,
+    # calibrated on normal scores the scoring statistics did not fit (edgediag.engine.fit).
+    target_far: float = 0.1
+    threshold_quantile: float = 0.0  # older spelling of 1 - target_far; 0 = use target_far
+    # Without a validation split: k-fold cross-fit of the normal statistics (fit_normal) on
+    # the training set, so each calibration score comes from statistics that never saw it.
+    calibration_folds: int = 5
 
     def validate(self) -> None:
+        if not 0 < self.target_far < 1:
+            raise UserError(f"train.target_far must be in (0, 1), not {self.target_far}")
+        if self.threshold_quantile and not 0 < self.threshold_quantile < 1:
+            raise UserError(f"train.threshold_quantile must be in (0, 1), not {self.threshold_quantile}")
+        if self.calibration_folds < 0 or self.calibration_folds == 1:
+            raise UserError(f"train.calibration_folds must be 0 (off) or >= 2, not {self.calibration_folds}")
         if self.optimizer not in ("adamw", "adam"):
             raise UserError(f"train.optimizer must be adamw or adam, not {self.optimizer!r}")
         if self.schedule not in ("cosine", "linear", "constant"):
