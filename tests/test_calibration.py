@@ -61,7 +61,7 @@ def test_out_of_fold_threshold_meets_the_target_far_on_unseen_normals(target):
     train = Items(normals(600, 0), np.zeros(600, int))
     model = NearestNormal(KnnConfig())
     record = refit(model, DataBundle(train, None, None, ["n"], ["n"]),
-                   TrainConfig(target_far=target, threshold_method="percentile"), torch.device("cpu"))
+                   TrainConfig(target_far=target), torch.device("cpu"))
     cal = record["threshold_calibration"]
     assert cal["target_far"] == pytest.approx(target) and cal["n_normals"] == 600
     assert "out-of-fold" in cal["source"] and cal["far_ci95"][0] <= target <= cal["far_ci95"][1]
