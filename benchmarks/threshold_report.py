@@ -4,7 +4,8 @@ For each data set and model: train with the default recipe (the train verb, seve
 then score the test split with the predict verb at the threshold the checkpoint carries,
 and report AUC, pAUC and the false/true positive rates at that threshold (FPR should sit
 near --target-far), mean ± std over the seeds, beside the clip-statistics kNN baseline
-(benchmarks/audio_baseline.py, AUC only: it has no calibrated threshold).
+(benchmarks/audio_baseline.py: clip statistics, frame kNN and band maxima, each with a
+threshold calibrated on leave-one-out distances of the training clips).
 
     python benchmarks/threshold_report.py --out runs/thresholds            # valve + fan, 3 seeds
     python benchmarks/threshold_report.py --sets valve --models aegan_ad --seeds 0
@@ -80,8 +81,11 @@ def main(argv=None) -> int:
             continue
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import audio_baseline
-        base = audio_baseline.run(str(folder), normal)
-        lines.append(f"| {name} | clip-stat kNN baseline | {base['auc']:.3f} | {base['pauc']:.3f} | - | - | - |")
+        for features, title in (("meanstd", "clip-stat kNN"), ("frames", "frame kNN"), ("max", "band-max kNN")):
+            base = audio_baseline.run(str(folder), normal, features=features, target_far=args.target_far)
+            results[f"{name}/baseline-{features}"] = [{k: base[k] for k in ("auc", "pauc", "fpr", "tpr")}]
+            lines.append(f"| {name} | {title} baseline | {base['auc']:.3f} | {base['pauc']:.3f} | {base['fpr']:.3f} | "
+                         f"{base['tpr']:.3f} | training clips, leave-one-out |")
         for model in args.models:
             runs = [one_run(model, folder, overrides, seed, Path(args.out) / f"{name}-{model}-s{seed}", args.target_far)
                     for seed in args.seeds]

@@ -56,14 +56,22 @@ def resolve_configs(args):
     model_cfg = build_config(name, model_tree)
     flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
              "device": args.device, "target_far": args.target_far}
-    train_cfg = from_dict(TrainConfig, {**cls.train_defaults, **(tree.get("train") or {}),
-                                        **{k: v for k, v in flags.items() if v is not None}}, "train.")
+    given = {**(tree.get("train") or {}), **{k: v for k, v in flags.items() if v is not None}}
+    if "epochs" in given:  # an explicit length replaces the recipe's step floor
+        given.setdefault("min_steps", 0)
+    train_cfg = from_dict(TrainConfig, {**cls.train_defaults, **given}, "train.")
     train_cfg.validate()
     data_values = dict(tree.get("data") or {})
     if args.data:
         data_values["root"] = args.data
     data_cfg = from_dict(DataConfig, data_values, "data.")
     return name, cls, model_cfg, train_cfg, data_cfg
+
+
+def needs_calibration_holdout(model, bundle, data_cfg: DataConfig, train_cfg: TrainConfig) -> bool:
+    """No validation split, and a score that cross-fitting cannot make out-of-sample."""
+    return (train_cfg.calibration_holdout > 0 and not data_cfg.val_fraction and not (bundle.val and len(bundle.val))
+            and not model.score_uses_normal_statistics)
 
 
 def main(argv=None) -> int:
@@ -77,8 +85,16 @@ def main(argv=None) -> int:
 
     seed_everything(train_cfg.seed)  # data splits and weight init are part of the run's identity
     bundle = build_data(cls.data_kind, data_cfg, model_cfg)
-    model_cfg = cls.config_for_data(model_cfg, bundle)
-    model = cls(model_cfg)
+    model = cls(cls.config_for_data(model_cfg, bundle))
+    holdout = needs_calibration_holdout(model, bundle, data_cfg, train_cfg)
+    if holdout:
+        data_cfg = dataclasses.replace(data_cfg, val_fraction=train_cfg.calibration_holdout)
+        log.info("the %s score is the trained network's own (no normal statistics to cross-fit): %.0f %% of the "
+                 "training data is held out to calibrate the threshold (train.calibration_holdout)",
+                 name, 100 * train_cfg.calibration_holdout)
+        seed_everything(train_cfg.seed)
+        bundle = build_data(cls.data_kind, data_cfg, model_cfg)
+        model = cls(cls.config_for_data(model_cfg, bundle))
     rank, world, _ = distributed_env()
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
@@ -89,14 +105,16 @@ def main(argv=None) -> int:
                        "normal_classes": list(bundle.normal_classes), "info": bundle.info}
     trainer = Trainer(model, train_cfg, out_dir, checkpoint_data=checkpoint_data)
     try:
-        model = trainer.fit(bundle.train, bundle.val, resume=args.resume)
+        # A calibration holdout is for the threshold only: its normals alone give no
+        # validation metric to select epochs by, so training does not score it every epoch.
+        model = trainer.fit(bundle.train, None if holdout else bundle.val, resume=args.resume)
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if rank != 0:
         return 0
     best = out_dir / "best.pt"
-    if best.exists() and bundle.val is not None:
+    if best.exists() and bundle.val is not None and not holdout:
         from edgediag.engine.checkpoint import load_model
         model = load_model(best)[0].to(trainer.device)
     metrics = finalize(model, bundle, train_cfg, trainer.device, out_dir, checkpoint_data)

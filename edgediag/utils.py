@@ -59,6 +59,26 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def group_key(section: str, domain: str) -> str:
+    """The name a per-group threshold is stored under: ``section_00/source``."""
+    return f"{section}/{domain}"
+
+
+def group_thresholds(calibration: dict | None) -> dict[str, float]:
+    """{section/domain: threshold} of a calibration report (``threshold_calibration`` in a
+    checkpoint's meta or an artifact's metadata), for the groups that have their own."""
+    groups = (calibration or {}).get("groups") or {}
+    return {k: float(v["threshold"]) for k, v in groups.items() if v.get("threshold") is not None}
+
+
+def item_thresholds(threshold: float, groups: dict[str, float] | None, sections, domains) -> np.ndarray:
+    """Each item's decision threshold: its section × domain's when ``groups`` has one (a
+    threshold calibrated per group, edgediag.engine.fit), else the global ``threshold``."""
+    groups = groups or {}
+    return np.array([groups.get(group_key(s or "", d or ""), threshold) for s, d in zip(sections, domains)],
+                    dtype=np.float64)
+
+
 def seed_everything(seed: int) -> None:
     import torch
 

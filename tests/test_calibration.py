@@ -98,3 +98,83 @@ def test_a_validation_split_is_used_when_there_is_one():
 def test_decision_report_gives_the_false_and_true_positive_rates():
     rep = decision_report([0, 0, 0, 0, 1, 1], [0.1, 0.2, 0.9, 0.3, 0.8, 0.1], threshold=0.5)
     assert rep["fpr"] == pytest.approx(0.25) and rep["tpr"] == pytest.approx(0.5)
+
+
+class DomainItems(Items):
+    """Normal items of one section in two domains; the target domain's scores run higher."""
+
+    def __init__(self, x, anomaly, domains):
+        super().__init__(x, anomaly)
+        self.domains = domains
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "section": "section_00", "domain": self.domains[i]}
+
+
+def two_domains(n, seed):
+    x = normals(n, seed)
+    domains = ["source" if i % 2 == 0 else "target" for i in range(n)]
+    x[1::2] *= 3.0  # a domain shift: target normals spread wider, so they score higher
+    return x, domains
+
+
+def test_a_threshold_per_domain_keeps_the_promise_in_each_domain():
+    """One global threshold over two domains whose normal scores differ gives each domain a
+    different false-alarm rate; a threshold per section × domain keeps the target in both."""
+    x, domains = two_domains(800, 0)
+    model = NearestNormal(KnnConfig())
+    record = refit(model, DataBundle(DomainItems(x, np.zeros(800, int), domains), None, None, ["n"], ["n"]),
+                   TrainConfig(target_far=0.1), torch.device("cpu"))
+    groups = record["threshold_calibration"]["groups"]
+    assert set(groups) == {"section_00/source", "section_00/target"}
+    assert all(g["n_normals"] == 400 for g in groups.values())
+    assert groups["section_00/target"]["threshold"] > groups["section_00/source"]["threshold"]
+    assert model.group_thresholds == {k: g["threshold"] for k, g in groups.items()}
+    ux, ud = two_domains(4000, 1)
+    with torch.no_grad():
+        s = model.score(torch.as_tensor(ux, dtype=torch.float32)).numpy()
+    per_item = model.decision_thresholds(["section_00"] * len(ud), ud)
+    ud = np.asarray(ud)
+    for dom in ("source", "target"):
+        far_own = float(np.mean(s[ud == dom] > per_item[ud == dom]))
+        assert 0.05 <= far_own <= 0.13, (dom, far_own)
+    far_global = {d: float(np.mean(s[ud == d] > float(model.threshold))) for d in ("source", "target")}
+    assert far_global["source"] < 0.03 and far_global["target"] > 0.1, far_global  # source: no alarms at all
+
+
+def test_groups_with_too_few_normals_use_the_global_threshold():
+    x, domains = two_domains(60, 0)
+    model = NearestNormal(KnnConfig())
+    record = refit(model, DataBundle(DomainItems(x, np.zeros(60, int), domains), None, None, ["n"], ["n"]),
+                   TrainConfig(group_min_normals=40), torch.device("cpu"))
+    groups = record["threshold_calibration"]["groups"]
+    assert all(g["threshold"] is None and "global" in g["note"] for g in groups.values())
+    assert model.group_thresholds == {}
+    assert model.decision_thresholds(["section_00"], ["target"]) == float(model.threshold)
+
+
+def test_decisions_and_reports_take_a_threshold_per_item():
+    from edgediag.engine.dcase import anomaly_report
+
+    rep = decision_report([0, 0, 1, 1], [0.4, 0.6, 0.5, 0.9], threshold=np.array([0.3, 0.7, 0.3, 0.7]))
+    assert rep["fpr"] == pytest.approx(0.5) and rep["tpr"] == pytest.approx(1.0) and rep["threshold"] == "per group"
+    report = anomaly_report([0.4, 0.6, 0.5, 0.9], [0, 0, 1, 1], machines=["valve"] * 4, sections=["section_00"] * 4,
+                            domains=["source", "target", "source", "target"], threshold=np.array([0.3, 0.7, 0.3, 0.7]))
+    assert report["fpr"] == pytest.approx(0.5) and report["tpr"] == pytest.approx(1.0)
+    assert report["table"][0]["recall_source"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("n, expected", [(19, 0.10), (6, 1 / 7)])
+def test_percentile_threshold_keeps_the_promise_on_few_normals(n, expected):
+    """The split-conformal order statistic: with n exchangeable calibration normals the
+    expected false-alarm rate on new normals is 1 - k/(n+1) <= target (k = ceil((n+1)·0.9));
+    with n = 6 no order statistic can promise 0.1, so the largest score gives 1/7."""
+    from edgediag.engine.metrics import calibrate_threshold
+
+    rng = np.random.default_rng(0)
+    fars = []
+    for _ in range(4000):
+        cal = rng.gamma(2.0, size=n)
+        t = calibrate_threshold(cal, "percentile", 0.9)
+        fars.append(np.mean(rng.gamma(2.0, size=50) > t))
+    assert abs(np.mean(fars) - expected) < 0.01, np.mean(fars)

@@ -307,3 +307,32 @@ def test_predict_on_a_test_only_dcase_folder_writes_the_submission_files(band_ar
         assert set(decisions.values()) <= {"0", "1"}
     assert [r["decision"] for r in rows["pt"]] == [r["decision"] for r in rows["onnx"]]
     assert sum(r["true_anomaly"] == "1" for r in rows["pt"]) == 50
+
+
+def test_predict_applies_the_thresholds_per_domain_the_artifact_carries(tmp_path):
+    """A checkpoint calibrated per section × domain: predict on the .pt and on its ONNX export
+    decides each clip at its own domain's threshold (here: source flags all, target none)."""
+    from edgediag import predict
+    from tests.conftest import shared_data
+
+    valve = shared_data("dcase2023_valve") / "valve" / "test"
+    (tmp_path / "data" / "valve").mkdir(parents=True)
+    (tmp_path / "data" / "valve" / "test").symlink_to(valve.resolve())
+    model = fitted_band_model()
+    calibration = {"target_far": 0.1, "method": "percentile", "source": "test", "n_normals": 20,
+                   "groups": {"section_00/source": {"threshold": -1.0, "n_normals": 10},
+                              "section_00/target": {"threshold": 1e9, "n_normals": 10}}}
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(ckpt, make_checkpoint(model, data={"kind": "audio", "classes": ["normal"], "normal_classes": ["normal"]},
+                                          meta={"threshold_calibration": calibration}))
+    assert run_export("--checkpoint", ckpt, "--out", tmp_path / "onnx", *FAST) == 0
+    for artifact in (ckpt, tmp_path / "onnx" / "model.onnx"):
+        out = tmp_path / f"pred_{artifact.suffix[1:]}"
+        assert cli.run(predict.main, ["--checkpoint", str(artifact), "--data", str(tmp_path / "data"),
+                                      "--out", str(out), "--threads", "1"]) == 0
+        with open(out / "predictions.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        assert {(r["domain"], r["decision"], float(r["threshold"])) for r in rows} == {("source", "1", -1.0),
+                                                                                      ("target", "0", 1e9)}
+        decided = dict(line.split(",") for line in (out / "decision_result_valve_section_00_test.csv").read_text().split())
+        assert all(v == ("1" if "_source_" in f else "0") for f, v in decided.items())

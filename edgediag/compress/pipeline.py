@@ -142,7 +142,7 @@ def run(args) -> int:
                                                    "betas", "weight_decay", "schedule", "grad_clip", "lr")}}
     # fine-tuning a trained model: a tenth of its training learning rate
     lr = args.lr if args.lr is not None else float(base_train.get("lr", 1e-3)) / 10
-    train_cfg = from_dict(TrainConfig, {**base_train, **(tree.get("train") or {}), **flags, "lr": lr,
+    train_cfg = from_dict(TrainConfig, {**base_train, "min_steps": 0, **(tree.get("train") or {}), **flags, "lr": lr,
                                         "epochs": max(1, args.finetune_epochs), "device": "cpu",
                                         "warmup": 0.0}, "train.")
     train_cfg.validate()

@@ -15,7 +15,7 @@ import torch
 from edgediag import __version__
 from edgediag.config import to_dict
 from edgediag.errors import UserError
-from edgediag.utils import atomic_path
+from edgediag.utils import atomic_path, group_thresholds
 
 FORMAT = "edgediag.checkpoint/1"
 
@@ -77,6 +77,7 @@ def model_from_checkpoint(payload: dict):
     except RuntimeError as exc:
         raise UserError(f"checkpoint weights do not fit model {payload['model_name']}: "
                         f"{str(exc).splitlines()[0][:200]}") from None
+    model.group_thresholds = group_thresholds((payload.get("meta") or {}).get("threshold_calibration"))
     return model.eval()
 
 

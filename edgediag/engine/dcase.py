@@ -70,12 +70,13 @@ def section_scores(anomaly: Sequence[int], scores: Sequence[float], domains: Seq
 
 
 def dcase_scores(machines: Sequence[str], sections: Sequence[str], domains: Sequence[str],
-                 anomaly: Sequence[int], scores: Sequence[float], threshold: float | None = None,
+                 anomaly: Sequence[int], scores: Sequence[float], threshold=None,
                  decision_scores: Sequence[float] | None = None) -> dict:
     """Per machine × section scores and the summary of a whole test set.
 
     Items with anomaly -1 (unknown) are ignored. Uses the 2022/23 protocol when any item
-    has a source/target domain, the 2020 one otherwise. With a finite ``threshold``,
+    has a source/target domain, the 2020 one otherwise. With a finite ``threshold`` (one
+    value, or one per item),
     decisions are ``decision_scores > threshold`` (``scores`` by default) and
     precision/recall/F1 are added per row and as means (``*_hmean`` / ``*_mean``).
 
@@ -87,8 +88,8 @@ def dcase_scores(machines: Sequence[str], sections: Sequence[str], domains: Sequ
     ds = np.asarray(decision_scores if decision_scores is not None else s, dtype=np.float64)
     keep = a >= 0
     m, sec, dom, a, s, ds = m[keep], sec[keep], dom[keep], a[keep], s[keep], ds[keep]
-    use_threshold = threshold is not None and np.isfinite(threshold)
-    dec = (ds > threshold).astype(int) if use_threshold else None
+    thr = per_item(threshold, len(keep))
+    dec = (ds > thr[keep]).astype(int) if thr is not None else None
     with_domains = bool(np.isin(dom, ["source", "target"]).any())
     rows = []
     for machine in sorted(set(m.tolist())):
@@ -141,9 +142,17 @@ def report_groups(meta: dict[str, list]) -> dict[str, list | None]:
                 keys=meta.get("key"))
 
 
+def per_item(threshold, n: int) -> np.ndarray | None:
+    """``threshold`` (one value or one per item) as n values; None when absent or not finite."""
+    if threshold is None:
+        return None
+    t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (n,))
+    return t if np.all(np.isfinite(t)) else None
+
+
 def anomaly_report(scores: Sequence[float], anomaly: Sequence[int], *, machines: Sequence[str] | None = None,
                    sections: Sequence[str] | None = None, domains: Sequence[str] | None = None,
-                   labels: Sequence[str] | None = None, threshold: float | None = None,
+                   labels: Sequence[str] | None = None, threshold=None,
                    decision_scores: Sequence[float] | None = None, out_dir: str | Path | None = None,
                    title: str = "ROC", keys: Sequence[str] | None = None) -> dict:
     """Everything an anomaly-detection evaluation reports, for any model.
@@ -154,8 +163,9 @@ def anomaly_report(scores: Sequence[float], anomaly: Sequence[int], *, machines:
     * otherwise, with ``labels``, one row per label: its count, AUC of the normal items
       vs that label, and the fraction flagged at ``threshold``. Labels whose anomaly is
       -1 (e.g. a stopped machine, neither normal nor a fault) only appear here;
-    * precision/recall/F1/accuracy at ``threshold`` (``decision_scores`` if the threshold
-      was calibrated on another score, else ``scores``);
+    * precision/recall/F1/accuracy, FPR/TPR at ``threshold`` (one value, or one per item:
+      thresholds per section × domain; ``decision_scores`` if the threshold was calibrated
+      on another score, else ``scores``);
     * ``roc.png`` in ``out_dir`` (all items, and per domain when there are domains);
     * ``auc_file``/``pauc_file`` when ``keys`` name segments of files (``file#k``,
       ``data.segments``): each file scored by its segments' mean, as a monitor averages
@@ -169,9 +179,10 @@ def anomaly_report(scores: Sequence[float], anomaly: Sequence[int], *, machines:
     known = a >= 0
     out: dict = {"n_items": int(n), "n_normal": int(np.sum(a == 0)), "n_anomaly": int(np.sum(a == 1))}
     out["auc"], out["pauc"] = auc_pauc(a[known], s[known], MAX_FPR)
-    use_threshold = threshold is not None and np.isfinite(threshold)
+    thr = per_item(threshold, n)
+    use_threshold = thr is not None
     if use_threshold and np.any(known):
-        out.update(decision_report(a[known], dscores[known], float(threshold)))
+        out.update(decision_report(a[known], dscores[known], thr[known]))
     files, index = np.unique([str(k).rsplit("#", 1)[0] for k in keys or []], return_inverse=True)
     if 0 < len(files) < n:  # segments of files (data.segments)
         file_score = np.bincount(index, weights=s) / np.bincount(index)
@@ -185,7 +196,7 @@ def anomaly_report(scores: Sequence[float], anomaly: Sequence[int], *, machines:
         mach = np.asarray(machines if machines is not None else [""] * n)
         has = sec != ""
         dc = dcase_scores(mach[has], sec[has], dom[has], a[has], s[has],
-                          threshold=threshold, decision_scores=dscores[has])
+                          threshold=thr[has] if use_threshold else None, decision_scores=dscores[has])
         out.update({k: v for k, v in dc.items() if k != "table"})
         out["table"] = dc["table"]
         for d in ("source", "target"):
@@ -204,7 +215,7 @@ def anomaly_report(scores: Sequence[float], anomaly: Sequence[int], *, machines:
                 both = normal | pick
                 row["auc_vs_normal"] = auc_pauc((~normal[both]).astype(int), s[both], MAX_FPR)[0]
             if use_threshold:
-                row["flagged"] = float(np.mean(dscores[pick] > threshold))
+                row["flagged"] = float(np.mean(dscores[pick] > thr[pick]))
             rows.append(row)
         out["table"] = rows
     if out_dir is not None:

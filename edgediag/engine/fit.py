@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, Subset
 from edgediag.config import to_dict
 from edgediag.engine.checkpoint import make_checkpoint, save_checkpoint
 from edgediag.engine.metrics import calibrate_threshold
-from edgediag.engine.model import DiagnosisModel
 from edgediag.engine.trainer import DeviceLoader, TrainConfig
+from edgediag.utils import group_key, group_thresholds
 
 log = logging.getLogger("edgediag.engine")
 
@@ -45,21 +45,23 @@ def _fit_normal(model, dataset, batch_size: int, device) -> None:
     model.fit_normal(DeviceLoader(DataLoader(dataset, batch_size=batch_size, shuffle=False), device))
 
 
-def crossfit_normal_scores(model, dataset, train_cfg: TrainConfig, device) -> np.ndarray:
+def crossfit_normal_scores(model, dataset, train_cfg: TrainConfig, device) -> tuple[np.ndarray, list[int]]:
     """Scores of the training set's normal items, each from normal statistics fitted on the
     other folds (k = ``train.calibration_folds``); the model is refitted on all items after.
     The network's weights did see every item: the scores are out-of-fold for the statistics
-    (a kNN bank's distance of a clip to itself, a Gaussian fitted on it), not for training."""
+    (a kNN bank's distance of a clip to itself, a Gaussian fitted on it), not for training.
+    Returns (scores, the dataset indices they belong to)."""
     normal = set(normal_subset(dataset).indices)
     order = np.random.default_rng(train_cfg.seed).permutation(len(dataset))
-    scores = []
+    scores, indices = [], []
     for part in np.array_split(order, train_cfg.calibration_folds):
         held = set(int(i) for i in part)
         _fit_normal(model, Subset(dataset, [i for i in range(len(dataset)) if i not in held]),
                     train_cfg.batch_size, device)
+        indices += sorted(held & normal)
         scores.append(scores_of(model, Subset(dataset, sorted(held & normal)), device, train_cfg.batch_size))
     _fit_normal(model, dataset, train_cfg.batch_size, device)
-    return np.concatenate(scores) if scores else np.zeros(0)
+    return (np.concatenate(scores) if scores else np.zeros(0)), indices
 
 
 def far_estimate(normal_scores: np.ndarray, threshold: float) -> dict:
@@ -72,6 +74,31 @@ def far_estimate(normal_scores: np.ndarray, threshold: float) -> dict:
     lo = float(stats.beta.ppf(0.025, k, n - k + 1)) if k > 0 else 0.0
     hi = float(stats.beta.ppf(0.975, k + 1, n - k)) if k < n else 1.0
     return {"n_normals": n, "far_on_calibration": k / n if n else float("nan"), "far_ci95": [lo, hi]}
+
+
+def item_groups(dataset) -> list[str]:
+    """Each item's section × domain (``group_key``; "/" for data without them)."""
+    return [group_key(str(it.get("section", "") or ""), str(it.get("domain", "") or ""))
+            for it in (dataset[i] for i in range(len(dataset)))]
+
+
+def calibrate_groups(scores: np.ndarray, groups: list[str], train_cfg: TrainConfig, quantile: float) -> dict:
+    """A threshold per section × domain with at least ``train.group_min_normals`` calibration
+    normals, each with its own FAR estimate; {} for data without several groups."""
+    names = sorted(set(groups))
+    if train_cfg.group_min_normals <= 0 or len(names) < 2 or names == ["/"]:
+        return {}
+    g = np.asarray(groups)
+    out = {}
+    for name in names:
+        mine = scores[g == name]
+        if len(mine) < train_cfg.group_min_normals:
+            out[name] = {"threshold": None, "n_normals": int(len(mine)),
+                         "note": f"fewer than {train_cfg.group_min_normals} normals: the global threshold applies"}
+            continue
+        t = calibrate_threshold(mine, train_cfg.threshold_method, quantile)
+        out[name] = {"threshold": float(t), **far_estimate(mine, t)}
+    return out
 
 
 def refit(model, bundle, train_cfg: TrainConfig, device) -> dict:
@@ -87,25 +114,38 @@ def refit(model, bundle, train_cfg: TrainConfig, device) -> dict:
         chosen = model.calibrate(DeviceLoader(val_loader, device)) or {}
         if chosen:
             log.info("calibrated on the validation set: %s", chosen)
-        scores = scores_of(model, normal_subset(bundle.val), device, train_cfg.batch_size)
+        calib = normal_subset(bundle.val)
+        scores, groups = scores_of(model, calib, device, train_cfg.batch_size), item_groups(calib)
         where = "normal items of the validation set"
     elif (train_cfg.calibration_folds >= 2 and len(bundle.train) >= train_cfg.calibration_folds
-          and type(model).fit_normal is not DiagnosisModel.fit_normal):
-        scores = crossfit_normal_scores(model, bundle.train, train_cfg, device)
+          and model.score_uses_normal_statistics):
+        scores, indices = crossfit_normal_scores(model, bundle.train, train_cfg, device)
+        groups = item_groups(Subset(bundle.train, indices))
         where = f"normal items of the training set, scored out-of-fold ({train_cfg.calibration_folds}-fold cross-fit)"
     else:
-        scores = scores_of(model, normal_subset(bundle.train), device, train_cfg.batch_size)
+        calib = normal_subset(bundle.train)
+        scores, groups = scores_of(model, calib, device, train_cfg.batch_size), item_groups(calib)
         where = "normal items of the training set (in-sample: optimistic, alarms will exceed the target)"
+        log.warning("the %s score was trained on the clips that calibrate its threshold: on unseen normals it "
+                    "will raise more alarms than --target-far; hold out normals with --set data.val_fraction=0.2 "
+                    "or use a score fitted on normal statistics", model.model_name)
     quantile = train_cfg.threshold_quantile or 1.0 - train_cfg.target_far
     report = {"target_far": round(1.0 - quantile, 6), "method": train_cfg.threshold_method, "source": where}
     if len(scores):
         threshold = calibrate_threshold(scores, train_cfg.threshold_method, quantile)
         model.threshold.fill_(threshold)
         report.update(far_estimate(scores, float(model.threshold)))
+        group_report = calibrate_groups(scores, groups, train_cfg, quantile)
+        if group_report:
+            report["groups"] = group_report
     else:
         report["n_normals"] = 0
+    model.group_thresholds = group_thresholds(report)
     log.info("threshold %.5g for a %.0f %% false-alarm rate from %d %s", float(model.threshold),
              100 * report["target_far"], report["n_normals"], where)
+    for name, g in report.get("groups", {}).items():
+        own = f"threshold {g['threshold']:.5g}" if g["threshold"] is not None else "the global threshold"
+        log.info("  %s: %s (%d calibration normals)", name, own, g["n_normals"])
     return {"calibration": chosen, "threshold_from": f"{report['n_normals']} {where}",
             "threshold_calibration": report}
 

@@ -45,6 +45,9 @@ class DiagnosisModel(nn.Module, metaclass=abc.ABCMeta):
         # The calibrated decision threshold travels in the state dict (and so into the
         # checkpoint and the exported graph's metadata); NaN until the train verb sets it.
         self.register_buffer("threshold", torch.tensor(float("nan")))
+        # Thresholds of their own for sections × domains ({"section_00/target": t}), set by
+        # the calibration (edgediag.engine.fit) and restored from the checkpoint's meta.
+        self.group_thresholds: dict[str, float] = {}
 
     # --- configuration from data -------------------------------------------------------
     @classmethod
@@ -68,6 +71,14 @@ class DiagnosisModel(nn.Module, metaclass=abc.ABCMeta):
     def fit_normal(self, loader) -> None:
         """After training: fit statistics of normal data that scoring needs (kNN bank,
         Mahalanobis, ...). Store them as buffers or extra state so checkpoints carry them."""
+
+    @property
+    def score_uses_normal_statistics(self) -> bool:
+        """Whether the decision score depends on what :meth:`fit_normal` fits (a kNN bank, a
+        Gaussian). Only then are cross-fitted scores out-of-sample: a classifier's score of
+        a clip it was trained on is not, whatever the statistics' folds. Default: the family
+        overrides ``fit_normal``; a family whose score choice decides it overrides this."""
+        return type(self).fit_normal is not DiagnosisModel.fit_normal
 
     @torch.no_grad()
     def recalibrate_batchnorm(self, loader, forward=None) -> None:
@@ -99,6 +110,15 @@ class DiagnosisModel(nn.Module, metaclass=abc.ABCMeta):
         for bn, momentum in zip(norms, momenta):
             bn.momentum = momentum
         self.train(was_training)
+
+    def decision_thresholds(self, sections=None, domains=None):
+        """The threshold of each item (its section × domain's, else the global one); a
+        float when there are no per-group thresholds or no groups."""
+        if not self.group_thresholds or sections is None:
+            return float(self.threshold)
+        from edgediag.utils import item_thresholds
+        domains = domains if domains is not None else [""] * len(sections)
+        return item_thresholds(float(self.threshold), self.group_thresholds, sections, domains)
 
     @torch.no_grad()
     def calibrate(self, loader) -> dict[str, Any]:

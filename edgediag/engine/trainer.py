@@ -8,6 +8,11 @@ Reproducibility: every epoch reseeds all RNGs and the sampler from (seed, epoch)
 epoch is a pure function of the weights and optimiser state it starts from. Resuming
 from ``last.pt`` (saved at each epoch's end) therefore reproduces an uninterrupted run
 bit for bit on the CPU.
+
+Distributed (torchrun, world size > 1): the training loss logged is the mean over ranks;
+validation runs once, on rank 0, over the whole validation set, after BatchNorm statistics
+have been made the same on every rank (``TrainConfig.sync_batchnorm``), and its metrics are
+broadcast so every rank records the same numbers and picks the same best checkpoint.
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     eval_every: int = 1  # epochs between validations
     max_steps_per_epoch: int = 0  # 0 = whole epoch; for quick runs
+    # At least this many optimiser steps: on a small data set (45 fan clips, batch 16: two
+    # steps per epoch) ``epochs`` is raised to reach it, so a recipe is not 20 steps long
+    # there. A recipe's floor (train_defaults); an explicit train.epochs sets it to 0.
+    min_steps: int = 0
     # percentile: the empirical quantile, the direct estimate of the false-alarm rate; gamma
     # (the DCASE baselines' fit) can put the threshold above every calibration score when
     # the normal scores are not gamma-shaped (fan, TASTgram-MFN kNN: FAR 0/45 at a 0.1 target)
@@ -63,10 +72,30 @@ class TrainConfig:
     # Without a validation split: k-fold cross-fit of the normal statistics (fit_normal) on
     # the training set, so each calibration score comes from statistics that never saw it.
     calibration_folds: int = 5
+    # A score that does not use normal statistics (a classifier's) cannot be cross-fitted:
+    # training saw every clip. Without a validation split, this fraction of the training
+    # data is then held out of training to calibrate on (0 = calibrate in-sample, flagged).
+    calibration_holdout: float = 0.2
+    # DCASE-style data (sections, source/target domains): a threshold per section × domain
+    # where the calibration set holds at least this many of its normals (0 = one threshold),
+    # since a domain shift moves the normal scores; the others use the global threshold.
+    group_min_normals: int = 10
+    # With several processes (torchrun), keep BatchNorm the same on every rank. CUDA (nccl):
+    # the layers become torch.nn.SyncBatchNorm while training (batch statistics over the
+    # global batch). CPU (gloo): torch's SyncBatchNorm is CUDA-only (its training forward
+    # raises on CPU tensors), so the layers stay plain BatchNorm normalising by their rank's
+    # batch, each rank tracks running statistics over its own shard, and running_mean and
+    # running_var are averaged over ranks at every epoch's end, before validation and
+    # checkpoints (the spread of batch means between ranks is left out of running_var).
+    # Either way checkpoints hold plain BatchNorm. Off: DDP copies rank 0's buffers to every
+    # rank before each step (the running statistics then follow rank 0's batches).
+    sync_batchnorm: bool = True
 
     def validate(self) -> None:
         if not 0 < self.target_far < 1:
             raise UserError(f"train.target_far must be in (0, 1), not {self.target_far}")
+        if not 0 <= self.calibration_holdout < 1:
+            raise UserError(f"train.calibration_holdout must be in [0, 1), not {self.calibration_holdout}")
         if self.threshold_quantile and not 0 < self.threshold_quantile < 1:
             raise UserError(f"train.threshold_quantile must be in (0, 1), not {self.threshold_quantile}")
         if self.calibration_folds < 0 or self.calibration_folds == 1:
@@ -106,6 +135,29 @@ def distributed_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) otherwise."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
             int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def to_sync_batchnorm(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Replace every BatchNorm in ``model`` by a SyncBatchNorm sharing its parameters and
+    buffers; returns what :func:`to_plain_batchnorm` needs to put the originals back."""
+    swaps = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+                setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+                swaps.append((parent, name, child))
+    return swaps
+
+
+def to_plain_batchnorm(swaps: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    """Undo :func:`to_sync_batchnorm`: the original modules (their class, hence what
+    pruning, export and ``load_state_dict`` expect) come back holding the current tensors."""
+    for parent, name, plain in reversed(swaps):
+        sync = getattr(parent, name)
+        plain._parameters.update(sync._parameters)
+        plain._buffers.update(sync._buffers)
+        plain.train(sync.training)
+        setattr(parent, name, plain)
 
 
 def move_batch(batch: Any, device: torch.device) -> Any:
@@ -153,6 +205,7 @@ class Trainer:
         self.best_metric = -math.inf
         self.history: list[dict] = []
         self.total_steps = 1
+        self._bn_swaps: list = []  # SyncBatchNorm in place while an epoch's steps run (CUDA, world > 1)
 
     # --- set-up -------------------------------------------------------------------
     def _build_optimizers(self) -> None:
@@ -168,13 +221,56 @@ class Trainer:
             self.schedulers[phase] = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda s: lr_factor(s, self.total_steps, cfg), last_epoch=self.step - 1)
         self.scalers = {p: torch.amp.GradScaler("cuda", enabled=self.amp) for p in self.model.phases}
-        if self.world > 1:
-            # Phases use disjoint parameter subsets (GANs), hence find_unused_parameters.
-            self.runner = nn.parallel.DistributedDataParallel(
-                _Steps(self.model), device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=len(self.model.phases) > 1)
-        else:
+        self._wrap()
+
+    def _batchnorm_sync(self) -> str:
+        """How BatchNorm is kept the same across ranks: "" (one process, no BatchNorm, or
+        train.sync_batchnorm off), "sync" (SyncBatchNorm, CUDA) or "stats" (running
+        statistics averaged at each epoch's end, CPU: torch's SyncBatchNorm is CUDA-only)."""
+        if self.world == 1 or not self.cfg.sync_batchnorm or not any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            return ""
+        return "sync" if self.device.type == "cuda" else "stats"
+
+    def _wrap(self) -> None:
+        """The module the training steps run through: DDP over the model when distributed."""
+        if self.world == 1:
             self.runner = _Steps(self.model)
+            return
+        # Phases use disjoint parameter subsets (GANs), hence find_unused_parameters. "stats":
+        # each rank keeps its own running statistics (averaged in _end_epoch_sync), so DDP must
+        # not overwrite them with rank 0's before every step. "sync": the SyncBatchNorm layers
+        # go in and out around each epoch's steps (_start_epoch_sync); they share the plain
+        # layers' parameters and buffers, and DDP keeps tensors, not modules, so this wrapper
+        # stays valid.
+        self.runner = nn.parallel.DistributedDataParallel(
+            _Steps(self.model), device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=len(self.model.phases) > 1, broadcast_buffers=self._batchnorm_sync() != "stats")
+
+    def _start_epoch_sync(self) -> None:
+        """Distributed, before an epoch's steps: SyncBatchNorm in place ("sync" only)."""
+        if self._batchnorm_sync() == "sync" and not self._bn_swaps:
+            self._bn_swaps = to_sync_batchnorm(self.model)
+
+    def _end_epoch_sync(self) -> None:
+        """Distributed, after an epoch's steps: plain BatchNorm back in the model (validation,
+        callbacks, checkpoints and the model fit returns see the classes they know), and with
+        "stats" the running statistics averaged over ranks and every other buffer from rank 0."""
+        if self._bn_swaps:
+            to_plain_batchnorm(self._bn_swaps)
+            self._bn_swaps = []
+        if self._batchnorm_sync() != "stats":
+            return
+        for module in self.model.modules():
+            norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+            for name, buf in module._buffers.items():
+                if buf is None or name in module._non_persistent_buffers_set:
+                    continue
+                if norm and name in ("running_mean", "running_var"):
+                    dist.all_reduce(buf)
+                    buf.div_(self.world)
+                else:
+                    dist.broadcast(buf, 0)
 
     def _loader(self, dataset: Dataset, epoch: int) -> DataLoader:
         if self.world > 1:
@@ -227,6 +323,10 @@ class Trainer:
         steps_per_epoch = len(self._loader(train_set, 0))
         if cfg.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+        if cfg.min_steps and steps_per_epoch * cfg.epochs < cfg.min_steps:
+            cfg.epochs = math.ceil(cfg.min_steps / steps_per_epoch)
+            log.info("%d optimiser steps per epoch: %d epochs to reach train.min_steps=%d",
+                     steps_per_epoch, cfg.epochs, cfg.min_steps)
         self.total_steps = max(1, steps_per_epoch * cfg.epochs)
         last = self.out_dir / "last.pt" if self.out_dir else None
         if resume:
@@ -239,6 +339,8 @@ class Trainer:
         while self.epoch < cfg.epochs:
             epoch = self.epoch
             seed_everything(cfg.seed * 7919 + epoch)
+            if self.world > 1:
+                self._start_epoch_sync()
             self.model.train()
             sums: dict[str, float] = {}
             seen, t0 = 0, time.perf_counter()
@@ -264,14 +366,16 @@ class Trainer:
             bar.close()
             elapsed = time.perf_counter() - t0
             n_batches = max(1, min(i + 1, steps_per_epoch))
-            record = {"epoch": epoch + 1, **{k: v / n_batches for k, v in sums.items()},
+            means = {k: v / n_batches for k, v in sums.items()}
+            if self.world > 1:
+                means = self._mean_over_ranks(means)
+                self._end_epoch_sync()
+            record = {"epoch": epoch + 1, **means,
                       "seconds": elapsed, "samples_per_s": seen * self.world / max(elapsed, 1e-9)}
             self.epoch += 1
 
             if val_set is not None and len(val_set) and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs):
-                if self.rank == 0:
-                    metrics = self.evaluate(val_set)
-                    record.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+                record.update(self._validate(val_set))
             self.history.append(record)
             if self.rank == 0:
                 log.info(_format_record(record))
@@ -309,6 +413,28 @@ class Trainer:
         scaler.step(opt)
         scaler.update()
         return {k: v.detach() for k, v in losses.items()}
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Each logged loss averaged over ranks (every rank logs the same keys)."""
+        if not values:
+            return values
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: v / self.world for k, v in zip(values, t.tolist())}
+
+    def _validate(self, val_set: Dataset) -> dict[str, float]:
+        """``val_*`` scalars of :meth:`evaluate`. Distributed: rank 0 scores the whole
+        validation set (the ranks' models are the same after _end_epoch_sync) and the result
+        is broadcast, so every rank's history, best metric and callbacks see the same numbers."""
+        scalars = None
+        if self.rank == 0:
+            metrics = self.evaluate(val_set)
+            scalars = {f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self.world > 1:
+            box = [scalars]
+            dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+            scalars = box[0]
+        return scalars
 
     @torch.no_grad()
     def evaluate(self, dataset: Dataset) -> dict:

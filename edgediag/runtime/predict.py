@@ -30,10 +30,9 @@ def _batches(dataset, batch_size: int) -> Iterator[list[dict]]:
 
 def score_items(predictor, dataset, batch_size: int = 32, classes: Sequence[str] = ()) -> list[dict]:
     """One row per item: its name, score, decision at the artifact's calibrated threshold
-    (empty where it has none) and, where the data carries them, its label, anomaly flag,
-    machine, section and domain."""
-    threshold = predictor.threshold
-    decided = math.isfinite(threshold)
+    (its section × domain's where the calibration made one; empty where there is none) and,
+    where the data carries them, its label, anomaly flag, machine, section and domain."""
+    decided = math.isfinite(predictor.threshold)
     rows = []
     for items in _batches(dataset, max(1, batch_size)):
         x = np.stack([np.asarray(it["x"], dtype=np.float32) for it in items])
@@ -41,6 +40,7 @@ def score_items(predictor, dataset, batch_size: int = 32, classes: Sequence[str]
             y, anomaly = it.get("y"), it.get("anomaly")
             label = it.get("label") or (classes[int(y)] if classes and y is not None and 0 <= int(y) < len(classes)
                                         else "")
+            threshold = predictor.threshold_for(it.get("section", ""), it.get("domain", ""))
             rows.append({"item": str(it.get("key", len(rows))), "score": float(s),
                          "threshold": threshold if decided else "", "decision": int(s > threshold) if decided else "",
                          "label": label, "true_anomaly": "" if anomaly is None or int(anomaly) < 0 else int(anomaly),
@@ -65,20 +65,20 @@ def write_dcase_submission(out_dir: str | Path, rows: list[dict]) -> list[Path]:
     ``decision_result_<machine>_<section>_test.csv`` (``file,0|1``), no header, one line per
     clip (a clip scored as several segments, keys ``file#k``, gets their mean score)."""
     clips: dict[tuple[str, str], dict[str, list[float]]] = collections.defaultdict(dict)
-    thresholds = {}
+    thresholds = {}  # a clip's threshold (its domain's, where thresholds are per domain)
     for r in rows:
         if not (r["machine"] and r["section"]):
             continue
         name = Path(r["item"].split("#", 1)[0]).name
         clips[(r["machine"], r["section"])].setdefault(name, []).append(r["score"])
-        thresholds[(r["machine"], r["section"])] = r["threshold"]
+        thresholds[(r["machine"], r["section"], name)] = r["threshold"]
     written = []
     for (machine, section), by_file in sorted(clips.items()):
         scores = {f: float(np.mean(s)) for f, s in by_file.items()}
         files = [("anomaly_score", {f: f"{s:.6f}" for f, s in scores.items()})]
-        t = thresholds[(machine, section)]
-        if t != "":
-            files.append(("decision_result", {f: str(int(s > t)) for f, s in scores.items()}))
+        t = {f: thresholds[(machine, section, f)] for f in scores}
+        if all(v != "" for v in t.values()):
+            files.append(("decision_result", {f: str(int(s > t[f])) for f, s in scores.items()}))
         for kind, values in files:
             path = Path(out_dir) / f"{kind}_{machine}_{section}_test.csv"
             with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:

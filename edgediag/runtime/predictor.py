@@ -30,6 +30,7 @@ import numpy as np
 
 from edgediag.deploy.metadata import parse_metadata, read_metadata
 from edgediag.errors import UserError
+from edgediag.utils import group_key, group_thresholds
 
 # The one map from artifact suffix to backend (bench derives its names from it).
 SUFFIX_BACKEND = {".pt": "pytorch", ".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt"}
@@ -166,6 +167,8 @@ class Predictor(abc.ABC):
         self.metadata = metadata
         self.input_spec: dict = dict(metadata.get("input_spec") or {})
         self.threshold = float(metadata.get("threshold", float("nan")))
+        # Per section × domain thresholds where the calibration made them (DCASE data).
+        self.group_thresholds = group_thresholds(metadata.get("threshold_calibration"))
         self.model_name = str(metadata.get("model_name", ""))
         self.input_names, self.output_names = list(input_names), list(output_names)
         self.batch = batch  # the graph's static batch; None = any
@@ -209,6 +212,10 @@ class Predictor(abc.ABC):
     def score(self, batch) -> np.ndarray:
         """Anomaly scores (B,) of a batch of prepared items (the graph's first output)."""
         return self.outputs(batch)[self.output_names[0]].reshape(-1).astype(np.float64)
+
+    def threshold_for(self, section: str = "", domain: str = "") -> float:
+        """The threshold of an item of this section and domain (its group's, else the global)."""
+        return self.group_thresholds.get(group_key(section or "", domain or ""), self.threshold)
 
     def is_anomalous(self, scores, threshold: float | None = None) -> np.ndarray:
         t = self.threshold if threshold is None else float(threshold)
@@ -316,7 +323,8 @@ class _TorchPredictor(Predictor):
             "model_name": ckpt["model_name"], "model_config": dict(ckpt.get("model_config") or {}),
             "input_spec": dict(model.input_spec()), "threshold": threshold,
             "classes": list(data.get("classes") or []), "normal_classes": list(data.get("normal_classes") or []),
-            "data_kind": str(data.get("kind") or model.data_kind), "data": dict(data)}
+            "data_kind": str(data.get("kind") or model.data_kind), "data": dict(data),
+            "threshold_calibration": (ckpt.get("meta") or {}).get("threshold_calibration") or {}}
         if streaming:
             self.module = model.streaming_module().to(self.device).eval()
             names = list(self.module.input_names)

@@ -373,6 +373,10 @@ class AEGANAD(DiagnosisModel):
             out.update(self.d_scores(emb, names))
         return out
 
+    @property
+    def score_uses_normal_statistics(self) -> bool:
+        return self.config.score.startswith("D-")  # G scores: reconstruction errors alone
+
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """The configured (or calibrated) score ``config.score``, (B,)."""
         return self.clip_scores(x, (self.config.score,))[self.config.score]
@@ -443,8 +447,9 @@ class AEGANAD(DiagnosisModel):
         chosen = self.config.score
         n = len(meta["anomaly"])
         if chosen in scores:
-            report = anomaly_report(scores[chosen], meta["anomaly"], threshold=float(self.threshold),
-                                    out_dir=out_dir, title=f"{self.model_name} ({chosen})", **report_groups(meta))
+            report = anomaly_report(scores[chosen], meta["anomaly"], out_dir=out_dir,
+                                    threshold=self.decision_thresholds(meta["section"], meta["domain"]),
+                                    title=f"{self.model_name} ({chosen})", **report_groups(meta))
         else:
             report = {"n_items": n, "auc": float("nan"), "pauc": float("nan"),
                       "note": f"{chosen} needs fit_normal() first"}

@@ -201,6 +201,10 @@ class SequenceClassifier(DiagnosisModel):
         self.maha_mean = torch.from_numpy(lw.location_).float().to(device)
         self.maha_precision = torch.from_numpy(lw.precision_).float().to(device)
 
+    @property
+    def score_uses_normal_statistics(self) -> bool:
+        return self.config.score_method != "softmax"
+
     def active_score_method(self) -> str:
         """The configured score, or ``softmax`` while the normal statistics it needs are
         not fitted yet. A plain string: decided once, outside any traced graph."""
