@@ -222,3 +222,41 @@ def test_an_inference_only_model_refuses_training_with_one_line():
         model.training_step({"x": model.example_input(2)})
     with pytest.raises(UserError, match="inference-only"):
         model.evaluate([])
+
+
+def test_outputs_get_the_users_umask_not_mkstemps_0600(tmp_path):
+    """A file written through atomic_path is readable by others (0644 under umask 022), as
+    any file the user creates; mkstemp's 0600 would hide it from a board's service account."""
+    import os
+
+    from edgediag.utils import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "report.json") as tmp:
+            tmp.write_text("{}")
+        assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        with atomic_path(tmp_path / "private.json") as tmp:
+            tmp.write_text("{}")
+        assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_edgediag_command_runs_every_verb_and_knows_its_version():
+    """`edgediag <verb> ...` (the console script, = python -m edgediag) is `python -m
+    edgediag.<verb> ...`: same errors, same exit codes; `--version` at the top level."""
+    import subprocess
+    import sys
+
+    from edgediag import __version__
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "edgediag", *args], capture_output=True, text=True, timeout=300)
+
+    assert run("--version").stdout.strip() == f"edgediag {__version__}"
+    bad = run("predict", "--checkpoint", "/nonexistent/model.pt", "--data", "/nonexistent", "--out", "/tmp/none")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+    unknown = run("trian")
+    assert unknown.returncode == 2 and "unknown verb 'trian'" in unknown.stderr
