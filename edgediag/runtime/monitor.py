@@ -16,20 +16,40 @@ The stream is cut into windows of ``--window`` seconds every ``--hop`` seconds (
 model's input length and half of it), each window scored by the artifact
 (``edgediag.runtime``); streaming graphs instead get each new time step once, with their
 states carried between windows (``--stream-reset S`` zeroes them every S seconds: a model
-that pools over all its steps otherwise averages over the whole stream). Scores are
-smoothed (median or EMA over ``--smooth`` windows) and go through a hysteresis: the alarm
-turns ON once the smoothed score stays above the on-threshold (``--threshold``, default the artifact's calibrated one) for ``--min-duration``
-seconds, and OFF when it drops below the off-threshold (``--off-threshold``, default 10 %
-of |on| below on). Problems in the input never stop the monitor: NaN/inf samples (set to 0),
+that pools over all its steps otherwise averages over the whole stream).
+
+The alarm rule and what it promises. Training calibrates the threshold so that a fraction
+p = ``train.target_far`` (default 0.1) of normal items (windows of the model's length) score
+above it (the artifact's ``threshold_calibration``), so one window above it is no evidence:
+alarming on single windows every 0.5 s raises hundreds of false alarms an hour. The alarm
+turns ON when K of the last N windows score above the on-threshold (``--threshold``, default
+the artifact's) for ``--min-duration`` seconds (default 0), OFF when fewer than K of the
+last N are at or above the off-threshold (``--off-threshold``, default 10 % of |on| below
+on). ``--alarm-rule auto`` (default) takes the shortest K/N whose expected false alarms per
+hour of normal running stay under ``--false-alarms-per-hour`` (default 1), bounded by
+:func:`false_alarms_per_hour` assuming normal windows that do not overlap score
+independently. A 1 s model every 0.5 s at p = 0.1: 7 of 7 (at most 0.72/hour), an alarm
+about window + (K - 1) * hop = 4 s after a fault whose windows score above the threshold; a
+5 s model at hop 2.5 s: 7 of 7 too, 20 s (short windows alarm fast). The rule and its rate
+(also at the calibration's 95 % upper bound on p) go to stderr and to the summary event's
+``alarm_rule``; a rate is stated only where the monitor scores what was calibrated (the
+artifact's threshold, the model's window length, unsmoothed scores of a window graph) or
+``--window-far P`` gives p; else the rule is 1 of 1, nothing promised. ``--alarm-rule K/N``
+sets the vote (N > K tolerates fault windows dipping below the threshold); ``--smooth`` K
+smooths scores (median or EMA) before the vote. The promise is only as good as p.
+
+Problems in the input never stop the monitor: NaN/inf samples (set to 0),
 clipped audio (|x| >= 0.999 in more than 1 % of a window), dropouts (gaps in CSV timestamps
 or between a watched folder's files, microphone overflows), unreadable files or CSV rows and resampling (source rate != model rate, flagged once) become
 ``flags`` of the window's event.
 
 Events (JSON lines, to ``--out`` appended and flushed per line, else stdout):
 ``{"type": "window", "t", "score", "smoothed", "state", "alarm", "flags", "latency_ms"}``
-(``t`` = end of the window in stream seconds; ``change`` = "on"/"off" when the alarm flips),
+(``t`` = end of the window in stream seconds; ``change`` = "on"/"off" when the alarm flips;
+``votes`` = how many of the last N windows are above the on-threshold, where N > 1),
 and every ``--health-every`` stream seconds ``{"type": "health", "rtf", "latency_p50/p95/p99",
-"rss_mb", ...}``; ``--events changes`` writes only alarm changes, flagged windows and health.
+"rss_mb", ...}``; ``--events changes`` writes only alarm changes, flagged windows and health;
+the last line is ``{"type": "summary", "alarms", "state", "alarm_rule", ...}``.
 Memory is bounded: ring buffers and fixed-size deques only.
 """
 
@@ -79,20 +99,30 @@ class Smoother:
 
 
 class Hysteresis:
-    """Alarm state machine on smoothed scores at stream times ``t``.
+    """Alarm state machine on (smoothed) scores at stream times ``t``: a vote of ``votes``
+    of the last ``of`` windows.
 
-    normal -> pending when the score exceeds ``on``; pending -> alarm once it has stayed above
-    ``on`` for ``min_duration`` seconds (0 = at once); back to normal from pending as soon as it
-    drops to ``on`` or below; alarm -> normal when it drops below ``off``."""
+    The alarm turns ON once at least ``votes`` of the last ``of`` scores are above ``on``
+    and that has held for ``min_duration`` seconds (0 = at once); it turns OFF when fewer
+    than ``votes`` of the last ``of`` scores are at or above ``off``. ``state`` is "alarm",
+    "pending" (some of the last ``of`` scores are above ``on``, not yet enough or not for
+    long enough) or "normal". With 1 of 1 (the default): ON when the score exceeds ``on``
+    for ``min_duration``, OFF when it drops below ``off``."""
 
-    def __init__(self, on: float, off: float | None = None, min_duration: float = 0.0):
+    def __init__(self, on: float, off: float | None = None, min_duration: float = 0.0,
+                 votes: int = 1, of: int = 1):
         if not math.isfinite(on):
             raise UserError("no decision threshold: the artifact has none calibrated; pass --threshold T")
         self.on = float(on)
         self.off = float(off) if off is not None else default_off(self.on)
         if self.off > self.on:
             raise UserError(f"--off-threshold {self.off:g} is above the on-threshold {self.on:g}")
+        if not 1 <= votes <= of:
+            raise UserError(f"--alarm-rule {votes}/{of}: need 1 <= K <= N")
         self.min_duration = float(min_duration)
+        self.votes, self.of = int(votes), int(of)
+        self.above_on: collections.deque = collections.deque(maxlen=self.of)
+        self.above_off: collections.deque = collections.deque(maxlen=self.of)
         self.state = "normal"
         self.since: float | None = None
 
@@ -100,30 +130,149 @@ class Hysteresis:
     def alarm(self) -> bool:
         return self.state == "alarm"
 
+    @property
+    def count(self) -> int:
+        """How many of the last ``of`` scores are above the on-threshold."""
+        return sum(self.above_on)
+
     def update(self, t: float, score: float) -> str | None:
         """Advance to time ``t``; returns "on"/"off" when the alarm flips, else None."""
         if not math.isfinite(score):
             return None  # hold the state through an unscorable window
+        self.above_on.append(score > self.on)
+        self.above_off.append(score >= self.off)
         if self.state == "alarm":
-            if score < self.off:
+            if sum(self.above_off) < self.votes:
                 self.state, self.since = "normal", None
                 return "off"
             return None
-        if score > self.on:
+        if sum(self.above_on) >= self.votes:
             if self.since is None:
                 self.since = t
             if t - self.since >= self.min_duration - 1e-9:
                 self.state = "alarm"
                 return "on"
             self.state = "pending"
-        else:
-            self.state, self.since = "normal", None
+            return None
+        self.since = None
+        self.state = "pending" if any(self.above_on) and self.of > 1 else "normal"
         return None
 
 
 def default_off(on: float) -> float:
     """10 % of |on| below the on-threshold (the normal score spread is not in the metadata)."""
     return on - 0.1 * abs(on)
+
+
+# --- the alarm rule and the false-alarm rate it promises ----------------------------------------
+def binom_tail(n: int, k: int, p: float) -> float:
+    """P(at least ``k`` of ``n`` independent events of probability ``p``)."""
+    if k <= 0:
+        return 1.0
+    return float(sum(math.comb(n, i) * p ** i * (1.0 - p) ** (n - i) for i in range(k, n + 1)))
+
+
+def false_alarms_per_hour(votes: int, of: int, p: float, window_s: float, hop_s: float) -> float:
+    """Upper bound on the expected number of alarms per hour of normal running under the
+    rule "``votes`` of the last ``of`` windows above the threshold", where each normal
+    window is above it with probability ``p`` (the calibrated per-window false-alarm rate)
+    and windows that do not overlap are independent.
+
+    Windows ``hop_s`` apart overlap when ``hop_s < window_s``: windows i and i + s, with
+    s = ceil(window/hop), do not, so the last ``of`` windows form s chains of disjoint
+    windows. ``votes`` of ``of`` above means at least ceil(votes/s) above in one chain
+    (all of one chain when votes = of); an alarm can start at most once per hop, so the
+    rate is at most (3600 / hop) times that probability."""
+    s = max(1, math.ceil(window_s / hop_s - 1e-9))
+    chains = [len(range(c, of, s)) for c in range(min(s, of))]
+    need = math.ceil(votes / s)
+    per_window = sum(binom_tail(m, need, p) for m in chains)
+    if votes == of:  # every window above: each chain entirely above, the longest one included
+        per_window = min(per_window, p ** max(chains))
+    return min(1.0, per_window) * 3600.0 / hop_s
+
+
+def choose_rule(p: float, window_s: float, hop_s: float, per_hour: float, max_windows: int = 512) -> tuple[int, int]:
+    """The shortest vote (fewest windows, then fewest votes) whose false-alarm bound
+    (:func:`false_alarms_per_hour`) is at most ``per_hour``."""
+    for of in range(1, max_windows + 1):
+        if false_alarms_per_hour(of, of, p, window_s, hop_s) > per_hour:
+            continue
+        votes = of
+        while votes > 1 and false_alarms_per_hour(votes - 1, of, p, window_s, hop_s) <= per_hour:
+            votes -= 1
+        return votes, of
+    raise UserError(f"no vote of up to {max_windows} windows keeps false alarms under {per_hour:g}/hour at a "
+                    f"per-window false-alarm rate of {p:g}: raise --false-alarms-per-hour, or calibrate the "
+                    "threshold for a lower rate (train --target-far)")
+
+
+@dataclass
+class AlarmRule:
+    """``votes`` of the last ``of`` windows above the threshold, and what it promises."""
+
+    votes: int
+    of: int
+    window_s: float
+    hop_s: float
+    window_far: float | None = None  # per-window false-alarm rate the rule was derived from
+    window_far_hi: float | None = None  # the calibration's 95 % upper bound on it
+    note: str = ""  # why no rate is promised, where none is
+    min_duration: float = 0.0  # seconds the vote must hold (--min-duration)
+
+    def rate(self, p: float | None) -> float | None:
+        return None if p is None else false_alarms_per_hour(self.votes, self.of, p, self.window_s, self.hop_s)
+
+    per_hour = property(lambda self: self.rate(self.window_far))
+    per_hour_hi = property(lambda self: self.rate(self.window_far_hi))
+
+    @property
+    def delay_s(self) -> float:
+        """Alarm delay for a fault whose every window scores above the threshold: the first
+        window wholly inside it ends one window after the onset (up to a hop later), and
+        ``votes`` windows must be in, for ``min_duration``."""
+        return self.window_s + (self.votes - 1) * self.hop_s + self.min_duration
+
+    def as_dict(self) -> dict:
+        d = {"votes": self.votes, "of": self.of, "window_s": round(self.window_s, 4), "hop_s": round(self.hop_s, 4),
+             "delay_s": round(self.delay_s, 3)}
+        for key, value in (("window_far", self.window_far), ("window_far_hi", self.window_far_hi),
+                           ("false_alarms_per_hour", self.per_hour), ("false_alarms_per_hour_hi", self.per_hour_hi)):
+            if value is not None:
+                d[key] = float(f"{value:.4g}")
+        if self.note:
+            d["note"] = self.note
+        return d
+
+    def describe(self) -> str:
+        text = (f"alarm rule: {self.votes} of the last {self.of} windows above the threshold "
+                f"({self.window_s:g} s windows every {self.hop_s:g} s; about {self.delay_s:.3g} s after a fault "
+                f"that scores above it)")
+        if self.window_far is None:
+            return text + f"; no false-alarm rate promised: {self.note}"
+        text += (f"; at most {self.per_hour:.2g} false alarms/hour at a per-window false-alarm rate of "
+                 f"{self.window_far:.3g}")
+        if self.window_far_hi is not None and self.window_far_hi > self.window_far:
+            text += f" ({self.per_hour_hi:.2g}/hour at its 95 % upper bound {self.window_far_hi:.3g})"
+        return text
+
+
+def parse_rule(text: str) -> tuple[int, int] | None:
+    """``auto`` -> None, ``K/N`` -> (K, N)."""
+    if text == "auto":
+        return None
+    try:
+        votes, of = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--alarm-rule must be auto or K/N (K of the last N windows), not {text!r}") from None
+    return votes, of  # 1 <= K <= N: checked by Hysteresis
+
+
+def calibration_of(pred) -> dict:
+    """The artifact's threshold calibration report (``threshold_calibration``: target_far,
+    n_normals, far_on_calibration, far_ci95); {} where it has none."""
+    cal = pred.metadata.get("threshold_calibration")
+    return dict(cal) if isinstance(cal, dict) else {}
 
 
 # --- health -------------------------------------------------------------------------------------
@@ -165,6 +314,9 @@ class Settings:
     min_duration: float = 0.0
     smooth: int = 1
     smooth_mode: str = "median"
+    alarm_rule: str = "auto"  # "auto" (derived from the per-window false-alarm rate) or "K/N"
+    false_alarms_per_hour: float = 1.0  # what "auto" keeps the expected false alarms under
+    window_far: float | None = None  # per-window false-alarm rate at the threshold; None = the artifact's
     health_every: float = 60.0
     audio_levels: bool = True  # check clipping (full-scale audio sources only)
     source_rate: float | None = None  # the time base when the model records no rate (video fps, CSV --rate)
@@ -201,7 +353,8 @@ class Monitor:
         if predictor.streaming:
             self._init_streaming()
         on = predictor.threshold if settings.threshold is None else settings.threshold
-        self.hyst = Hysteresis(on, settings.off_threshold, settings.min_duration)
+        self.rule = self._alarm_rule(model_window)
+        self.hyst = Hysteresis(on, settings.off_threshold, settings.min_duration, self.rule.votes, self.rule.of)
         self.smoother = Smoother(settings.smooth, settings.smooth_mode)
         chans = prep.channels if self.unit == "samples" else None
         self.buf = (np.zeros((self.window, chans), np.float32) if chans and chans > 1
@@ -226,6 +379,50 @@ class Monitor:
         # that context (e.g. to the training windows' length) so old normal data cannot dilute a change
         self.reset_steps = int(round(self.s.stream_reset * self.rate / hop_len)) if self.s.stream_reset else 0
         self.since_reset = 0
+
+    def _alarm_rule(self, model_window: int) -> AlarmRule:
+        """The vote: given (``--alarm-rule K/N``) or derived (``auto``) from the per-window
+        false-alarm rate - ``--window-far``, else the artifact's calibration report where
+        the monitor scores what was calibrated (the artifact's threshold, windows of the
+        model's length, raw scores of a window graph) - so the expected false alarms per
+        hour stay under ``--false-alarms-per-hour``. Without a rate: 1 of 1, nothing promised."""
+        s = self.s
+        window_s = self.window / self.rate if self.rate else float(self.window)
+        hop_s = self.hop / self.rate if self.rate else float(self.hop)
+        given = parse_rule(s.alarm_rule)
+        if s.false_alarms_per_hour is None or not s.false_alarms_per_hour > 0:
+            raise UserError(f"--false-alarms-per-hour must be positive, not {s.false_alarms_per_hour}")
+        p = hi = None
+        note = ""
+        if s.window_far is not None:
+            if not 0 < s.window_far < 1:
+                raise UserError(f"--window-far must be in (0, 1), not {s.window_far}")
+            p = float(s.window_far)
+        else:
+            cal = calibration_of(self.pred)
+            if not cal or not cal.get("n_normals"):
+                note = "the artifact carries no threshold calibration (train --target-far); pass --window-far P"
+            elif s.threshold is not None:
+                note = "--threshold replaces the calibrated threshold; pass --window-far P for its rate"
+            elif self.window != model_window:
+                note = "--window differs from the length the threshold was calibrated on; pass --window-far P"
+            elif self.pred.streaming:
+                note = "a streaming graph's scores pool over its carried states; pass --window-far P"
+            elif s.smooth > 1:
+                note = "--smooth changes the per-window false-alarm rate; pass --window-far P for the smoothed score"
+            else:
+                p = max(float(cal.get("target_far", 0.0)), float(cal.get("far_on_calibration", 0.0)))
+                ci = cal.get("far_ci95") or []
+                hi = float(ci[1]) if len(ci) == 2 and math.isfinite(float(ci[1])) else None
+                if not 0 < p < 1:
+                    p, note = None, f"the artifact's calibrated false-alarm rate {p:g} is unusable; pass --window-far P"
+        if given is not None:
+            votes, of = given
+        elif p is not None:
+            votes, of = choose_rule(p, window_s, hop_s, s.false_alarms_per_hour)
+        else:
+            votes, of = 1, 1
+        return AlarmRule(votes, of, window_s, hop_s, p, hi, note, s.min_duration)
 
     @property
     def t(self) -> float:
@@ -292,6 +489,8 @@ class Monitor:
         event = {"type": "window", "t": round(self.t, 4), "score": _num(score), "smoothed": _num(smoothed),
                  "state": self.hyst.state, "alarm": self.hyst.alarm, "flags": flags,
                  "latency_ms": round(latency, 3), **self.s.extra}
+        if self.rule.of > 1:
+            event["votes"] = self.hyst.count  # of the last `of` windows, above the on-threshold
         if change:
             event["change"] = change
         yield event
@@ -340,6 +539,8 @@ def run(args) -> int:
     chunks, fps, audio_levels = open_source(args, pred)
     settings = Settings(window=args.window, hop=args.hop, threshold=args.threshold, off_threshold=args.off_threshold,
                         min_duration=args.min_duration, smooth=args.smooth, smooth_mode=args.smooth_mode,
+                        alarm_rule=args.alarm_rule, false_alarms_per_hour=args.false_alarms_per_hour,
+                        window_far=args.window_far,
                         health_every=args.health_every, audio_levels=audio_levels, source_rate=fps,
                         stream_reset=args.stream_reset)
     mon = Monitor(pred, settings)
@@ -347,12 +548,16 @@ def run(args) -> int:
     status = sys.stderr.isatty()
     alarms = 0
     last = None
+    announced = False
     try:
         t_busy = time.perf_counter()
         for data, flags in chunks:
             if data is None:  # an idle poll: not busy time
                 t_busy = time.perf_counter()
                 continue
+            if not announced:  # the source opened: say the rule and what it promises
+                print(mon.rule.describe(), file=sys.stderr)
+                announced = True
             t_before = mon.t
             for ev in mon.push(data, flags):
                 alarms += ev.get("change") == "on"
@@ -374,6 +579,7 @@ def run(args) -> int:
         final["type"] = "summary"
         final["alarms"] = int(alarms)
         final["state"] = mon.hyst.state
+        final["alarm_rule"] = mon.rule.as_dict()
         out.write(json.dumps(final) + "\n")
     finally:
         if out is not sys.stdout:
