@@ -306,12 +306,13 @@ def test_group_gates_make_any_model_prunable_and_come_off_again():
     assert is_prunable(model) and len(model.screening_groups()) == len(gates.entries) >= 3
     # all screens open: the gated model computes what the plain one does
     torch.testing.assert_close(model(x), ref)
-    # closing one screen of the stem zeroes that channel where it leaves the stem conv
+    # closing one screen of the stem zeroes that channel after the stem's BatchNorm (a
+    # closed channel before it would put out BatchNorm's shift, which removal loses)
     stem = next(e for e in gates.entries if e["name"] == "stem.0")
     with torch.no_grad():
         stem["gate"].raw_scores[3] = -1.0
     seen = {}
-    h = model.stem[0].register_forward_hook(lambda m, a, o: seen.setdefault("out", o))
+    h = model.stem[1].register_forward_hook(lambda m, a, o: seen.setdefault("out", o))
     model(x)
     h.remove()
     assert float(seen["out"][:, 3].detach().abs().max()) == 0.0
@@ -329,3 +330,125 @@ def test_group_gates_make_any_model_prunable_and_come_off_again():
     gates.uninstall()
     assert not is_prunable(model) and "training_step" not in model.__dict__
     assert not any("gate" in k for k in model.state_dict())
+
+
+# --- exact removal on every model family ---
+_FAMILIES = {
+    "ldmamba": ("ldmamba_small", dict(n_classes=3, n_features=16, seq_len=16)),
+    "memorymamba": ("memorymamba", dict(image_size=32, in_chans=1, n_classes=3, dims=[8, 16, 32, 64],
+                                        depths=[1, 1, 1, 1], d_state=1, mlp_ratio=2.0, mem_mlp_ratio=1.0,
+                                        coarse_slots=4, fine_slots=4, drop_path=0.0)),
+    "tastgram_mfn": ("tastgram_mfn_small", dict(clip_seconds=1.0)),
+    "aegan_ad": ("aegan_ad_small", dict(clip_seconds=4.1)),
+    "image_cnn": ("image_cnn", dict(n_classes=3, in_chans=1, image_size=32, widths=[16, 32], depths=[1, 1])),
+}
+
+
+def _as_trained(model):
+    """Normalisation statistics and affine parameters away from their initial values (a
+    closed channel before a BatchNorm puts out its shift; zero-initialised LayerNorm gains
+    would hide whole branches), and a fitted input scaling."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        if hasattr(model, "input_max"):
+            model.input_min.fill_(-100.0)
+            model.input_max.fill_(0.0)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.3)
+    return model
+
+
+def _outputs(model, x) -> list[torch.Tensor]:
+    fwd = getattr(model, "prunable_forward", None)  # AEGAN-AD: generator and critic on one window
+    out = fwd(x) if fwd is not None else model(x)
+    flat: list[torch.Tensor] = []
+
+    def collect(o):
+        if isinstance(o, torch.Tensor):
+            flat.append(o.detach().float())
+        elif isinstance(o, (tuple, list)):
+            for v in o:
+                collect(v)
+        elif isinstance(o, dict):
+            for v in o.values():
+                collect(v)
+
+    collect(out)
+    return flat
+
+
+def _max_rel_err(ref, got) -> float:
+    return max(float((r - o).abs().max() / r.abs().max().clamp(min=1e-12)) for r, o in zip(ref, got))
+
+
+@pytest.mark.parametrize("family", list(_FAMILIES))
+def test_removing_closed_channels_is_exact_on_every_family(family):
+    """A pruned model makes the same decisions as the gated one it came from: gates sit
+    after each normalisation (LayerNorms over the channels see the open ones only), on
+    every writer of a residual sum, and where a mixer's inner channels are mixed."""
+    from edgediag.compress.group_gates import GroupGates
+    from edgediag.models import create_model
+
+    name, kw = _FAMILIES[family]
+    torch.manual_seed(0)
+    model = _as_trained(create_model(name, **kw)).eval()
+    gates = None
+    if not (is_prunable(model) and model.screening_groups()):
+        gates = GroupGates(model).install()
+    x = model.example_input(2)
+    groups = model.screening_groups()
+    gen = torch.Generator().manual_seed(2)
+    keep = {}
+    with torch.no_grad():
+        for g in groups:
+            n = g.gate.channels
+            # open screens at assorted margins, a quarter (at least one) closed
+            g.gate.raw_scores.copy_((float(g.gate.tau) + 0.05 + torch.rand(n, generator=gen)) / g.gate.gain)
+            _close(g.gate, torch.randperm(n, generator=gen)[: max(1, n // 4)].tolist())
+            keep[g.name] = g.gate.hard_mask().nonzero().flatten()
+        ref = _outputs(model, x)
+        n0 = count_params(model)
+        small = prune_model(model, keep).eval()
+        assert count_params(small) < n0
+        assert {g.name: g.gate.channels for g in small.screening_groups()} == {k: len(v) for k, v in keep.items()}
+        got = _outputs(small, x)
+        assert len(got) == len(ref)
+        for r, o in zip(ref, got):
+            torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
+        assert _max_rel_err(ref, got) < 1e-4
+        if gates is not None:  # taking the (all open) gates off changes nothing either
+            gates.uninstall()
+            for r, o in zip(ref, _outputs(small, x)):
+                torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
+
+
+def test_aegan_critic_gates_are_trained_by_the_critic_loss():
+    from edgediag.compress.group_gates import GroupGates
+    from edgediag.models import create_model
+
+    torch.manual_seed(0)
+    model = _as_trained(create_model("aegan_ad_small", clip_seconds=4.1))
+    gates = GroupGates(model).install(sparsity_weight=0.5)
+    critic = {id(p) for e in gates.entries if e["name"].startswith("discriminator") for p in e["gate"].parameters()}
+    generator = {id(p) for e in gates.entries if e["name"].startswith("generator") for p in e["gate"].parameters()}
+    assert critic and generator
+    disc = {id(p) for p in model.phase_parameters("disc")}
+    gen = {id(p) for p in model.phase_parameters("gen")}
+    assert critic <= disc and not critic & gen
+    assert generator <= gen and not generator & disc
+    # each phase's loss carries the sparsity term of its own gates only
+    assert [g.name for g in model.screening_groups("disc")] == [e["name"] for e in gates.entries
+                                                                 if e["name"].startswith("discriminator")]
+    model.train()
+    batch = {"x": torch.randn(2, model.n_samples)}
+    out = model.training_step(batch, "disc")
+    out["loss"].backward()
+    assert all(p.grad is not None for e in gates.entries if e["name"].startswith("discriminator")
+               for p in e["gate"].parameters())
+    assert all(p.grad is None for e in gates.entries if e["name"].startswith("generator")
+               for p in e["gate"].parameters())

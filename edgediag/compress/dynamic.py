@@ -135,7 +135,9 @@ class PruneConfig:
     force: bool = True  # at end_epoch, close the lowest-margin channels if the screens fell short
     follow_schedule: bool = True  # remove at most what the schedule asks; reopen the other closed screens
     reopen_margin: float = 0.05  # how far above its threshold a reopened screen's score is set
-    min_channels: int = 4  # never prune a group below this width
+    min_channels: int = 8  # never prune a group below this width...
+    min_fraction: float = 0.1  # ...nor below this fraction of its starting width
+    max_step_fraction: float = 0.35  # at most this fraction of a group's width removed at one epoch end
 
     def validate(self) -> None:
         if not 0.0 < self.target <= 1.0:
@@ -146,6 +148,9 @@ class PruneConfig:
                             f"not {self.metric!r}")
         if self.patience < 1 or self.pressure_growth < 1.0:
             raise UserError("prune.patience must be >= 1 and prune.pressure_growth >= 1")
+        if self.min_channels < 1 or not 0.0 <= self.min_fraction < 1.0 or not 0.0 < self.max_step_fraction <= 1.0:
+            raise UserError("prune.min_channels must be >= 1, prune.min_fraction in [0, 1) and "
+                            "prune.max_step_fraction in (0, 1]")
 
 
 class DynamicPruner:
@@ -161,6 +166,7 @@ class DynamicPruner:
         self.total_epochs = total_epochs
         self.base_cost: dict[str, float] | None = None  # per metric, at the first call
         self.streaks: dict[str, torch.Tensor] = {}
+        self.base_widths: dict[str, int] = {}  # each group's width when first seen
         self.history: list[dict] = []
 
     # the epoch by which the budget must be met
@@ -194,6 +200,9 @@ class DynamicPruner:
             self.on_train_start(model)
         end = self._end_epoch(trainer)
         groups = model.screening_groups()
+        for g in groups:
+            self.base_widths.setdefault(g.name, g.gate.channels)
+        self._step_start = {g.name: g.gate.channels for g in groups}  # the per-step cap counts from here
         # Channels closed at this epoch's end extend their streak; open ones reset it.
         for g in groups:
             closed = g.gate.hard_mask().detach().cpu() == 0
@@ -220,9 +229,19 @@ class DynamicPruner:
         current = replacement if replacement is not None else model
         ratio = self.ratio(current)
         forced = 0
-        if self.cfg.force and epoch >= end and ratio > self.cfg.target * (1 + 1e-6):
-            current, forced = self._force_to_budget(current)
-            replacement = current
+        # Behind the schedule: close the lowest-margin channels up to this epoch's goal, at
+        # most max_step_fraction of any group per epoch end, so the model shrinks along the
+        # schedule (and the training between steps adapts) instead of all at once at the
+        # deadline. At the deadline the budget is met even if that takes more.
+        if self.cfg.force and ratio > goal * (1 + 1e-6):
+            current, forced = self._force_to_budget(current, goal)
+            if epoch >= end and self.ratio(current) > self.cfg.target * (1 + 1e-6):
+                log.warning("dynamic pruning: the budget needs more than prune.max_step_fraction=%g of a group "
+                            "at epoch %d; closing more at once", self.cfg.max_step_fraction, epoch + 1)
+                current, more = self._force_to_budget(current, goal, capped=False)
+                forced += more
+            if forced:
+                replacement = current
             ratio = self.ratio(current)
         if hasattr(current, "sparsity_weight"):
             if ratio <= self.cfg.target + 1e-9:
@@ -266,8 +285,9 @@ class DynamicPruner:
         allowed = model_params(model) * max(0.0, 1.0 - goal / ratio)
         saved = 0.0
         by_name = {g.name: g for g in groups}
+        room = {g.name: self._room(g) for g in groups}
         for _, name, c in cands:
-            if saved < allowed:
+            if saved < allowed and len(remove[name]) < room[name]:
                 remove[name].add(c)
                 saved += pcost[name]
             else:
@@ -277,8 +297,24 @@ class DynamicPruner:
                 self.streaks[name][c] = 0
         return remove
 
+    def _minimum(self, g) -> int:
+        """The narrowest a group may get: min_channels (the group's or the config's, the
+        larger), and min_fraction of its starting width."""
+        base = self.base_widths.get(g.name, g.gate.channels)
+        floor = max(g.min_channels, self.cfg.min_channels, math.ceil(self.cfg.min_fraction * base))
+        return min(floor, g.gate.channels)
+
+    def _room(self, g, capped: bool = True) -> int:
+        """How many more of the group's channels this epoch end may remove."""
+        room = g.gate.channels - self._minimum(g)
+        if capped:
+            start = getattr(self, "_step_start", {}).get(g.name, g.gate.channels)
+            cap = int(math.floor(self.cfg.max_step_fraction * start))
+            room = min(room, cap - (start - g.gate.channels))
+        return max(0, room)
+
     def _respect_minimum(self, g, keep_mask: torch.Tensor) -> torch.Tensor:
-        minimum = min(max(g.min_channels, self.cfg.min_channels), g.gate.channels)
+        minimum = self._minimum(g)
         if int(keep_mask.sum()) >= minimum:
             return keep_mask.nonzero().flatten()
         # Too few open: keep the highest-scoring channels and open their screens, so the
@@ -295,19 +331,22 @@ class DynamicPruner:
         for name, idx in keep.items():
             self.streaks[name] = self.streaks[name][idx.cpu()]
 
-    def _force_to_budget(self, model):
-        """Close the lowest-margin channels (score - tau) until the budget is
-        met, estimating savings by parameter cost and re-measuring after each rebuild."""
+    def _force_to_budget(self, model, goal: float | None = None, capped: bool = True):
+        """Close the lowest-margin channels (score - tau) until the cost is at ``goal``
+        (default: the target), estimating savings by parameter cost and re-measuring after
+        each rebuild. ``capped``: no group loses more than max_step_fraction of its width at
+        this epoch end; no group goes below its minimum width."""
+        goal = self.cfg.target if goal is None else goal
         forced = 0
         for _ in range(8):
             ratio = self.ratio(model)
-            if ratio <= self.cfg.target * (1 + 1e-6):
+            if ratio <= goal * (1 + 1e-6):
                 break
             groups = model.screening_groups()
             pcost = channel_costs(model, groups)
             total_p = model_params(model)
             # Savings needed, expressed in parameters (FLOPs/latency scale roughly with them).
-            need = total_p * (1 - self.cfg.target / ratio)
+            need = total_p * (1 - goal / ratio)
             cands = []
             for g in groups:
                 margin = (g.gate.scores - g.gate.tau).detach().cpu()
@@ -315,18 +354,18 @@ class DynamicPruner:
                     cands.append((float(margin[c]), g.name, c))
             cands.sort()
             removed: dict[str, set] = {g.name: set() for g in groups}
-            width = {g.name: g.gate.channels for g in groups}
-            minimum = {g.name: min(max(g.min_channels, self.cfg.min_channels), g.gate.channels) for g in groups}
+            room = {g.name: self._room(g, capped) for g in groups}
             saved = 0.0
             for _, name, c in cands:
                 if saved >= need:
                     break
-                if width[name] - len(removed[name]) <= minimum[name]:
+                if len(removed[name]) >= room[name]:
                     continue
                 removed[name].add(c)
                 saved += pcost[name]
             if not any(removed.values()):
-                log.warning("dynamic pruning: every group is at its minimum width; budget not reachable")
+                if not capped:
+                    log.warning("dynamic pruning: every group is at its minimum width; budget not reachable")
                 break
             keep = {g.name: torch.tensor([c for c in range(g.gate.channels) if c not in removed[g.name]])
                     for g in groups}
@@ -339,11 +378,13 @@ class DynamicPruner:
         """Plain values (``torch.load(weights_only=True)``-safe) to resume a pruning run:
         the starting cost the target is relative to, the closed-streaks and the history."""
         return {"config": dataclasses.asdict(self.cfg), "base_cost": self.base_cost,
-                "streaks": {k: v.tolist() for k, v in self.streaks.items()}, "history": self.history}
+                "streaks": {k: v.tolist() for k, v in self.streaks.items()}, "base_widths": dict(self.base_widths),
+                "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
         self.base_cost = state.get("base_cost")
         self.streaks = {k: torch.tensor(v, dtype=torch.long) for k, v in (state.get("streaks") or {}).items()}
+        self.base_widths = dict(state.get("base_widths") or {})
         self.history = list(state.get("history") or [])
 
 

@@ -9,7 +9,7 @@ import torch_pruning as tp
 from torch import nn
 
 from edgediag.compress.structured import inner_groups, make_pruner
-from edgediag.nn.gates import channel_costs, new_gate, new_group, screening_sparsity
+from edgediag.nn.gates import channel_costs, masked_layer_norm, new_gate, new_group, screening_sparsity
 from edgediag.nn.pruning import dep_slices
 
 
@@ -17,6 +17,49 @@ def _mask_output(gate, dim: int):
     def hook(_module, _args, output):
         return gate.apply_to(output, dim)
     return hook
+
+
+def _masked_norm(gate, dim: int):
+    def hook(module, args, _output):
+        return masked_layer_norm(module, args[0], gate(), dim)
+    return hook
+
+
+def _channel_dim(module) -> int:
+    return 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)) else -1
+
+
+def _mask_points(DG, group, names) -> list[tuple[nn.Module, str, int]]:
+    """Where one gate masks a dependency-graph group so that removing its closed channels
+    is exact: after every normalisation of the channels (a BatchNorm's closed channel
+    would otherwise put out ``beta - mean * gamma / sqrt(var)``, not 0), a LayerNorm over
+    the channels computed on the open channels only (:func:`masked_layer_norm`), and the
+    output of every other layer that writes the channels (each member of a residual sum),
+    unless all it feeds is one of those normalisations."""
+    norms, writers = [], []
+    for dep, _ in group:
+        m = dep.target.module
+        if m not in names:
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            norms.append((m, "out", 1))
+        elif isinstance(m, nn.LayerNorm):
+            norms.append((m, "norm", -3 if len(m.normalized_shape) == 3 else -1))
+        elif DG.is_out_channel_pruning_fn(dep.handler) and not isinstance(m, nn.PReLU):
+            writers.append(m)
+    normed = {id(m) for m, _, _ in norms}
+    points = list(norms)
+    seen = set()
+    for m in writers:
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        node = DG.module2node.get(m)
+        outs = [o.module for o in node.outputs] if node is not None else []
+        if outs and all(id(o) in normed for o in outs):
+            continue  # its channels reach nothing but a gated normalisation
+        points.append((m, "out", _channel_dim(m)))
+    return points
 
 
 def _mask_input(gate, dim: int):
@@ -32,16 +75,16 @@ class GroupGates:
     pruning applies to every model family.
 
     :meth:`install` makes the model :class:`Prunable` without editing its class: each
-    gate masks its group where the channels leave the group's root layer (forward hooks,
-    so exported graphs are untouched once removed), the model's last training phase adds
-    ``sparsity_weight`` x :func:`screening_sparsity` and optimises the gates, and
-    ``screening_groups()`` lists them (slices name the group's tensors, for channel costs).
-    :func:`prune_model` then removes channels through torch-pruning, in place.
-    :meth:`uninstall` takes it all off again: an ordinary (smaller) model is left.
-
-    The mask sits on the root layer's output only: in a group coupled through a residual
-    sum the other members still write the channel, so removal is not exact there - the
-    training that follows (the remaining epochs, or fine-tuning) recovers.
+    gate masks its group where removal is exact (forward hooks, so exported graphs are
+    untouched once removed; :func:`_mask_points`): after each BatchNorm of the channels,
+    inside each LayerNorm over them (statistics of the open channels only), and on every
+    other layer writing them (all members of a residual sum). Each gate is trained in the
+    phase that trains its layer, with ``sparsity_weight`` x :func:`screening_sparsity` of
+    that phase's gates added to that phase's loss; ``screening_groups()`` lists them
+    (slices name the group's tensors, for channel costs). :func:`prune_model` then removes
+    channels through torch-pruning, in place: in eval mode the smaller model computes what
+    the gated one did. :meth:`uninstall` takes it all off again: an ordinary (smaller)
+    model is left.
     """
 
     def __init__(self, model, temperature: float = 0.5, relaxation: str = "ste", init_margin: float = 1.0,
@@ -64,18 +107,28 @@ class GroupGates:
                 m = dep.target.module
                 if m in names:
                     slices += dep_slices(names[m], m, DG.is_out_channel_pruning_fn(dep.handler))
-            dim = 1 if isinstance(root, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)) else -1
             self.entries.append({"name": names[root], "root": root, "gate": new_gate(n, **kw), "slices": slices,
-                                 "hook": (root, "out", dim), "inner": None})
+                                 "hooks": _mask_points(DG, group, names), "inner": None})
         for name, m, p, g in inner_groups(model):
             n = p.inner_channels(m, g)
             if n <= min_channels:
                 continue
             slices = [(param_names[id(t)], dim, chunks) for t, dim, chunks in p.inner_tensors(m, g)
                       if id(t) in param_names]
-            hook = p.inner_hook(m, g)  # where the group's channels leave (the registry knows)
+            # where the group's channels are masked (the registry knows): every place that
+            # makes removal exact where the pruner lists them, else where the channels leave
+            hooks = p.inner_hooks(m, g) if hasattr(p, "inner_hooks") else [p.inner_hook(m, g)]
             self.entries.append({"name": f"{name}:{g}", "root": m, "gate": new_gate(n, **kw), "slices": slices,
-                                 "hook": hook, "inner": (p, g)})
+                                 "hooks": list(hooks), "inner": (p, g)})
+        # Each gate is trained by the loss of the phase that trains its layer (AEGAN-AD's
+        # critic gates by the critic's loss, not the generator's).
+        owner = {}
+        for phase in model.phases:
+            for prm in model.phase_parameters(phase):
+                owner.setdefault(id(prm), phase)
+        for e in self.entries:
+            phases = [owner[id(prm)] for prm in e["root"].parameters() if id(prm) in owner]
+            e["phase"] = phases[0] if phases else model.phases[-1]
         self.min_channels = min_channels
         self.handles: list = []
 
@@ -85,27 +138,29 @@ class GroupGates:
         device = next(model.parameters()).device
         for e in self.entries:
             e["gate"].to(device)
-            module, where, dim = e["hook"]
-            if where == "out":
-                self.handles.append(module.register_forward_hook(_mask_output(e["gate"], dim)))
-            else:
-                self.handles.append(module.register_forward_pre_hook(_mask_input(e["gate"], dim)))
+            for module, where, dim in e["hooks"]:
+                if where == "out":
+                    self.handles.append(module.register_forward_hook(_mask_output(e["gate"], dim)))
+                elif where == "norm":
+                    self.handles.append(module.register_forward_hook(_masked_norm(e["gate"], dim)))
+                else:
+                    self.handles.append(module.register_forward_pre_hook(_mask_input(e["gate"], dim)))
         original_step, original_params = model.training_step, model.phase_parameters
-        last = model.phases[-1]
         gates = self
 
         def training_step(batch, phase="main"):
             out = original_step(batch, phase)
-            if phase != last:
+            own = gates.groups(phase)
+            if not own:
                 return out
-            keep = screening_sparsity(gates.groups(), gates.costs)
+            keep = screening_sparsity(own, gates.costs)
             loss = out["loss"] + model.sparsity_weight * keep if model.sparsity_weight > 0 else out["loss"]
             return {**out, "loss": loss, "channel_keep": keep.detach()}
 
         def phase_parameters(phase):
             yield from original_params(phase)
-            if phase == last:
-                for e in gates.entries:
+            for e in gates.entries:
+                if e["phase"] == phase:
                     yield from e["gate"].parameters()
 
         model.training_step, model.phase_parameters = training_step, phase_parameters
@@ -123,9 +178,10 @@ class GroupGates:
             self.model.__dict__.pop(attr, None)
         return self.model
 
-    def groups(self) -> list:
+    def groups(self, phase: str | None = None) -> list:
+        """The gates as screening groups; with ``phase``, those that phase trains."""
         return [new_group(e["name"], e["gate"], e["slices"], "pruned_widths", None, self.min_channels)
-                for e in self.entries]
+                for e in self.entries if phase is None or e["phase"] == phase]
 
     # --- physical removal (prune_model's path for these models) ---
     def remove(self, keep: dict[str, torch.Tensor]):

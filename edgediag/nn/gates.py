@@ -150,5 +150,32 @@ def new_group(name: str, gate: ScreeningGate, slices: list[tuple[str, int, int]]
     return ScreeningGroup(name, gate, slices, config_field, config_index, min_channels)
 
 
+# --- normalisation that sees only the open channels ----------------------------------------
+def masked_layer_norm(ln: nn.LayerNorm, x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """``ln(x)`` computed over the open channels only (``mask`` (C,) along ``dim``), closed
+    channels zeroed: what the same LayerNorm gives once the closed channels are removed.
+
+    A LayerNorm whose normalised dims include the channel one mixes every channel into every
+    output (the mean and variance): a screen before or after it cannot make a channel's
+    removal exact. Gated models compute this instead, so the pruned model (a plain
+    LayerNorm over the channels kept) makes the same decisions. With every channel open it
+    is ``ln(x)``."""
+    shape = [1] * x.dim()
+    shape[dim] = mask.shape[0]
+    m = mask.to(x.dtype).view(shape)
+    nd = len(ln.normalized_shape)
+    red = tuple(range(x.dim() - nd, x.dim()))
+    per_channel = math.prod(ln.normalized_shape) / mask.shape[0]
+    count = (m.sum() * per_channel).clamp(min=1.0)
+    mean = (x * m).sum(red, keepdim=True) / count
+    var = (((x - mean) ** 2) * m).sum(red, keepdim=True) / count
+    y = (x - mean) * torch.rsqrt(var + ln.eps)
+    if ln.weight is not None:
+        y = y * ln.weight
+    if ln.bias is not None:
+        y = y + ln.bias
+    return y * m
+
+
 __all__ = ["ScreeningGate", "ScreeningGroup", "Prunable", "is_prunable", "screening_sparsity", "channel_costs",
-           "new_gate", "new_group"]
+           "new_gate", "new_group", "masked_layer_norm"]

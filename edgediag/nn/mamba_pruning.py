@@ -77,6 +77,17 @@ class _MixerPruner(ChannelPruner):
     def inner_hook(self, layer, group: str = "d_inner"):
         return layer.out_proj, "in", -1  # the inner channels meet again where they leave
 
+    def inner_hooks(self, layer, group: str = "d_inner"):
+        """Every place a screening gate masks d_inner so that removing a closed channel is
+        exact: where the channels enter what mixes them (the x_proj that makes the shared
+        dt/B/C; SS2D: the depthwise conv's output, so the scan sees zeros, and its
+        out_norm, normalised over the open channels only) and where they leave (out_proj)."""
+        if hasattr(layer, "directions"):
+            hooks = [(getattr(layer, f"x_proj{sfx}"), "in", -1) for sfx in layer.directions]
+        else:
+            hooks = [(layer.conv2d, "out", 1), (layer.out_norm, "norm", -1)]
+        return hooks + [(layer.out_proj, "in", -1)]
+
     def dep_slices(self, name, layer, out):
         return [(f"{name}.out_proj.weight", 0, 1)] if out else [(f"{name}.in_proj.weight", 1, 1)]
 
