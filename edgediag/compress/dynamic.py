@@ -22,9 +22,11 @@ The strategy (LDMamba's "dynamic pruning", written model-independent for issue 8
   linear schedule from 100 % (``start_epoch``) to ``target`` (``end_epoch``). Each epoch
   end it removes channels whose screens stayed closed for ``patience`` epochs - only as
   many as the schedule asks, reopening the rest - raises the model's sparsity pressure
-  while the cost is above the schedule and eases it when below; if the screens have not
-  got there by ``end_epoch`` it closes the lowest-margin channels to meet the budget,
-  leaving the remaining epochs to recover.
+  while the cost is above the schedule and eases it when below; at every epoch end behind
+  the schedule it closes the lowest-margin channels, at most ``max_step_fraction`` of a
+  group at a time and never below max(``min_channels``, ``min_fraction`` of its starting
+  width), so the network adapts between steps; the cap is lifted (with a warning) only at
+  ``end_epoch`` when the budget cannot be met otherwise.
 
 The gates and the protocol live in :mod:`edgediag.nn.gates` (models own them); costs
 come from :mod:`edgediag.compress.budget`; gates on any model's channel groups from
