@@ -14,6 +14,7 @@ VERBS = {
     "export": "export to ONNX / TensorRT with parity checks",
     "bench": "params, FLOPs, latency and memory against accuracy, as a report",
     "monitor": "on-device monitoring of a stream with an exported model",
+    "verify": "check an export folder without torch: digests, golden inputs, decisions",
     "demo": "the whole pipeline on synthetic data the project generates",
     "tegrastats": "summarise a Jetson tegrastats log: input power, energy per inference, loads",
 }

@@ -10,7 +10,8 @@
 # here from PRESET (export/presets/<board>.yaml or a path): precision = default_precision
 # (fp32/fp16; INT8 needs the calibration files only an export with --precision int8 writes),
 # builder workspace = workspace_mb. Static-batch graphs only (the export default).
-# Then a one-line latency check of the engine with trtexec --loadEngine.
+# Then `python3 -m edgediag.verify EXPORT_DIR --engine model.engine` (digests + golden parity;
+# the script fails if it fails) and a one-line latency check with trtexec --loadEngine.
 set -euo pipefail
 
 usage() { echo "usage: $0 EXPORT_DIR [PRESET] [extra trtexec flags]" >&2; exit 2; }
@@ -51,7 +52,20 @@ fi
 
 [ -f "$EXPORT_DIR/model.engine" ] || { echo "error: no model.engine was written" >&2; exit 1; }
 echo "engine: $EXPORT_DIR/model.engine"
+# parity before use: the bundle's digests, then its golden inputs through the engine against the
+# PyTorch references recorded at export (tolerance of the engine's precision); any mismatch fails
+# the script. edgediag is imported from the source tree (PYTHONPATH, default: beside jetson/).
+if [ -f "$EXPORT_DIR/manifest.json" ]; then
+  echo "verifying the engine: python3 -m edgediag.verify $EXPORT_DIR --engine $EXPORT_DIR/model.engine"
+  VERIFY_ARGS=()
+  [ -n "${PRECISION:-}" ] && VERIFY_ARGS=(--precision "$PRECISION")
+  PYTHONPATH="${PYTHONPATH:-$HERE/..}" ${PYTHON:-python3} -m edgediag.verify "$EXPORT_DIR" \
+      --engine "$EXPORT_DIR/model.engine" "${VERIFY_ARGS[@]}" \
+    || { echo "error: the engine failed verification (above): do not use it" >&2; exit 1; }
+else
+  echo "warning: $EXPORT_DIR has no manifest.json (exported by an older edgediag): engine not verified" >&2
+fi
 # latency of the engine alone (GPU compute, no pre-processing): trtexec's summary lines
 "$TRTEXEC" --loadEngine="$EXPORT_DIR/model.engine" --iterations=200 --warmUp=500 2>&1 \
   | grep -E "Throughput|Latency: min|GPU Compute Time: min" || true
-echo "check the engine against the graph before trusting it: python3 -m edgediag.bench --model $EXPORT_DIR/model.onnx $EXPORT_DIR/model.engine --out bench/"
+echo "compare the engine with the graph on real data: python3 -m edgediag.bench --model $EXPORT_DIR/model.onnx $EXPORT_DIR/model.engine --out bench/"

@@ -66,7 +66,7 @@ def toy_ckpt(tmp_path_factory) -> Path:
 def test_onnx_export_metadata_and_parity(toy_ckpt, tmp_path, capsys):
     out = tmp_path / "onnx"
     assert run_export("--checkpoint", toy_ckpt, "--out", out, *FAST) == pipeline.EXIT_OK
-    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "golden.npz", "manifest.json", "model.onnx", "verify.json"]
     meta = read_metadata(out / "model.onnx")
     assert METADATA_KEYS <= set(meta)
     ckpt = torch.load(toy_ckpt, weights_only=True)
@@ -174,7 +174,8 @@ def test_target_trt_without_tensorrt_writes_build_script(toy_ckpt, tmp_path):
     res = run_cli("tests.toy", "export", "--checkpoint", toy_ckpt, "--target", "trt", "--preset",
                   "export/presets/orin-nano.yaml", "--out", out, *FAST)
     assert res.returncode == pipeline.EXIT_BUILD_ON_BOARD, res.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "build_engine.sh", "export.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "build_engine.sh", "export.json", "golden.npz",
+                                                      "manifest.json", "model.onnx", "verify.json"]
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("tensorrt:")]
     assert len(lines) == 1 and "build_engine.sh" in lines[0] and "exit code 3" in lines[0]
     script = (out / "build_engine.sh").read_text()

@@ -51,6 +51,7 @@ from edgediag import __version__
 from edgediag.config import from_dict
 from edgediag.deploy import presets as trt_compat
 from edgediag.deploy.board import build_trt_here, trt_here, write_board_files
+from edgediag.deploy.bundle import write_golden, write_manifest
 from edgediag.deploy.metadata import build_metadata, graph_io, set_metadata
 from edgediag.deploy.onnx import as_tuple, export_graph, latency, run_chunks, torch_runner, tracing_context
 from edgediag.deploy.parity import (
@@ -62,6 +63,7 @@ from edgediag.deploy.parity import (
 )
 from edgediag.deploy.presets import DEFAULT_TRT_VERSIONS, TRT_TOLERANCE, ExportPreset, load_preset
 from edgediag.errors import UserError
+from edgediag.utils import current_umask
 
 EXIT_OK = 0
 EXIT_BUILD_ON_BOARD = 3
@@ -305,7 +307,7 @@ def run(args) -> int:
 
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.", suffix=".tmp", dir=cfg.out.parent))
-    stage.chmod(0o755)  # mkdtemp's 0700 would become the output folder's mode
+    stage.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would become the output folder's mode
     try:
         graph, parity, raw_parity, simplified, simplify_note, opset = trace_and_check(
             target, args, cfg.decompose_layernorm, check, stage, model.model_name, warn)
@@ -377,7 +379,7 @@ def run(args) -> int:
 
         report = {
             "checkpoint": str(args.checkpoint), "model_name": model.model_name, "target": args.target,
-            "precision": cfg.precision, "created": created, "edgediag_version": __version__,
+            "streaming": bool(args.streaming), "precision": cfg.precision, "created": created, "edgediag_version": __version__,
             "preset": dataclasses.asdict(cfg.preset) if cfg.preset else None,
             "preset_file": str(cfg.preset_path) if cfg.preset_path else None,
             "onnx": {"file": "model.onnx", "opset": opset, "nodes": len(graph.graph.node),
@@ -392,8 +394,13 @@ def run(args) -> int:
         }
         from edgediag.utils import write_json
 
+        if not args.streaming:  # golden items + references for `python -m edgediag.verify`
+            write_golden(stage, parity_x.numpy(), ref, target.input_names[0], target.output_names, threshold,
+                         args.tolerance, parity.get("score_std") or 1.0, static,
+                         {p: args.trt_tolerance or t for p, t in TRT_TOLERANCE.items()}, parity_source)
         write_json(stage / "export.json", report)
         (stage / "export.json").chmod(0o644)
+        write_manifest(stage)  # last: digests of every file above
         _swap_into_place(stage, cfg.out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
