@@ -1,0 +1,74 @@
+"""The board side runs on JetPack 5's Python 3.8: every module a board imports (the
+runtime, the verify / monitor / tegrastats verbs, and what they import at module
+level) must parse and run there. Checked with vermin on exactly that set of modules."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "edgediag"
+BOARD_ENTRIES = ["edgediag.runtime", "edgediag.verify", "edgediag.monitor", "edgediag.tegrastats"]
+
+
+def module_file(name: str) -> Path | None:
+    parts = name.split(".")[1:]
+    if not parts:
+        return PKG / "__init__.py"
+    for path in (PKG.joinpath(*parts, "__init__.py"), PKG.joinpath(*parts[:-1], parts[-1] + ".py")):
+        if path.is_file():
+            return path
+    return None
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """edgediag modules imported at module level (lazy imports inside functions are the
+    torch paths a board never takes), with their parent packages (imported first)."""
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "edgediag":
+                out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return out
+
+
+def board_modules() -> list[Path]:
+    seen, todo, files = set(), list(BOARD_ENTRIES), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = module_file(name)
+        if path is None:
+            continue  # an attribute (from edgediag.x import function), not a module
+        files.add(path)
+        todo += sorted(top_level_imports(path) - seen)
+    return sorted(files)
+
+
+def test_board_modules_import_no_torch_stage_code():
+    names = {str(p.relative_to(PKG)) for p in board_modules()}
+    assert "runtime/predictor.py" in names and "verify.py" in names and "deploy/metadata.py" in names
+    assert not any(n.startswith(("engine/", "models/", "compress/", "nn/", "ops/")) for n in names), sorted(names)
+
+
+def test_board_modules_run_on_python_3_8():
+    vermin = shutil.which("vermin") or shutil.which("vermin", path=str(Path(sys.executable).parent))
+    if vermin is None:
+        pytest.skip("vermin is not installed (pip install -e '.[dev]')")
+    files = [str(p) for p in board_modules()]
+    res = subprocess.run([vermin, "-t=3.8-", "--no-tips", "--violations", *files], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
