@@ -48,7 +48,9 @@ def parser():
 
 
 def main(argv=None) -> int:
-    return run(parser().parse_args(argv))
+    args = parser().parse_args(argv)
+    cli.output_folder(args.out)  # before the timing runs, not after them
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from edgediag.errors import UserError  # noqa: F401 - re-exported: verbs raise cli.UserError
 
@@ -54,6 +55,19 @@ def add_threads_arg(parser: argparse.ArgumentParser, default: int | None, help: 
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, not {text!r}")
         return n
     parser.add_argument("--threads", type=threads, default=default, help=help)
+
+
+def output_folder(path) -> Path:
+    """``--out`` checked before any work starts: a folder, or a path one can be made at."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {out}: {parent} is a file, not a folder")
+            break
+    return out
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:

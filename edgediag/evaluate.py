@@ -30,6 +30,8 @@ def parser():
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.out:
+        cli.output_folder(args.out)  # before the data is read and scored
     model, ckpt = load_model(args.checkpoint)
     data = ckpt.get("data") or {}
     data_cfg = resolve_data_config(data.get("config"), args.data, args.overrides, source=str(args.checkpoint))
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
         raise cli.UserError(f"{data_cfg.root} has no {args.split} split to evaluate")
     device = select_device(args.device)
     model.to(device)
-    out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
+    out_dir = cli.output_folder(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
     loader = DeviceLoader(DataLoader(dataset, batch_size=args.batch_size, shuffle=False), device)
     metrics = model.evaluate(loader, out_dir=out_dir)
     write_json(out_dir / "metrics.json", {"checkpoint": str(args.checkpoint), "data": str(data_cfg.root),

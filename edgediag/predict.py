@@ -36,9 +36,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.batch_size < 1:
         raise cli.UserError("--batch-size must be at least 1")
-    out = Path(args.out) if args.out else Path(args.model).resolve().parent / "predictions"
-    if out.exists() and not out.is_dir():
-        raise cli.UserError(f"--out {out} exists and is not a folder")
+    out = cli.output_folder(args.out if args.out else Path(args.model).resolve().parent / "predictions")
     predictor = runtime.load(args.model, threads=args.threads)
     meta = predictor.metadata
     data = meta.get("data") if isinstance(meta.get("data"), dict) else {}

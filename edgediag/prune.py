@@ -95,9 +95,7 @@ def _check_args(args) -> None:
         raise cli.UserError("--method dynamic/both trains the gates: give --finetune-epochs >= 2")
     if not Path(args.checkpoint).is_file():
         raise cli.UserError(f"checkpoint not found: {args.checkpoint}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise cli.UserError(f"--out {out} exists and is not a folder")
+    out = cli.output_folder(args.out)
     if (out / "model.pt").exists() and not args.force:
         raise cli.UserError(f"{out} already holds a pruned model: pass --force to overwrite")
 

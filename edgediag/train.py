@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 import torch
 
@@ -77,9 +76,7 @@ def needs_calibration_holdout(model, bundle, data_cfg: DataConfig, train_cfg: Tr
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     name, cls, model_cfg, train_cfg, data_cfg = resolve_configs(args)
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise cli.UserError(f"--out {out_dir} exists and is not a folder")
+    out_dir = cli.output_folder(args.out)
     if (out_dir / "last.pt").exists() and not (args.resume or args.force):
         raise cli.UserError(f"{out_dir} already holds a run: pass --resume to continue it or --force to overwrite")
 

@@ -260,3 +260,24 @@ def test_edgediag_command_runs_every_verb_and_knows_its_version():
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
     unknown = run("trian")
     assert unknown.returncode == 2 and "unknown verb 'trian'" in unknown.stderr
+
+
+@pytest.mark.parametrize("verb, extra", [
+    ("train", ["--model", "tastgram_mfn", "--data", "."]),
+    ("evaluate", ["--checkpoint", "/nonexistent/model.pt"]),
+    ("predict", ["--checkpoint", "/nonexistent/model.pt", "--data", "."]),
+    ("prune", ["--checkpoint", "{file}", "--data", "."]),
+    ("bench", ["--model", "/nonexistent/model.pt"]),
+])
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, verb, extra):
+    import importlib
+
+    from edgediag import cli
+
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    args = [a.replace("{file}", str(taken)) for a in extra]
+    for out in (taken, taken / "sub"):
+        assert cli.run(importlib.import_module(f"edgediag.{verb}").main, [*args, "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip().startswith(f"error: --out {out}")
+    assert taken.read_text() == "keep me"
