@@ -10,7 +10,9 @@ waveform end to end:
   Conv1d k3 p1) on the waveform;
 * TAgram: log-mel × sigmoid(max + mean over mel bins, per frame) (parameter-free);
 * the three stacked as channels into MobileFaceNet (bottlenecks (2,128,2,2), (4,128,2,2),
-  (4,128,2,2); a global depthwise conv; 128-d embedding) and an ArcFace head (s 30, m 0.7).
+  (4,128,2,2); a global depthwise conv; 128-d embedding) and an ArcFace head (s 30, m 0.7);
+* option ``band_max`` (ours, off by default): plus a linear projection of each mel band's
+  maximum over time, added to the embedding.
 
 Losses (``loss``): ``arcface``; ``arcmix`` (mixup of waveform and log-mel, λ~Beta(α,α),
 margin on each label's logits, λ·CE(y_a) + (1-λ)·CE(y_b) on the two margin versions);
@@ -62,6 +64,10 @@ class TASTgramConfig:
     tgram_win: int = 1024
     tgram_layers: int = 3
     temporal_attention: bool = True  # False = STgram-MFN (Tgram + Sgram, 2 channels)
+    # Not in the paper: add to the embedding a linear projection of each mel band's maximum
+    # over time (BatchNorm-standardised). Pooled convolutions lose which band peaked; on
+    # the valve set this cue separates both the attribute classes and the anomalies.
+    band_max: bool = False
     stem_channels: int = 64
     bottlenecks: list[list[int]] = dataclasses.field(default_factory=lambda: [list(b) for b in PUBLISHED_BOTTLENECKS])
     head_channels: int = 512
@@ -300,6 +306,9 @@ class TASTgramMFN(DiagnosisModel):
         self.tgram = TgramNet(c.n_mels, c.tgram_win, c.hop, n_frames, c.tgram_layers)
         self.backbone = MobileFaceNet(3 if c.temporal_attention else 2, c.n_mels, n_frames, c.stem_channels,
                                       c.bottlenecks, c.head_channels, c.embedding_dim)
+        if c.band_max:
+            self.band_norm = nn.BatchNorm1d(c.n_mels)
+            self.band_proj = nn.Linear(c.n_mels, c.embedding_dim)
         self.n_train_classes = c.n_classes if c.n_classes > 1 else len(c.pseudo_rates)
         self.arcface = ArcMarginProduct(c.embedding_dim, self.n_train_classes, c.arc_scale, c.arc_margin)
         self.register_buffer("pseudo_rate", torch.tensor(c.pseudo_rates, dtype=torch.float32), persistent=False)
@@ -314,7 +323,8 @@ class TASTgramMFN(DiagnosisModel):
     def pruning_fixed_layers(self) -> list[nn.Module]:
         """Layers whose output channels pruning must keep: the front ends (mel bins), the
         embedding (an exported output) and the ArcFace head (class count)."""
-        return [self.logmel, self.tgram, self.backbone.linear1, self.arcface]
+        fixed = [self.logmel, self.tgram, self.backbone.linear1, self.arcface]
+        return fixed + ([self.band_norm, self.band_proj] if self.config.band_max else [])
 
     def removable_blocks(self) -> list[str]:
         """The bottlenecks with an identity shortcut (stride 1, same width in and out)."""
@@ -349,7 +359,10 @@ class TASTgramMFN(DiagnosisModel):
         channels = [self.tgram(wave.unsqueeze(1)), mel]
         if self.config.temporal_attention:
             channels.append(temporal_attention(mel))
-        return self.backbone(torch.stack(channels, dim=1))
+        emb = self.backbone(torch.stack(channels, dim=1))
+        if self.config.band_max:
+            emb = emb + self.band_proj(self.band_norm(mel.amax(-1)))
+        return emb
 
     def embed(self, wave: torch.Tensor) -> torch.Tensor:
         return self.embed_features(wave, self.logmel(wave))
