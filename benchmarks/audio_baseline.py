@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgediag import cli  # noqa: E402
 from edgediag.data import DataConfig, build_data  # noqa: E402
 from edgediag.engine.dcase import anomaly_report  # noqa: E402
+from edgediag.engine.metrics import calibrate_threshold  # noqa: E402
 
 FEATURES = ("meanstd", "max", "frames")
 
@@ -70,17 +71,15 @@ def run(root: str, normal_labels: list[str], k: int = 1, features: str = "meanst
     mu, sd = rows.mean(axis=0), rows.std(axis=0) + 1e-6
     rows = (rows - mu) / sd
 
-    def clip_scores(clips, leave_out=None):
-        out = []
-        for i, c in enumerate(clips):
-            bank = rows if leave_out is None else rows[owner != i]
-            nn = NearestNeighbors(n_neighbors=min(k, len(bank))).fit(bank)
-            out.append(float(nn.kneighbors((c - mu) / sd)[0].mean()))
-        return np.asarray(out)
+    def distance(bank, clip):
+        return float(NearestNeighbors(n_neighbors=min(k, len(bank))).fit(bank).kneighbors((clip - mu) / sd)[0].mean())
 
-    scores = clip_scores(test)
-    # Leave-one-out distances of the training clips: each clip's score against the others.
-    threshold = float(np.quantile(clip_scores(train, leave_out=True), 1.0 - target_far))
+    full = NearestNeighbors(n_neighbors=min(k, len(rows))).fit(rows)  # one index for every test clip
+    scores = np.asarray([float(full.kneighbors((c - mu) / sd)[0].mean()) for c in test])
+    # Leave-one-out distances of the training clips: each clip's score against the others,
+    # the threshold the same split-conformal order statistic as the models'.
+    loo = [distance(rows[owner != i], c) for i, c in enumerate(train)]
+    threshold = calibrate_threshold(loo, "percentile", 1.0 - target_far)
     items = [bundle.test[i] for i in range(len(bundle.test))]
     return anomaly_report(scores, [it["anomaly"] for it in items], machines=[it["machine"] for it in items],
                           sections=[it["section"] for it in items], domains=[it["domain"] for it in items],

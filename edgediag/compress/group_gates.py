@@ -115,11 +115,8 @@ class GroupGates:
                 continue
             slices = [(param_names[id(t)], dim, chunks) for t, dim, chunks in p.inner_tensors(m, g)
                       if id(t) in param_names]
-            # where the group's channels are masked (the registry knows): every place that
-            # makes removal exact where the pruner lists them, else where the channels leave
-            hooks = p.inner_hooks(m, g) if hasattr(p, "inner_hooks") else [p.inner_hook(m, g)]
             self.entries.append({"name": f"{name}:{g}", "root": m, "gate": new_gate(n, **kw), "slices": slices,
-                                 "hooks": list(hooks), "inner": (p, g)})
+                                 "hooks": list(p.inner_hooks(m, g)), "inner": (p, g)})
         # Each gate is trained by the loss of the phase that trains its layer (AEGAN-AD's
         # critic gates by the critic's loss, not the generator's).
         owner = {}

@@ -27,12 +27,17 @@ def normal_subset(dataset):
 
 
 @torch.no_grad()
-def scores_of(model, dataset, device, batch_size=32) -> np.ndarray:
+def scores_of(model, dataset, device, batch_size=32) -> tuple[np.ndarray, list[str]]:
+    """The items' scores and their section × domain (``group_key``; "/" for data without
+    them), read in the same pass."""
     model.eval()
-    out = []
+    out, groups = [], []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        n = len(batch["x"])
         out.append(model.score(batch["x"].to(device)).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0)
+        groups += [group_key(str(s or ""), str(d or ""))
+                   for s, d in zip(batch.get("section", [""] * n), batch.get("domain", [""] * n))]
+    return (torch.cat(out).numpy() if out else np.zeros(0)), groups
 
 
 def scalars(metrics: dict) -> dict:
@@ -45,23 +50,24 @@ def _fit_normal(model, dataset, batch_size: int, device) -> None:
     model.fit_normal(DeviceLoader(DataLoader(dataset, batch_size=batch_size, shuffle=False), device))
 
 
-def crossfit_normal_scores(model, dataset, train_cfg: TrainConfig, device) -> tuple[np.ndarray, list[int]]:
+def crossfit_normal_scores(model, dataset, train_cfg: TrainConfig, device) -> tuple[np.ndarray, list[str]]:
     """Scores of the training set's normal items, each from normal statistics fitted on the
     other folds (k = ``train.calibration_folds``); the model is refitted on all items after.
     The network's weights did see every item: the scores are out-of-fold for the statistics
     (a kNN bank's distance of a clip to itself, a Gaussian fitted on it), not for training.
-    Returns (scores, the dataset indices they belong to)."""
+    Returns (scores, their items' groups) as :func:`scores_of`."""
     normal = set(normal_subset(dataset).indices)
     order = np.random.default_rng(train_cfg.seed).permutation(len(dataset))
-    scores, indices = [], []
+    scores, groups = [], []
     for part in np.array_split(order, train_cfg.calibration_folds):
         held = set(int(i) for i in part)
         _fit_normal(model, Subset(dataset, [i for i in range(len(dataset)) if i not in held]),
                     train_cfg.batch_size, device)
-        indices += sorted(held & normal)
-        scores.append(scores_of(model, Subset(dataset, sorted(held & normal)), device, train_cfg.batch_size))
+        s, g = scores_of(model, Subset(dataset, sorted(held & normal)), device, train_cfg.batch_size)
+        scores.append(s)
+        groups += g
     _fit_normal(model, dataset, train_cfg.batch_size, device)
-    return (np.concatenate(scores) if scores else np.zeros(0)), indices
+    return (np.concatenate(scores) if scores else np.zeros(0)), groups
 
 
 def far_estimate(normal_scores: np.ndarray, threshold: float) -> dict:
@@ -74,12 +80,6 @@ def far_estimate(normal_scores: np.ndarray, threshold: float) -> dict:
     lo = float(stats.beta.ppf(0.025, k, n - k + 1)) if k > 0 else 0.0
     hi = float(stats.beta.ppf(0.975, k + 1, n - k)) if k < n else 1.0
     return {"n_normals": n, "far_on_calibration": k / n if n else float("nan"), "far_ci95": [lo, hi]}
-
-
-def item_groups(dataset) -> list[str]:
-    """Each item's section × domain (``group_key``; "/" for data without them)."""
-    return [group_key(str(it.get("section", "") or ""), str(it.get("domain", "") or ""))
-            for it in (dataset[i] for i in range(len(dataset)))]
 
 
 def calibrate_groups(scores: np.ndarray, groups: list[str], train_cfg: TrainConfig, quantile: float) -> dict:
@@ -114,21 +114,18 @@ def refit(model, bundle, train_cfg: TrainConfig, device) -> dict:
         chosen = model.calibrate(DeviceLoader(val_loader, device)) or {}
         if chosen:
             log.info("calibrated on the validation set: %s", chosen)
-        calib = normal_subset(bundle.val)
-        scores, groups = scores_of(model, calib, device, train_cfg.batch_size), item_groups(calib)
+        scores, groups = scores_of(model, normal_subset(bundle.val), device, train_cfg.batch_size)
         where = "normal items of the validation set"
     elif (train_cfg.calibration_folds >= 2 and len(bundle.train) >= train_cfg.calibration_folds
           and model.score_uses_normal_statistics):
-        scores, indices = crossfit_normal_scores(model, bundle.train, train_cfg, device)
-        groups = item_groups(Subset(bundle.train, indices))
+        scores, groups = crossfit_normal_scores(model, bundle.train, train_cfg, device)
         where = f"normal items of the training set, scored out-of-fold ({train_cfg.calibration_folds}-fold cross-fit)"
     else:
-        calib = normal_subset(bundle.train)
-        scores, groups = scores_of(model, calib, device, train_cfg.batch_size), item_groups(calib)
+        scores, groups = scores_of(model, normal_subset(bundle.train), device, train_cfg.batch_size)
         where = "normal items of the training set (in-sample: optimistic, alarms will exceed the target)"
         log.warning("the %s score was trained on the clips that calibrate its threshold: on unseen normals it "
-                    "will raise more alarms than --target-far; hold out normals with --set data.val_fraction=0.2 "
-                    "or use a score fitted on normal statistics", model.model_name)
+                    "will raise more alarms than --target-far; hold out normals (train.calibration_holdout, "
+                    "data.val_fraction) or use a score fitted on normal statistics", model.model_name)
     quantile = train_cfg.threshold_quantile or 1.0 - train_cfg.target_far
     report = {"target_far": round(1.0 - quantile, 6), "method": train_cfg.threshold_method, "source": where}
     if len(scores):

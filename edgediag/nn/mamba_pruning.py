@@ -74,9 +74,6 @@ class _MixerPruner(ChannelPruner):
         _resync(layer, len(keep))
         return layer
 
-    def inner_hook(self, layer, group: str = "d_inner"):
-        return layer.out_proj, "in", -1  # the inner channels meet again where they leave
-
     def inner_hooks(self, layer, group: str = "d_inner"):
         """Every place a screening gate masks d_inner so that removing a closed channel is
         exact: where the channels enter what mixes them (the x_proj that makes the shared

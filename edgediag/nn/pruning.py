@@ -12,7 +12,7 @@ A registered pruner answers:
   ``pruned_widths``; ``root``: it may root a dependency-graph group;
 * ``inner_names`` / ``inner_channels`` / ``inner_tensors`` / ``prune_inner_channels``: channel
   groups internal to the module that no graph group reaches (a mixer's d_inner, Tgram's hidden
-  convs, a memory network's hidden units), and ``inner_hook``: where a screening gate masks one;
+  convs, a memory network's hidden units), and ``inner_hooks``: where screening gates mask one;
 * ``dep_slices``: the state-dict tensors (key, dim, chunks) holding a graph group's channels
   in this module, which dynamic pruning's gates cost channels by;
 * ``size_slots`` / ``sizes`` / ``resize``: the record-and-rebuild of pruned widths.
@@ -80,21 +80,25 @@ class ChannelPruner(BasePruningFunc):
     leaf = False  # sizes recorded whole; its children are not prunable modules of their own
     root = False  # may root a dependency-graph group
 
+    # Inner groups: a pruner whose ``inner_names`` lists groups implements the four methods
+    # after it; with the default (no inner groups) nothing calls them.
     def inner_names(self, layer) -> list[str]:
         return []
 
     def inner_channels(self, layer, group: str) -> int:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} lists inner group {group!r} but not its channel count")
 
     def inner_tensors(self, layer, group: str) -> list[tuple[torch.Tensor, int, int]]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} lists inner group {group!r} but not its tensors")
 
     def prune_inner_channels(self, layer, idxs, group: str):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} lists inner group {group!r} but cannot prune it")
 
-    def inner_hook(self, layer, group: str) -> tuple[nn.Module, str, int]:
-        """(module, "out" | "in", dim): where a screening gate masks the inner group."""
-        raise NotImplementedError
+    def inner_hooks(self, layer, group: str) -> list[tuple[nn.Module, str, int]]:
+        """[(module, "out" | "in" | "norm", dim)]: every place a screening gate masks the inner
+        group so that removing a closed channel is exact (where the channels enter anything
+        that mixes them, and where they leave)."""
+        raise NotImplementedError(f"{type(self).__name__} lists inner group {group!r} but not where to gate it")
 
     def dep_slices(self, name: str, layer, out: bool) -> list[tuple[str, int, int]]:
         return []

@@ -81,9 +81,9 @@ class MemoryNetworkPruner(ChannelPruner):
             layer.keys = _sliced(layer.keys, 1, _keep(layer.keys.shape[1], idxs))
         return layer
 
-    def inner_hook(self, layer, group: str = "hidden"):
+    def inner_hooks(self, layer, group: str = "hidden"):
         # hidden units / key dims leave query[0] / query[2]
-        return (layer.query[0] if group == "hidden" else layer.query[2]), "out", -1
+        return [((layer.query[0] if group == "hidden" else layer.query[2]), "out", -1)]
 
 
 __all__ = ["PatchMergingPruner", "MemoryNetworkPruner"]

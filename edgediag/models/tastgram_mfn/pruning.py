@@ -54,8 +54,8 @@ class TgramPruner(ChannelPruner):
         tp.prune_conv_in_channels(convs[i + 1], list(idxs))
         return layer
 
-    def inner_hook(self, layer, group: str = "0"):
-        return self.convs(layer)[int(group)], "out", 1
+    def inner_hooks(self, layer, group: str = "0"):
+        return [(self.convs(layer)[int(group)], "out", 1)]
 
     def size_slots(self, layer) -> list[str]:
         return self.inner_names(layer)  # in and out are fixed
