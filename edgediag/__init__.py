@@ -18,3 +18,44 @@ VERBS = {
     "demo": "the whole pipeline on synthetic data the project generates",
     "tegrastats": "summarise a Jetson tegrastats log: input power, energy per inference, loads",
 }
+
+# The board side (runtime, verify, monitor, tegrastats and the deploy files they read) runs on
+# JetPack 5's Python 3.8 with the `board` extra; everything else (training, pruning, export,
+# the models) needs Python >= 3.10 and torch. On an older Python, importing a training-side
+# module fails at once with one line saying so, instead of a SyntaxError deep inside it.
+BOARD_MODULES = ("runtime", "verify", "monitor", "tegrastats", "errors", "utils", "cli", "__main__", "deploy",
+                 "deploy.metadata", "deploy.bundle", "deploy.trt_engine")
+MIN_TRAINING_PYTHON = (3, 10)
+
+
+def needs_newer_python(module: str, version=None) -> str:
+    """The error for importing edgediag ``module`` on Python ``version`` ("" if it is fine)."""
+    import sys
+
+    version = tuple(version or sys.version_info[:2])
+    parts = module.split(".")
+    if parts[0] != "edgediag" or len(parts) < 2 or version >= MIN_TRAINING_PYTHON:
+        return ""
+    if ".".join(parts[1:3]) in BOARD_MODULES or (parts[1] in BOARD_MODULES and parts[1] != "deploy"):
+        return ""
+    return (f"{module} needs Python >= {'.'.join(map(str, MIN_TRAINING_PYTHON))} (this is "
+            f"{'.'.join(map(str, version))}); on this Python edgediag runs its board side only: "
+            f"python -m edgediag.verify / monitor / tegrastats and edgediag.runtime")
+
+
+def _install_board_guard() -> None:
+    import importlib.abc
+    import sys
+
+    class BoardOnly(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            message = needs_newer_python(fullname)
+            if message:
+                raise ImportError(message)
+            return None
+
+    sys.meta_path.insert(0, BoardOnly())
+
+
+if needs_newer_python("edgediag.train"):
+    _install_board_guard()

@@ -13,6 +13,7 @@ from __future__ import annotations
 from edgediag import cli
 from edgediag.deploy.pipeline import run
 from edgediag.deploy.presets import PRECISIONS
+from edgediag.deploy.quantize import CALIBRATION_METHODS
 
 
 def parser():
@@ -20,16 +21,27 @@ def parser():
         "export",
         "Export a checkpoint to ONNX or TensorRT with parity checks. Exit codes: 0 all requested artifacts built; "
         "2 bad input; 3 --target trt without TensorRT/GPU here (ONNX + build_engine.sh written: build the engine "
-        "on the board); 4 parity beyond tolerance (nothing written); 1 internal error.")
+        "on the board); 4 parity beyond tolerance, or an fp16/int8 graph whose decisions agree with fp32 on fewer "
+        "than 95 % of the check items (nothing written); 1 internal error.")
     p.add_argument("--checkpoint", required=True, help="model.pt written by train or prune")
     p.add_argument("--target", choices=["onnx", "trt"], default="onnx")
     p.add_argument("--out", required=True, help="output folder (replaced as a whole when the export succeeds)")
     p.add_argument("--precision", choices=PRECISIONS,
-                   help="TensorRT precision (default: the preset's, else fp16); ONNX graphs are fp32")
+                   help="fp16 / int8 also write model.fp16.onnx / model.int8.onnx (explicit Q/DQ), checked here on "
+                        "ONNX Runtime against fp32 (decision agreement, AUC delta); TensorRT builds that graph "
+                        "(default: --target trt: the preset's precision, else fp16; --target onnx: fp32)")
     p.add_argument("--preset", help="board preset: export/presets/<board>.yaml or a board name (orin-nano, ...)")
     p.add_argument("--calib-data", help="data folder for parity inputs and INT8 calibration "
                                         "(default: the checkpoint's data folder)")
-    p.add_argument("--calib-items", type=int, default=32, help="INT8 calibration items (default 32)")
+    p.add_argument("--calib-items", type=int, default=512,
+                   help="INT8 calibration: this many normal training items, or all there are (default 512; "
+                        "a warning below 100)")
+    p.add_argument("--int8-calibration", choices=CALIBRATION_METHODS, default="percentile",
+                   help="how activation ranges are set from the calibration items (default percentile, 99.999)")
+    p.add_argument("--check-items", type=int, default=256,
+                   help="test items (else training items) the fp16/int8 graph is checked on against fp32 (default 256)")
+    p.add_argument("--allow-drift", action="store_true",
+                   help="keep an fp16/int8 graph whose decisions agree with fp32 on fewer than 95 %% of the check items")
     p.add_argument("--parity-items", type=int, default=16, help="items for the parity check (default 16)")
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch", type=int, help="static batch size of the graph (default: the preset's, else 1)")

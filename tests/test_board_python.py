@@ -72,3 +72,34 @@ def test_board_modules_run_on_python_3_8():
     res = subprocess.run([vermin, "-t=3.8-", "--no-tips", "--violations", *files], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_pyproject_installs_only_the_board_side_on_python_3_8():
+    import tomllib
+
+    project = tomllib.loads((PKG.parent / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.8"
+    unconditional = {d.split(">=")[0] for d in project["dependencies"] if ";" not in d}
+    assert unconditional <= {"numpy", "onnxruntime", "soundfile", "pyyaml"}  # what the board modules import
+    assert any(d.startswith("torch") and "python_version >= '3.10'" in d for d in project["dependencies"])
+    assert {"numpy", "onnxruntime"} <= {d.split(">=")[0] for d in project["optional-dependencies"]["board"]}
+
+
+def test_an_old_python_gets_one_line_naming_what_needs_3_10():
+    import edgediag
+
+    assert edgediag.needs_newer_python("edgediag.train") == ""  # this Python is new enough
+    for module in ("edgediag.train", "edgediag.models.ldmamba", "edgediag.deploy.pipeline", "edgediag.export"):
+        assert "needs Python >= 3.10 (this is 3.8)" in edgediag.needs_newer_python(module, (3, 8))
+    for path in board_modules():
+        parts = path.relative_to(PKG).with_suffix("").parts
+        name = ".".join(("edgediag", *[p for p in parts if p != "__init__"]))
+        assert edgediag.needs_newer_python(name, (3, 8)) == "", name
+    # the guard itself, as a 3.8 interpreter installs it (the minimum raised instead)
+    code = ("import edgediag; edgediag.MIN_TRAINING_PYTHON = (99, 0); edgediag._install_board_guard()\n"
+            "import edgediag.runtime, edgediag.verify\n"
+            "try:\n    import edgediag.train\nexcept ImportError as e:\n    print(e)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=PKG.parent)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().startswith("edgediag.train needs Python >= 99.0")

@@ -154,7 +154,7 @@ def test_parity_failure_leaves_no_artifact(tmp_path, capsys):
 
 def test_bad_input_is_one_line_exit_2(toy_ckpt, tmp_path, capsys):
     cases = [["--checkpoint", tmp_path / "missing.pt", "--out", tmp_path / "a"],
-             ["--checkpoint", toy_ckpt, "--out", tmp_path / "b", "--precision", "fp16"],  # not for --target onnx
+             ["--checkpoint", toy_ckpt, "--out", tmp_path / "b", "--precision", "int8", "--streaming"],
              ["--checkpoint", toy_ckpt, "--out", tmp_path / "c", "--target", "trt", "--preset", "orin-nano", "--dla"],
              ["--checkpoint", toy_ckpt, "--out", tmp_path / "d", "--preset", "no-such-board"]]
     for args in cases:
@@ -175,11 +175,11 @@ def test_target_trt_without_tensorrt_writes_build_script(toy_ckpt, tmp_path):
                   "export/presets/orin-nano.yaml", "--out", out, *FAST)
     assert res.returncode == pipeline.EXIT_BUILD_ON_BOARD, res.stderr
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "build_engine.sh", "export.json", "golden.npz",
-                                                      "manifest.json", "model.onnx", "verify.json"]
+                                                      "manifest.json", "model.fp16.onnx", "model.onnx", "verify.json"]
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("tensorrt:")]
     assert len(lines) == 1 and "build_engine.sh" in lines[0] and "exit code 3" in lines[0]
     script = (out / "build_engine.sh").read_text()
-    for flag in ("--onnx=model.onnx", "--saveEngine=model.engine", "--fp16", "--memPoolSize=workspace:1024"):
+    for flag in ("--onnx=model.fp16.onnx", "--saveEngine=model.engine", "--fp16", "--memPoolSize=workspace:1024"):
         assert flag in script
     assert "--useDLACore" not in script and "--int8" not in script
     report = json.loads((out / "export.json").read_text())
@@ -188,21 +188,106 @@ def test_target_trt_without_tensorrt_writes_build_script(toy_ckpt, tmp_path):
 
 
 @pytest.mark.skipif(trt_and_gpu(), reason="tensorrt and a GPU are here: the engine is built instead")
-def test_int8_without_tensorrt_ships_calibration(toy_ckpt, tmp_path):
+def test_int8_without_tensorrt_ships_the_checked_qdq_graph(toy_ckpt, tmp_path):
     out = tmp_path / "nx"
     assert run_export("--checkpoint", toy_ckpt, "--target", "trt", "--preset", "orin-nx", "--precision", "int8",
                       "--dla", "--calib-items", "12", "--out", out, *FAST) == pipeline.EXIT_BUILD_ON_BOARD
     script = (out / "build_engine.sh").read_text()
+    tail = script[script.rindex("fi\n"):]
+    for flag in ("--onnx=model.int8.onnx", "--int8", "--useDLACore=0", "--allowGPUFallback", "workspace:2048"):
+        assert flag in tail
+    assert "--calib" not in tail and "--fp16" not in tail
+    # the implicit calibrator stays only as a labelled fallback
+    assert 'if [ "${EDGEDIAG_IMPLICIT_INT8:-0}" = 1 ]' in script
     assert "python3 calibrate_int8.py --onnx model.onnx --calib calib_data.npy --cache calib.cache" in script
-    for flag in ("--int8", "--calib=calib.cache", "--useDLACore=0", "--allowGPUFallback", "workspace:2048"):
-        assert flag in script
-    calib = np.load(out / "calib_data.npy")
+    calib = np.load(out / "calib_data.npy")  # 12 normal training items
     assert calib.shape == (12, 8) and calib.dtype == np.float32
     tree = ast.parse((out / "calibrate_int8.py").read_text())  # valid Python with the calibrator inside
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
     assert {"EntropyCalibrator", "EngineRunner", "Device"} <= set(classes)
     methods = {f.name for f in classes["EntropyCalibrator"].body if isinstance(f, ast.FunctionDef)}
     assert {"get_batch_size", "get_batch", "read_calibration_cache", "write_calibration_cache"} <= methods
+    assert "model.int8.onnx" in (out / "README.md").read_text()
+
+
+# --- INT8 (explicit Q/DQ) and FP16 graphs checked on ONNX Runtime -----------------------------------------------
+def test_int8_graph_is_qdq_checked_against_fp32_and_verifies(toy_ckpt, tmp_path, capsys):
+    import onnx
+
+    from edgediag import verify as verify_verb
+
+    out = tmp_path / "int8"
+    assert run_export("--checkpoint", toy_ckpt, "--precision", "int8", "--calib-items", "64", "--check-items", "64",
+                      "--out", out, *FAST) == pipeline.EXIT_OK
+    printed = capsys.readouterr().out
+    assert "int8: " in printed and "decision agreement" in printed
+    graph = onnx.load(str(out / "model.int8.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    zero_points = [onnx.numpy_helper.to_array(i) for i in graph.graph.initializer if i.name.endswith("_zero_point")]
+    assert zero_points and all((z == 0).all() for z in zero_points)  # symmetric: TensorRT's int8
+    assert {z.dtype for z in zero_points} <= {np.dtype(np.int8), np.dtype(np.int32)}  # int32: biases
+    report = json.loads((out / "export.json").read_text())
+    reduced = report["reduced_precision"]
+    check = reduced["check"]
+    assert reduced["file"] == "model.int8.onnx" and reduced["quantized_nodes"] == 2 and reduced["calibration"] == "percentile"
+    assert check["items"] == 64 and check["passed"] and check["decision_agreement"] >= 0.95
+    assert {"auc_fp32", "auc", "auc_delta", "accuracy_fp32", "accuracy"} <= set(check)
+    assert reduced["calibration_data"].startswith("64 normal items") or "normal items" in reduced["calibration_data"]
+    assert any("INT8 ranges rest on" in w for w in report["warnings"])  # fewer than 100 calibration items
+    meta = read_metadata(out / "model.int8.onnx")
+    assert json.loads(meta["export"])["precision"] == "int8"
+    assert json.loads(read_metadata(out / "model.onnx")["export"])["precision"] == "fp32"
+    # the bundle checks the int8 graph too (against fp32 references, with its own decisions)
+    info = json.loads((out / "verify.json").read_text())
+    entry = info["graphs"][1]
+    assert entry["file"] == "model.int8.onnx" and entry["tolerance"] > 0 and info["engine_decisions"]["int8"]
+    assert cli.run(verify_verb.main, [str(out), "--threads", "1"]) == 0
+    assert "model.int8.onnx:score" in capsys.readouterr().out
+
+
+def _outlier_toy(path: Path) -> Path:
+    """A toy model that int8 per-tensor activations cannot hold: one hidden unit 1e4 times
+    larger than the others (which alone decide the score) rounds them all to zero."""
+    torch.manual_seed(0)
+    model = ToyMLP(ToyConfig())
+    with torch.no_grad():
+        model.net[-1].weight.mul_(3)
+        model.net[0].weight[0].fill_(0).__setitem__(0, 1e4)
+        model.net[0].bias[0] = 1e4
+        model.net[-1].weight[:, 0] = 0
+    data = write_toy_data(path.parent / "data")
+    return save_with_threshold(model, path, data={"kind": "toy", "config": {"root": str(data)},
+                                                  "classes": ["normal", "fault"], "normal_classes": ["normal"]})
+
+
+def test_int8_drift_is_refused_unless_allowed(tmp_path, capsys):
+    ckpt = _outlier_toy(tmp_path / "outlier" / "model.pt")
+    out = tmp_path / "int8"
+    assert run_export("--checkpoint", ckpt, "--precision", "int8", "--out", out, *FAST) == pipeline.EXIT_PARITY
+    assert not out.exists() and not list(tmp_path.glob(".int8*"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "decision agreement" in err[0] and "nothing written" in err[0]
+    assert run_export("--checkpoint", ckpt, "--precision", "int8", "--allow-drift", "--out", out, *FAST) == 0
+    report = json.loads((out / "export.json").read_text())
+    assert not report["reduced_precision"]["check"]["passed"]
+    assert any("--allow-drift" in w for w in report["warnings"])
+
+
+@pytest.mark.skipif(trt_and_gpu(), reason="tensorrt and a GPU are here: the engine is built instead")
+def test_fp16_graph_is_checked_and_is_what_the_board_builds(toy_ckpt, tmp_path):
+    out = tmp_path / "fp16"
+    assert run_export("--checkpoint", toy_ckpt, "--target", "trt", "--precision", "fp16", "--preset", "thor",
+                      "--out", out, *FAST) == pipeline.EXIT_BUILD_ON_BOARD
+    import onnx
+
+    graph = onnx.load(str(out / "model.fp16.onnx"))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.graph.initializer)
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 in and out
+    check = json.loads((out / "export.json").read_text())["reduced_precision"]["check"]
+    assert check["passed"] and check["decision_agreement"] >= 0.95 and check["max_abs_error_std"] < 0.05
+    script = (out / "build_engine.sh").read_text()
+    assert "--onnx=model.fp16.onnx" in script and "--fp16" in script and "--useDLACore" not in script
 
 
 @pytest.mark.gpu
@@ -224,7 +309,7 @@ def test_presets_load():
         boards[preset.board] = preset
         assert preset.default_precision in trt_compat.PRECISIONS and preset.workspace_mb > 0 and preset.batch >= 1
         assert preset.cuda_arch.startswith("sm_") and preset.memory_gb > 0 and preset.jetpack
-    assert set(boards) == {"orin-nano", "orin-nx", "agx-orin", "xavier-nx"}
+    assert {"orin-nano", "orin-nx", "agx-orin", "xavier-nx"} <= set(boards)
     assert trt_compat.table_version(boards["xavier-nx"].tensorrt) == (8, 5)  # JetPack 5.1
     assert trt_compat.table_version(boards["orin-nano"].tensorrt) == (10, 3)  # JetPack 6.1
     assert boards["orin-nano"].dla_cores == 0 and boards["agx-orin"].dla_cores == 2

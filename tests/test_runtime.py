@@ -336,3 +336,73 @@ def test_predict_applies_the_thresholds_per_domain_the_artifact_carries(tmp_path
                                                                                       ("target", "0", 1e9)}
         decided = dict(line.split(",") for line in (out / "decision_result_valve_section_00_test.csv").read_text().split())
         assert all(v == ("1" if "_source_" in f else "0") for f, v in decided.items())
+
+
+# --- the sequence models' front end in numpy (the board's), against the training reader ------------------
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_numpy_mel_filters_are_librosas():
+    import librosa
+
+    from edgediag.runtime.features import mel_filters
+
+    for sr, n_fft, n_mels in ((16000, 2048, 128), (48000, 512, 64), (8000, 256, 40)):
+        want = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels)
+        np.testing.assert_allclose(mel_filters(sr, n_fft, n_mels), want, rtol=1e-5, atol=1e-8)
+
+
+def _real_windows() -> list[tuple[str, np.ndarray, int]]:
+    """(name, 1-D signal, sample rate): a fan recording and a CWRU bearing fault, or
+    synthetic machine sound where the shared data is absent."""
+    out = []
+    fan = sorted((SHARED / "fan_sensiml").rglob("*.wav"))
+    if fan:
+        import soundfile as sf
+
+        wave, sr = sf.read(str(fan[0]), dtype="float32", always_2d=True)
+        out.append(("fan", wave[:, 0][:sr], sr))
+    cwru = SHARED / "cwru_bearing" / "48k_Drive_End_IR007_0_109.mat"
+    if cwru.is_file():
+        import scipy.io
+
+        mat = scipy.io.loadmat(str(cwru))
+        key = next(k for k in mat if k.endswith("_DE_time"))
+        out.append(("cwru", mat[key].reshape(-1)[:8192].astype(np.float32), 48000))
+    out.append(("synthetic", clips(1, 1.0)[0], 16000))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["logmel", "logspec", "frames"])
+def test_numpy_sequence_front_end_matches_the_training_reader(kind):
+    """What the board computes (numpy) equals what training computed (torch) on real signals:
+    within 0.05 dB where the power is above the floor's neighbourhood."""
+    from edgediag.data.sequences import Frontend
+    from edgediag.runtime.features import SequenceFrontend
+
+    for name, wave, sr in _real_windows():
+        seq_len = 64
+        hop = len(wave) // seq_len
+        n_fft = 1 << int(np.ceil(np.log2(2 * hop)))
+        params = {"seq_len": seq_len, "hop_length": hop}
+        if kind != "frames":
+            params.update(n_fft=min(n_fft, 2048), n_mels=64, sample_rate=sr)
+        want = Frontend(kind, params)(wave)
+        got = SequenceFrontend(kind, params)(wave)
+        assert got.shape == want.shape and got.dtype == np.float32, name
+        if kind == "frames":
+            np.testing.assert_array_equal(got, want)
+            continue
+        loud = want > want.min() + 20  # float32 vs float64 rounding dominates only near the -100 dB floor
+        assert loud.mean() > 0.3, name
+        np.testing.assert_allclose(got[loud], want[loud], atol=0.05, err_msg=name)
+        assert np.abs(got - want).max() < 1.0, name
+
+
+def test_sequence_front_end_imports_no_torch():
+    out = run_without_torch("import numpy as np\n"
+                            "from edgediag.runtime.features import SequenceFrontend\n"
+                            "f = SequenceFrontend('logmel', {'seq_len': 16, 'hop_length': 64, 'n_fft': 128,"
+                            " 'n_mels': 16, 'sample_rate': 8000})\n"
+                            "print(f(np.random.default_rng(0).normal(size=1024)).shape)\n")
+    assert out.stdout.strip() == "(16, 16)"

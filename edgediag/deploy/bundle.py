@@ -30,9 +30,15 @@ def sha256(path: Path) -> str:
 
 def write_golden(stage: Path, x: np.ndarray, ref: Sequence[np.ndarray], input_name: str,
                  output_names: Sequence[str], threshold: float, tolerance: float, score_scale: float,
-                 static: int | None, trt_tolerance: dict[str, float], source: str) -> None:
+                 static: int | None, trt_tolerance: dict[str, float], source: str,
+                 reduced: dict | None = None) -> None:
     """``golden.npz`` (the first items of the parity batch and PyTorch's outputs for them) and
-    ``verify.json`` (tolerances, threshold, names)."""
+    ``verify.json`` (tolerances, threshold, names).
+
+    ``reduced``: the fp16/int8 graph's ``file``, ``precision`` and ``score`` on the same items.
+    It is checked against the fp32 references within its own measured error (x 1.5 + 1e-3
+    std, room for another CPU's rounding) and must reproduce its own decisions; an engine of
+    that precision gets the TensorRT tolerance on top, and the same decisions."""
     n = min(GOLDEN_ITEMS, len(x))
     if static:
         n = min(len(x), math.ceil(n / static) * static)
@@ -42,13 +48,28 @@ def write_golden(stage: Path, x: np.ndarray, ref: Sequence[np.ndarray], input_na
     scores = arrays[f"output/{output_names[0]}"].astype(np.float64).reshape(-1)
     if math.isfinite(threshold):
         arrays["decisions"] = scores > threshold
+    graphs: list = ["model.onnx"]
+    engine_tolerance, engine_decisions = dict(trt_tolerance), {}
+    if reduced is not None:
+        got = np.asarray(reduced["score"], dtype=np.float64).reshape(-1)[:n]
+        err = float(np.abs(got - scores).max() / max(score_scale, 1e-12))
+        own = 1.5 * err + 1e-3
+        entry = {"file": reduced["file"], "precision": reduced["precision"], "tolerance": own,
+                 "measured_error": err}
+        if math.isfinite(threshold):
+            key = f"decisions@{reduced['file']}"
+            arrays[key] = got > threshold
+            entry["decisions"] = engine_decisions[reduced["precision"]] = key
+        graphs.append(entry)
+        engine_tolerance[reduced["precision"]] = trt_tolerance.get(reduced["precision"], 0.0) + own
     np.savez(stage / GOLDEN, **arrays)
-    info = {"golden": GOLDEN, "graphs": ["model.onnx"], "inputs": [input_name], "outputs": list(output_names),
+    info = {"golden": GOLDEN, "graphs": graphs, "inputs": [input_name], "outputs": list(output_names),
             "score_output": output_names[0], "items": int(n), "batch": static, "source": source,
             "threshold": threshold if math.isfinite(threshold) else None,
             "metric": "max |out - ref| of the score / score_scale <= tolerance; identical decisions "
                       "(score > threshold); other outputs reported, not gating",
-            "score_scale": float(score_scale), "tolerance": {"onnx": float(tolerance), **trt_tolerance}}
+            "score_scale": float(score_scale), "tolerance": {"onnx": float(tolerance), **engine_tolerance},
+            "engine_decisions": engine_decisions}
     (stage / VERIFY).write_text(json.dumps(info, indent=2) + "\n")
 
 

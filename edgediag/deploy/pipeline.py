@@ -53,7 +53,16 @@ from edgediag.deploy import presets as trt_compat
 from edgediag.deploy.board import build_trt_here, trt_here, write_board_files
 from edgediag.deploy.bundle import write_golden, write_manifest
 from edgediag.deploy.metadata import build_metadata, graph_io, set_metadata
-from edgediag.deploy.onnx import as_tuple, export_graph, latency, run_chunks, torch_runner, tracing_context
+from edgediag.deploy.onnx import (
+    as_tuple,
+    export_graph,
+    latency,
+    ort_runner,
+    ort_session,
+    run_chunks,
+    torch_runner,
+    tracing_context,
+)
 from edgediag.deploy.parity import (
     first_line,
     graph_parity,
@@ -62,6 +71,14 @@ from edgediag.deploy.parity import (
     trt_parity,
 )
 from edgediag.deploy.presets import DEFAULT_TRT_VERSIONS, TRT_TOLERANCE, ExportPreset, load_preset
+from edgediag.deploy.quantize import (
+    FEW_CALIBRATION_ITEMS,
+    MIN_AGREEMENT,
+    check_line,
+    convert_fp16,
+    precision_check,
+    quantize_int8,
+)
 from edgediag.errors import UserError
 from edgediag.utils import current_umask
 
@@ -73,9 +90,11 @@ EXIT_PARITY = 4
 _BUNDLES: dict[str, Any] = {}
 
 
-def data_items(model, ckpt: dict, calib_data: str | None, n: int, splits: Sequence[str]) -> tuple[torch.Tensor, str]:
+def data_items(model, ckpt: dict, calib_data: str | None, n: int, splits: Sequence[str],
+               meta: dict | None = None) -> tuple[torch.Tensor, str]:
     """``n`` items spread evenly over the first non-empty split of the data folder: the
-    ``x`` of each stacked, and where they came from. (None, reason) without data."""
+    ``x`` of each stacked, and where they came from. (None, reason) without data. ``meta``,
+    if given, receives each item's ``anomaly`` label and ``section``/``domain`` (lists)."""
     from edgediag.data import DataConfig, build_data
 
     data = ckpt.get("data") or {}
@@ -94,7 +113,12 @@ def data_items(model, ckpt: dict, calib_data: str | None, n: int, splits: Sequen
         ds = getattr(bundle, split, None)
         if ds is not None and len(ds):
             idx = sorted({int(round(i)) for i in np.linspace(0, len(ds) - 1, min(n, len(ds)))})
-            x = torch.stack([torch.as_tensor(ds[i]["x"]).float() for i in idx])
+            items = [ds[i] for i in idx]
+            x = torch.stack([torch.as_tensor(it["x"]).float() for it in items])
+            if meta is not None:
+                meta["anomaly"] = np.array([int(it.get("anomaly", -1)) for it in items])
+                meta["section"] = [str(it.get("section", "")) for it in items]
+                meta["domain"] = [str(it.get("domain", "")) for it in items]
             return x, f"{len(idx)} {split} items of {root}"
     return None, f"{root} has no {' or '.join(splits)} items"
 
@@ -149,16 +173,16 @@ class Settings:
 
 
 def resolve_settings(args) -> Settings:
-    if args.parity_items < 1 or args.calib_items < 1 or args.latency_runs < 1 or args.stream_steps < 1:
-        raise UserError("--parity-items, --calib-items, --latency-runs and --stream-steps must be >= 1")
+    if min(args.parity_items, args.calib_items, args.check_items, args.latency_runs, args.stream_steps) < 1:
+        raise UserError("--parity-items, --calib-items, --check-items, --latency-runs and --stream-steps must be >= 1")
     if args.tolerance < 0:
         raise UserError("--tolerance must be >= 0")
     preset, preset_path = load_preset(args.preset) if args.preset else (None, None)
     precision = args.precision or (preset.default_precision if preset and args.target == "trt" else
                                    "fp16" if args.target == "trt" else "fp32")
-    if args.target == "onnx" and precision != "fp32":
-        raise UserError(f"--precision {precision} is a TensorRT precision: use --target trt "
-                            "(ONNX graphs are exported in fp32)")
+    if args.streaming and precision == "int8":
+        raise UserError("--precision int8 with --streaming: INT8 calibration of streaming graphs (several inputs) "
+                        "is not supported")
     batch = args.batch or (preset.batch if preset else 1)
     if batch < 1 or args.max_batch < batch:
         raise UserError("--batch must be >= 1 and --max-batch >= the batch")
@@ -220,15 +244,58 @@ def export_target(model, args, batch: int, decompose: bool, warn: list[str]) -> 
     return Target(module, example, input_names, output_names, n_out)
 
 
-def calibration_items(model, ckpt, args, batch: int) -> np.ndarray:
-    """INT8 calibration items (training split first), a whole number of batches."""
-    if args.streaming:
-        raise UserError("INT8 calibration of streaming graphs (several inputs) is not supported")
-    x, source = data_items(model, ckpt, args.calib_data, math.ceil(args.calib_items / batch) * batch,
-                           ("train", "test"))
+def calibration_items(model, ckpt, args, batch: int, warn: list[str]) -> tuple[np.ndarray, str]:
+    """INT8 calibration items: the normal training items (up to --calib-items; test normals
+    only where the folder has no training split), a whole number of batches."""
+    meta: dict = {}
+    x, source = data_items(model, ckpt, args.calib_data, 1 << 30, ("train", "test"), meta)  # all of the split
     if x is None:
         raise UserError(f"INT8 needs real calibration data: {source}; pass --calib-data DIR")
-    return _repeat_to(x, math.ceil(len(x) / batch) * batch).numpy()
+    normal = np.flatnonzero(meta["anomaly"] <= 0)  # known anomalies never set the ranges
+    if not len(normal):
+        raise UserError(f"INT8 calibration: no normal items among {source}")
+    keep = np.unique(np.round(np.linspace(0, len(normal) - 1, min(args.calib_items, len(normal)))).astype(int))
+    x = x[torch.as_tensor(normal[keep])]
+    if len(x) < FEW_CALIBRATION_ITEMS:
+        warn.append(f"INT8 ranges rest on {len(x)} normal items (fewer than {FEW_CALIBRATION_ITEMS}): "
+                    "activations outside them will clip")
+    source = f"{len(x)} normal items ({source})"
+    return _repeat_to(x, math.ceil(len(x) / batch) * batch).numpy(), source
+
+
+def float_prefixes(model, module: nn.Module) -> list[str]:
+    """Module paths the INT8 graph keeps float: the signal front ends (log-mel) and the
+    model's ``int8_float_modules()``, under every path ONNX may name them by (node names
+    drop the export wrapper's own prefix)."""
+    from edgediag.nn.features import LogMel
+
+    paths = [name for name, m in module.named_modules() if name and isinstance(m, LogMel)]
+    paths += model.int8_float_modules()
+    return sorted({"/".join(p.split(".")[i:]) for p in paths for i in range(len(p.split(".")))})
+
+
+def reduced_graph(model, ckpt, args, cfg, target: Target, graph: onnx.ModelProto, calib, static: int | None,
+                  threshold: float, threads: int, warn: list[str]) -> tuple[onnx.ModelProto, dict]:
+    """The fp16 or int8 graph of ``graph`` and its check against the PyTorch fp32 model on
+    --check-items items (test split first): error, AUC/accuracy delta, decision agreement."""
+    meta: dict = {}
+    x, source = data_items(model, ckpt, args.calib_data, args.check_items, ("test", "train"), meta)
+    if x is None:
+        warn.append(f"{cfg.precision} graph checked on the model's example inputs: {source}")
+        x, source, meta = model.example_input(args.check_items).float(), f"model.example_input ({source})", {}
+    n = len(x)
+    padded = _repeat_to(x, math.ceil(n / static) * static if static else n).numpy()
+    ref = run_chunks(torch_runner(target.module), [padded], static)[0][:n]
+    if cfg.precision == "int8":
+        reduced, info = quantize_int8(graph, calib[0], target.input_names[0], static, float_prefixes(model, target.module),
+                                      args.int8_calibration)
+        info["calibration_data"] = calib[1]
+    else:
+        reduced, info = convert_fp16(graph, float_prefixes(model, target.module))
+    got = run_chunks(ort_runner(ort_session(reduced, threads)), [padded], static)[0][:n]
+    thresholds = model.decision_thresholds(meta.get("section"), meta.get("domain")) if meta else threshold
+    check = precision_check(ref, got, thresholds, meta.get("anomaly"), MIN_AGREEMENT)
+    return reduced, {**info, "check": {"data": source, **check}}
 
 
 def trace_and_check(target: Target, args, decompose: bool, check, stage: Path, model_name: str, warn: list[str]):
@@ -303,7 +370,7 @@ def run(args) -> int:
         parity_x = _repeat_to(parity_x, n_parity)
         ref = run_chunks(torch_runner(target.module), [parity_x.numpy()], static)
         check = graph_parity(ref, [parity_x.numpy()], target.output_names, threshold, args.tolerance, static)
-    calib = calibration_items(model, ckpt, args, cfg.batch) if cfg.precision == "int8" else None
+    calib = calibration_items(model, ckpt, args, cfg.batch, warn) if cfg.precision == "int8" else None
 
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.", suffix=".tmp", dir=cfg.out.parent))
@@ -335,7 +402,7 @@ def run(args) -> int:
         compat_line = "; ".join(trt_compat.summary_line(trt_compat.check_model(graph, v), v, b)
                                 for v, b in cfg.trt_versions.items())
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        export_info = {"opset": opset, "precision": cfg.precision, "preset": cfg.preset.board if cfg.preset else None,
+        export_info = {"opset": opset, "precision": "fp32", "target_precision": cfg.precision, "preset": cfg.preset.board if cfg.preset else None,
                        "tensorrt": cfg.preset.tensorrt if cfg.preset else None, "created": created,
                        "exporter": args.exporter, "torch": str(torch.__version__), "onnx": onnx.__version__,
                        "batch": "dynamic" if args.dynamic_batch else cfg.batch, "streaming": bool(args.streaming),
@@ -352,13 +419,41 @@ def run(args) -> int:
         graph_path = stage / "model.onnx"
         onnx.save(graph, str(graph_path))
 
+        # --- fp16 / int8: the graph the board builds, checked here against fp32 ---
+        reduced, reduced_info, build_path = None, None, graph_path
+        if cfg.precision != "fp32" and args.streaming:
+            warn.append(f"streaming graphs are not converted to {cfg.precision} here: TensorRT lowers model.onnx "
+                        "itself and that is not checked before the board")
+        elif cfg.precision != "fp32":
+            reduced, reduced_info = reduced_graph(model, ckpt, args, cfg, target, graph, calib, static, threshold,
+                                                  threads, warn)
+            check = reduced_info["check"]
+            if not check["passed"]:
+                why = (f"{cfg.precision} graph vs fp32 on {check['data']}: {check_line(check)}")
+                if not args.allow_drift:
+                    print(f"{why}: below the {MIN_AGREEMENT:.0%} decision agreement; nothing written "
+                          "(--allow-drift keeps it)", file=sys.stderr)
+                    return EXIT_PARITY
+                warn.append(f"{why}: kept because of --allow-drift")
+            try:
+                onnx.checker.check_model(reduced)
+            except onnx.checker.ValidationError as exc:
+                raise RuntimeError(f"the {cfg.precision} graph fails onnx.checker: {first_line(exc)}") from None
+            del reduced.metadata_props[:]
+            set_metadata(reduced, build_metadata(model, ckpt, reduced, {**export_info, "precision": cfg.precision,
+                                                                         "reduced_from": "model.onnx",
+                                                                         "quantization": reduced_info}, None))
+            build_path = stage / f"model.{cfg.precision}.onnx"
+            onnx.save(reduced, str(build_path))
+            reduced_info["file"] = build_path.name
+
         # --- TensorRT: build here, or leave the build to the board ---
         exit_code, trt_info = EXIT_OK, None
         if args.target == "trt":
             ok, why = trt_here()
             if ok:
-                trt_info = build_trt_here(stage, graph_path, cfg.preset, cfg.precision, cfg.batch, args.max_batch,
-                                          cfg.dla_core, calib)
+                trt_info = build_trt_here(stage, build_path, cfg.preset, cfg.precision, cfg.batch, args.max_batch,
+                                          cfg.dla_core, calib[0] if calib else None)
                 if not args.streaming:
                     trt_info["parity"] = trt_parity(stage / "model.engine", [parity_x.numpy()], ref,
                                                      target.output_names, threshold,
@@ -369,10 +464,12 @@ def run(args) -> int:
                         return EXIT_PARITY
             else:
                 summary = {"model_name": model.model_name, "created": created, "checkpoint": str(args.checkpoint),
-                           "trt_compat_line": compat_line, "parity_line": parity_line(parity)}
+                           "trt_compat_line": compat_line, "parity_line": parity_line(parity),
+                           "reduced_line": check_line(reduced_info["check"]) if reduced_info else ""}
                 files = write_board_files(stage, cfg.preset, cfg.precision,
                                           {i["name"]: i["shape"] for i in graph_io(graph.graph.input)}, args.dynamic_batch,
-                                          cfg.batch, args.max_batch, cfg.dla_core, calib, summary)
+                                          cfg.batch, args.max_batch, cfg.dla_core, calib[0] if calib else None, summary,
+                                          build_path.name)
                 trt_info = {"status": "build_on_board", "reason": why, "files": files}
                 exit_code = EXIT_BUILD_ON_BOARD
             trt_info.update(precision=cfg.precision, dla_core=cfg.dla_core if cfg.dla_core >= 0 else None)
@@ -389,15 +486,21 @@ def run(args) -> int:
                      "layernorm": export_info["layernorm"]},
             "parity": {"data": parity_source, **parity},
             "parity_unsimplified": raw_parity if simplified else None,
+            "reduced_precision": reduced_info,
             "latency": lat, "trt_compat": compat, "tensorrt": trt_info, "warnings": warn, "exit_code": exit_code,
             "exit_codes": EXIT_CODES,
         }
         from edgediag.utils import write_json
 
         if not args.streaming:  # golden items + references for `python -m edgediag.verify`
+            golden_reduced = None
+            if reduced is not None:
+                score = run_chunks(ort_runner(ort_session(reduced, threads)), [parity_x.numpy()], static)[0]
+                golden_reduced = {"file": build_path.name, "precision": cfg.precision, "score": score}
             write_golden(stage, parity_x.numpy(), ref, target.input_names[0], target.output_names, threshold,
                          args.tolerance, parity.get("score_std") or 1.0, static,
-                         {p: args.trt_tolerance or t for p, t in TRT_TOLERANCE.items()}, parity_source)
+                         {p: args.trt_tolerance or t for p, t in TRT_TOLERANCE.items()}, parity_source,
+                         golden_reduced)
         write_json(stage / "export.json", report)
         (stage / "export.json").chmod(0o644)
         write_manifest(stage)  # last: digests of every file above
@@ -423,6 +526,13 @@ def print_summary(report: dict, cfg: Settings, parity_source: str, threads: int)
     print(f"onnx: {out / 'model.onnx'} (opset {onnx_info['opset']}, {onnx_info['nodes']} nodes"
           f"{', simplified' if onnx_info['simplified'] else ''})")
     print(f"parity vs PyTorch on {parity_source}: {parity_line(parity)}")
+    reduced = report.get("reduced_precision")
+    if reduced:
+        check = reduced["check"]
+        print(f"{cfg.precision}: {out / reduced['file']} ({reduced['tool']}"
+              + (f", {reduced['quantized_nodes']} layers quantized, {reduced['calibration']} ranges from "
+                 f"{reduced['calibration_data']}" if cfg.precision == "int8" else "") + ")")
+        print(f"  vs PyTorch fp32 on {check['data']}: {check_line(check)}")
     print(f"latency, batch {lat['batch']}, {threads} thread(s), median (min) of {lat['runs']}: onnxruntime "
           f"{lat['onnxruntime_ms']:.2f} ({lat['onnxruntime_min_ms']:.2f}) ms, PyTorch eager "
           f"{lat['pytorch_eager_ms']:.2f} ({lat['pytorch_eager_min_ms']:.2f}) ms: ratio {ratio}")

@@ -150,10 +150,15 @@ def build_engine(onnx_path, engine_path, precision="fp16", workspace_mb=1024, ca
         raise RuntimeError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    if precision in ("fp16", "int8"):
+    # A Q/DQ graph (edgediag's model.int8.onnx) carries its own scales: explicit quantization,
+    # built as written, its float layers in FP32 as they were checked with ONNX Runtime.
+    explicit = any(network.get_layer(i).type == trt.LayerType.QUANTIZE for i in range(network.num_layers))
+    if precision == "fp16" or (precision == "int8" and not explicit):
         config.set_flag(trt.BuilderFlag.FP16)
     info = {"tensorrt": trt.__version__, "precision": precision, "workspace_mb": int(workspace_mb)}
-    if precision in ("fp16", "int8") and keep_fp32:
+    if precision == "int8":
+        info["int8"] = "explicit (Q/DQ graph)" if explicit else "implicit calibrator (fallback for old TensorRT)"
+    if (precision == "fp16" or (precision == "int8" and not explicit)) and keep_fp32:
         config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
         info["fp32_layers"] = _keep_fp32(network)
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
@@ -164,7 +169,9 @@ def build_engine(onnx_path, engine_path, precision="fp16", workspace_mb=1024, ca
             rest = tuple(inp.shape)[1:]
             profile.set_shape(inp.name, (1, *rest), (int(opt_batch), *rest), (int(max_batch), *rest))
         config.add_optimization_profile(profile)
-    if precision == "int8":
+    if precision == "int8" and explicit:
+        config.set_flag(trt.BuilderFlag.INT8)
+    elif precision == "int8":  # implicit: IInt8EntropyCalibrator2 (deprecated since TensorRT 10.1)
         if calib is None and not (calib_cache and os.path.exists(calib_cache)):
             raise RuntimeError("INT8 needs calibration data (calib_data.npy) or an existing calibration cache")
         if len(inputs) != 1:

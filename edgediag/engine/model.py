@@ -146,6 +146,12 @@ class DiagnosisModel(nn.Module, metaclass=abc.ABCMeta):
         Output names: the module's ``output_names`` attribute, else ("score",)."""
         return ScoreModule(self)
 
+    def int8_float_modules(self) -> list[str]:
+        """Module paths an INT8 export keeps in float besides the signal front ends (log-mel):
+        small layers whose inputs span ranges 8 bits cannot hold (edgediag.deploy.quantize).
+        Default: none."""
+        return []
+
     def input_spec(self) -> dict[str, Any]:
         """What the exported graph takes, recorded in the artifact's metadata so a runtime
         can feed it: kind, per-item shape, dtype, and kind-specific fields (sample_rate for

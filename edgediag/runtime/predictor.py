@@ -10,9 +10,9 @@ Runtime) and ``.engine``/``.plan`` (TensorRT, with the ``model.onnx`` of the sam
 folder beside it for the metadata). The threshold and the pre-processing come from the
 artifact's metadata (export/README.md, "Metadata contract"), so a board needs nothing but
 the artifact. This module imports neither torch nor onnx at import time: a board with the
-``edgediag[runtime]`` extra (numpy, onnxruntime, soundfile, pyyaml) runs ONNX graphs of the
-audio and image models; torch is imported lazily for ``.pt`` checkpoints and for the
-sequence models' feature front end (their graphs take features, not raw signals).
+``edgediag[board]`` extra (numpy, onnxruntime, soundfile, pyyaml) runs ONNX graphs of every
+family: the sequence models' feature front end (their graphs take features) is numpy
+(edgediag.runtime.features); torch is imported lazily for ``.pt`` checkpoints only.
 
 Streaming graphs (``--streaming`` exports) are stepped: ``initial_states(batch)`` gives the
 zero states, ``step(x_t, states) -> (outputs, new_states)`` one time step.
@@ -101,20 +101,15 @@ class Preprocess:
             hop = int(spec["hop_length"])
             self.channels = 1
             self.window = int(spec.get("window") or 0) or frames * hop
-            # The readers' front end, imported (not re-implemented): features must match training.
-            import torch
-
-            from edgediag.data.sequences import Frontend
-
-            if self.threads:  # torch's default pool fights ONNX Runtime's for the cores (measured 0.2 vs 24 ms)
-                torch.set_num_threads(int(self.threads))
+            # numpy, parity-tested against the training reader's torch front end (tests/test_runtime.py)
+            from edgediag.runtime.features import SequenceFrontend
 
             params = {"seq_len": frames, "hop_length": hop}
             if kind != "frames":
                 params.update(n_fft=int(spec["n_fft"]), n_mels=int(spec.get("n_mels") or 64), sample_rate=self.rate)
                 # center=True: the last frames' FFT windows run past the window's end (padding)
                 self.edge_frames = int(math.ceil(params["n_fft"] / 2 / hop))
-            self.frontend = Frontend(kind, params)
+            self.frontend = SequenceFrontend(kind, params)
             self.hop_length = hop
         else:  # sensor rows: (T, F) windows of raw values at the recorded rate
             self.channels, self.window, self.hop_length = feats, frames, 1

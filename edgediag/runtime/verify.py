@@ -53,9 +53,11 @@ def _row(check: str, artifact: str, abs_err: float | None = None, rel_err: float
             "tolerance": tol, "decisions agree": decisions, "status": status}
 
 
-def compare(name: str, outputs: dict[str, np.ndarray], golden: Any, info: dict, tolerance: float) -> list[dict]:
+def compare(name: str, outputs: dict[str, np.ndarray], golden: Any, info: dict, tolerance: float,
+            decisions: str = "decisions") -> list[dict]:
     """Rows comparing ``outputs`` with the golden references: the score gates (tolerance in
-    units of the recorded score scale, plus decisions); other outputs are reported."""
+    units of the recorded score scale, plus the decisions recorded under ``decisions``: the
+    fp32 ones, or an fp16/int8 graph's own); other outputs are reported."""
     rows, score = [], info["score_output"]
     threshold = info.get("threshold")
     for out in info["outputs"]:
@@ -73,8 +75,8 @@ def compare(name: str, outputs: dict[str, np.ndarray], golden: Any, info: dict, 
         atol = tolerance * float(info.get("score_scale") or 1.0)
         ok = abs_err <= atol and bool(np.isfinite(got).all() or not np.isfinite(ref).all())
         dec = ""
-        if threshold is not None and "decisions" in golden:
-            flipped = int(((got.reshape(-1) > threshold) != np.asarray(golden["decisions"]).reshape(-1)).sum())
+        if threshold is not None and decisions in golden:
+            flipped = int(((got.reshape(-1) > threshold) != np.asarray(golden[decisions]).reshape(-1)).sum())
             dec = f"{len(ref.reshape(-1)) - flipped}/{len(ref.reshape(-1))}"
             ok = ok and flipped == 0
         rows.append(_row("golden", f"{name}:{out}", abs_err, rel_err, f"{atol:.2e} ({tolerance:.0e} std)", dec, "ok" if ok else "FAIL: beyond tolerance" if abs_err > atol else "FAIL: decisions differ"))
@@ -133,14 +135,17 @@ def verify(folder: Path, engine: Path | None = None, precision: str | None = Non
     x = golden[f"input/{input_name}"]
     if engine is None:
         for graph in info.get("graphs", ["model.onnx"]):
-            if not (folder / graph).is_file():
+            entry = graph if isinstance(graph, dict) else {"file": graph}
+            if not (folder / entry["file"]).is_file():
                 continue  # reported by the manifest check
-            out = run_onnx(folder / graph, x, input_name, info.get("batch"), threads)
-            rows += compare(graph, out, golden, info, float(tol["onnx"]))
+            out = run_onnx(folder / entry["file"], x, input_name, info.get("batch"), threads)
+            rows += compare(entry["file"], out, golden, info, float(entry.get("tolerance", tol["onnx"])),
+                            entry.get("decisions", "decisions"))
     else:
         prec = precision or _engine_precision(folder)
         out = run_engine(engine, x, input_name, info.get("batch"))
-        rows += compare(f"{engine.name} ({prec})", out, golden, info, float(tol.get(prec, tol.get("fp16", 5e-2))))
+        rows += compare(f"{engine.name} ({prec})", out, golden, info, float(tol.get(prec, tol.get("fp16", 5e-2))),
+                        info.get("engine_decisions", {}).get(prec, "decisions"))
     failed = any(not r["status"].startswith("ok") for r in rows)
     return rows, EXIT_MISMATCH if failed else EXIT_OK
 

@@ -11,8 +11,9 @@ waveform end to end:
 * TAgram: log-mel × sigmoid(max + mean over mel bins, per frame) (parameter-free);
 * the three stacked as channels into MobileFaceNet (bottlenecks (2,128,2,2), (4,128,2,2),
   (4,128,2,2); a global depthwise conv; 128-d embedding) and an ArcFace head (s 30, m 0.7);
-* option ``band_max`` (ours, off by default): plus a linear projection of each mel band's
-  maximum over time, added to the embedding.
+* ``band_max`` (ours, on by default; ``false`` gives the published network): plus a linear
+  projection of each mel band's maximum over time, added to the embedding. On the DCASE
+  valve set it takes the AUC from 0.42 to 0.70 (README "Valve").
 
 Losses (``loss``): ``arcface``; ``arcmix`` (mixup of waveform and log-mel, λ~Beta(α,α),
 margin on each label's logits, λ·CE(y_a) + (1-λ)·CE(y_b) on the two margin versions);
@@ -67,7 +68,7 @@ class TASTgramConfig:
     # Not in the paper: add to the embedding a linear projection of each mel band's maximum
     # over time (BatchNorm-standardised). Pooled convolutions lose which band peaked; on
     # the valve set this cue separates both the attribute classes and the anomalies.
-    band_max: bool = False
+    band_max: bool = True
     stem_channels: int = 64
     bottlenecks: list[list[int]] = dataclasses.field(default_factory=lambda: [list(b) for b in PUBLISHED_BOTTLENECKS])
     head_channels: int = 512
@@ -325,6 +326,12 @@ class TASTgramMFN(DiagnosisModel):
         embedding (an exported output) and the ArcFace head (class count)."""
         fixed = [self.logmel, self.tgram, self.backbone.linear1, self.arcface]
         return fixed + ([self.band_norm, self.band_proj] if self.config.band_max else [])
+
+    def int8_float_modules(self) -> list[str]:
+        """The band-maximum projection: its input (band maxima standardised by running
+        statistics) spans a wide range; in int8 it alone moved fan scores by 0.9 std (0.007
+        for the whole Tgram, 0.23 for everything else together), for 0.01 % of the MACs."""
+        return ["band_proj"] if self.config.band_max else []
 
     def removable_blocks(self) -> list[str]:
         """The bottlenecks with an identity shortcut (stride 1, same width in and out)."""
