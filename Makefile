@@ -6,7 +6,13 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench lint clean
+# The board side on the oldest Python here (JetPack 5 ships 3.8): a venv with only the
+# `board` extra, which tests/test_board_python.py runs the board modules in. Skipped (with a
+# message) where no Python 3.8-3.9 exists or the package index cannot be reached.
+BOARD_VENV ?= .venv-board
+BOARD_PY ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.8*/bin/python3.8) $(shell command -v python3.8 2>/dev/null) $(shell command -v python3.9 2>/dev/null))
+
+.PHONY: install board-venv demo test test-slow bench lint clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,10 +23,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(BOARD_VENV)/.installed: pyproject.toml
+	@if [ -z "$(BOARD_PY)" ]; then echo "board-venv: no Python 3.8/3.9 here: skipped"; exit 0; fi; \
+	  rm -rf $(BOARD_VENV) && $(BOARD_PY) -m venv $(BOARD_VENV) && \
+	  $(BOARD_VENV)/bin/python -m pip install -q -e '.[board]' && touch $@ \
+	  || { echo "board-venv: install failed: skipped"; rm -rf $(BOARD_VENV); }
+
+board-venv: $(BOARD_VENV)/.installed
+
 demo: $(STAMP)
 	$(BIN)/python -m edgediag.demo
 
-test: $(STAMP)
+test: $(STAMP) board-venv
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
@@ -32,5 +46,8 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check edgediag tests benchmarks
 
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
+
 clean:
-	rm -rf $(VENV) export/demo .pytest_cache
+	rm -rf $(VENV) $(BOARD_VENV) export/demo .pytest_cache

@@ -103,3 +103,38 @@ def test_an_old_python_gets_one_line_naming_what_needs_3_10():
                          cwd=PKG.parent)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().startswith("edgediag.train needs Python >= 99.0")
+
+
+def board_python() -> tuple[str, str]:
+    """(interpreter, PYTHONPATH) for the board side: `make board-venv`'s Python 3.8 venv with
+    only the `board` extra where it exists, else this interpreter with its site-packages."""
+    import sysconfig
+
+    board = PKG.parent / ".venv-board" / "bin" / "python"
+    if board.exists():
+        return str(board), str(PKG.parent)
+    return sys.executable, f"{PKG.parent}:{sysconfig.get_paths()['purelib']}"
+
+
+def test_board_modules_import_under_the_oldest_python_here_without_torch(tmp_path):
+    """Every board module imports, and `verify` checks a real bundle, under the board's
+    interpreter (Python 3.8 from `make board-venv`, as JetPack 5) with torch unimportable."""
+    from tests.test_runtime import build_band_artifacts
+
+    python, path = board_python()
+    names = []
+    for module in board_modules():
+        parts = module.relative_to(PKG).with_suffix("").parts
+        names.append(".".join(("edgediag", *[p for p in parts if p != "__init__"])))
+    bundle = build_band_artifacts(tmp_path)["onnx"].parent
+    code = ("import importlib, sys\nsys.modules['torch'] = None\n"
+            f"for name in {sorted(set(names))!r}:\n    importlib.import_module(name)\n"
+            "from edgediag import cli, verify\n"
+            f"code = cli.run(verify.main, [{str(bundle)!r}, '--threads', '1'])\n"
+            "print('python', '.'.join(map(str, sys.version_info[:2])), 'verify', code)")
+    res = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, f"{python}: {res.stderr[-2000:]}"
+    assert res.stdout.strip().splitlines()[-1].endswith("verify 0"), res.stdout
+    if ".venv-board" in python:
+        assert "python 3.8" in res.stdout or "python 3.9" in res.stdout

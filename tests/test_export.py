@@ -545,3 +545,46 @@ def test_streaming_export_matches_the_full_sequence(tmp_path):
 def test_streaming_needs_a_streaming_form(toy_ckpt, tmp_path, capsys):
     assert run_export("--checkpoint", toy_ckpt, "--streaming", "--out", tmp_path / "s") == cli.EXIT_USAGE
     assert "no streaming form" in capsys.readouterr().err
+
+
+def test_board_build_script_builds_the_checked_int8_graph(toy_ckpt, tmp_path):
+    """jetson/build_engine.sh on an ONNX export (no build script of its own) with a preset and
+    PRECISION=int8 builds model.int8.onnx with --int8 alone, then verifies the engine (which a
+    fake trtexec cannot pass: the script must fail rather than hand out an unverified engine)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "int8"
+    assert run_export("--checkpoint", toy_ckpt, "--precision", "int8", "--calib-items", "32", "--out", out,
+                      *FAST) == pipeline.EXIT_OK
+    fake = tmp_path / "trtexec"
+    fake.write_text('#!/usr/bin/env bash\necho "$@" >> "$(dirname "$0")/calls.txt"\n'
+                    'for a in "$@"; do case "$a" in --saveEngine=*) echo engine > "${a#--saveEngine=}";; esac; done\n')
+    fake.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(["bash", str(root / "jetson" / "build_engine.sh"), str(out), "orin-nano"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRTEXEC": str(fake), "PRECISION": "int8", "PYTHON": sys.executable,
+                              "PYTHONPATH": str(root)})
+    build = (tmp_path / "calls.txt").read_text().splitlines()[0]
+    assert "--onnx=model.int8.onnx" in build and "--int8" in build and "--calib" not in build, build
+    assert res.returncode == 1 and "failed verification" in res.stderr  # no tensorrt here to run the engine
+
+
+def test_board_build_script_dry_run_shows_build_and_verify(toy_ckpt, tmp_path):
+    import os
+    import subprocess
+
+    out = tmp_path / "fp16"
+    assert run_export("--checkpoint", toy_ckpt, "--precision", "fp16", "--out", out, *FAST) == pipeline.EXIT_OK
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRTEXEC"}
+    res = subprocess.run(["bash", str(root / "jetson" / "build_engine.sh"), "--dry-run", str(out), "orin-nano"],
+                         capture_output=True, text=True, timeout=120, env={**env, "PRECISION": "fp16"})
+    assert res.returncode == 0, res.stderr
+    steps = [ln for ln in res.stdout.splitlines() if ln.startswith("+ ")]
+    assert "--onnx=model.fp16.onnx" in steps[0] and "--fp16" in steps[0]
+    assert "-m edgediag.verify" in steps[1] and "--engine" in steps[1]
+    assert "--loadEngine=" in steps[2]
+    assert not (out / "model.engine").exists()

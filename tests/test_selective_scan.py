@@ -279,6 +279,40 @@ def test_cuda_matches_ref(bc):
     assert resolve_backend("auto", inputs["u"]) == "cuda"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_MAMBA,
+                    reason="needs a CUDA device and the mamba-ssm package")
+def test_training_on_cuda_uses_the_kernel_and_its_gradients_match_ref():
+    inputs = {k: (v.cuda().requires_grad_(k in ("u", "delta", "A", "B", "C", "D")) if v is not None else None)
+              for k, v in make_inputs(bc="var").items()}
+    assert resolve_backend("auto", inputs["u"], *inputs.values()) == "cuda"
+    grads = []
+    for fn in (selective_scan_cuda, selective_scan_ref):
+        out = fn(**inputs, delta_softplus=True)
+        g = torch.autograd.grad(out.square().sum(), [inputs[k] for k in ("u", "delta", "A", "B", "C", "D")])
+        grads.append(g)
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=5e-3)
+
+
+def test_auto_sends_cuda_training_to_the_kernel_and_cpu_training_to_chunked(monkeypatch):
+    """The dispatch rule alone (no GPU needed): a CUDA tensor that needs a gradient goes to
+    mamba-ssm's differentiable kernel when it is importable; a CPU one to the chunked scan."""
+    import importlib
+    from types import SimpleNamespace
+
+    scan = importlib.import_module("edgediag.ops.selective_scan")  # the module (the package exports the function)
+
+    monkeypatch.delenv("EDGEDIAG_SCAN_BACKEND", raising=False)
+    cuda_u = SimpleNamespace(device=SimpleNamespace(type="cuda"), requires_grad=True)
+    monkeypatch.setattr(scan, "_mamba_scan_fn", lambda: object())
+    assert resolve_backend("auto", cuda_u) == "cuda"
+    cpu_u = torch.zeros(1, 2, 3, requires_grad=True)
+    assert resolve_backend("auto", cpu_u) == "chunked"
+    monkeypatch.setattr(scan, "_mamba_scan_fn", lambda: None)
+    assert resolve_backend("auto", cuda_u) == "chunked"
+
+
 # --------------------------------------------------------------------------- dispatch
 
 

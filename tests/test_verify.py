@@ -103,6 +103,28 @@ def test_verify_runs_without_torch(bundle):
     assert "verify:" in out.stdout
 
 
+def test_verify_without_torch_fails_on_altered_weights_even_when_re_signed(copy):
+    """The weights of model.onnx changed and the manifest rewritten to match (a digest check
+    alone would pass): the golden comparison, run with torch unimportable, must fail."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgediag.deploy.bundle import write_manifest
+
+    graph = onnx.load(str(copy / "model.onnx"))
+    big = max(graph.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    big.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(big) * 1.5, big.name))
+    onnx.save(graph, str(copy / "model.onnx"))
+    write_manifest(copy)
+    out = subprocess.run([sys.executable, "-c", "import sys\nsys.modules['torch'] = None\n"
+                          "from edgediag import cli, verify\n"
+                          f"sys.exit(cli.run(verify.main, [{str(copy)!r}, '--threads', '1']))"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "model.onnx:score" in out.stdout + out.stderr and "FAIL" in out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("family,extra", [("tastgram_mfn", []), ("aegan_ad", []), ("image_cnn", []),
                                           ("seq_cnn", []), ("ldmamba", ["--dynamic-batch"])])
 def test_every_family_bundle_verifies(family, extra, tmp_path, capsys):

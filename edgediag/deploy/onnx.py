@@ -132,6 +132,19 @@ def ort_runner(session) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
 
 
 # --- latency -----------------------------------------------------------------------------------------
+def graph_latency(graphs: dict[str, onnx.ModelProto], args: list[np.ndarray], threads: int,
+                  runs: int) -> dict[str, float]:
+    """Median ONNX Runtime latency (ms) of each graph on the same batch and threads, runs
+    alternated so every graph sees the same machine load (fp32 against fp16/int8)."""
+    sessions = [ort_session(g, threads) for g in graphs.values()]
+    calls = []
+    for sess in sessions:
+        feeds = dict(zip([i.name for i in sess.get_inputs()], args))
+        calls.append(lambda sess=sess, feeds=feeds: sess.run(None, feeds))
+    times = timed_alternately(calls, runs)["wall"]
+    return {name: statistics.median(t) for name, t in zip(graphs, times)}
+
+
 def latency(module: nn.Module, model_proto: onnx.ModelProto, args: list[np.ndarray], threads: int,
             runs: int) -> dict[str, Any]:
     """Median (and min) latency of eager PyTorch (default scan backend: what a PyTorch user

@@ -21,9 +21,10 @@ Backends (``available_backends()`` lists the usable ones):
 ``cpu``      native C++ kernel, forward only (``selective_scan_cpu``).
 ``cuda``     mamba-ssm's CUDA kernel when importable (``selective_scan_cuda``).
 
-``backend="auto"`` picks: ``chunked`` while tracing/exporting or when a
-gradient is needed, ``cuda`` for CUDA tensors when mamba-ssm is installed,
-``cpu`` for CPU tensors when the extension builds, ``chunked`` otherwise.
+``backend="auto"`` picks: ``chunked`` while tracing/exporting; ``cuda`` for CUDA
+tensors when mamba-ssm is installed, with or without gradients (its kernel has a fused
+backward); ``chunked`` for other tensors that need a gradient; ``cpu`` for CPU tensors
+when the extension builds; ``chunked`` otherwise.
 The choice made by ``auto`` can be forced with the ``EDGEDIAG_SCAN_BACKEND``
 environment variable or the ``scan_backend(...)`` context manager (the
 context manager wins over the variable); an explicit ``backend=`` argument
@@ -545,10 +546,12 @@ def resolve_backend(backend: str, u: Tensor, *tensors) -> str:
     forced = forced_backend()
     if forced is not None:
         return forced
-    if is_tracing() or _needs_grad(u, *tensors):
+    if is_tracing():
         return "chunked"
     if u.device.type == "cuda" and _mamba_scan_fn() is not None:
-        return "cuda"
+        return "cuda"  # differentiable (its own fused backward): training takes it too
+    if _needs_grad(u, *tensors):
+        return "chunked"
     if u.device.type == "cpu" and _cpu_ext.load_extension() is not None:
         return "cpu"
     return "chunked"
