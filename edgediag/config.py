@@ -13,6 +13,7 @@ Unknown keys are errors (a typo must not be silently ignored).
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 
@@ -67,6 +68,8 @@ def _coerce(value, hint, key):
             return float(value)
         if hint is int and isinstance(value, (int, str)) and not isinstance(value, bool):
             return int(value)
+        if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML reads --set data.root=2024 as a number
         if hint is bool and isinstance(value, str):
             if value.lower() in ("1", "true", "yes", "on"):
                 return True
@@ -79,8 +82,22 @@ def _coerce(value, hint, key):
             items = [_coerce(v, inner, key) for v in value] if inner else list(value)
             return tuple(items) if origin is tuple else items
     except (TypeError, ValueError):
-        raise UserError(f"config key {key}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
+        raise UserError(f"config key {key}: cannot read {value!r} as {_type_name(hint)}") from None
+    # What coercion could not turn into the declared type is refused here, not deep in a model
+    # (a list where an int is expected used to end in a traceback).
+    expected = {list: (list, tuple), tuple: (list, tuple), dict: dict}.get(origin) if origin else \
+        {int: int, float: float, bool: bool, str: (str, bool)}.get(hint)  # bool for str: older YAML 1.1 "ON"
+    if expected is not None and not isinstance(value, expected):
+        raise UserError(f"config key {key}: expected {_type_name(hint)}, got {value!r}")
     return value
+
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(hint))
+        return f"{origin.__name__}[{args}]" if args else origin.__name__
+    return getattr(hint, "__name__", str(hint))
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -96,6 +113,18 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+class _OverrideLoader(yaml.SafeLoader):
+    """YAML for --set values, with YAML 1.2's booleans: only true/false. YAML 1.1 also reads
+    ON/OFF/yes/no as booleans, which turned `--set data.normal_labels=[ON]` into [True]."""
+
+
+_OverrideLoader.yaml_implicit_resolvers = {
+    first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_OverrideLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                      list("tTfF"))
+
+
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     """Apply ``section.key=value`` strings (values parsed as YAML scalars/lists)."""
     tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
@@ -104,7 +133,7 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
             raise UserError(f"--set expects KEY=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = yaml.load(raw, Loader=_OverrideLoader)
         except yaml.YAMLError:
             value = raw
         parts = key.strip().split(".")

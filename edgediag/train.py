@@ -18,7 +18,7 @@ from edgediag.config import from_dict, load_tree, to_dict
 from edgediag.data import DataConfig, build_data
 from edgediag.engine.fit import finalize
 from edgediag.engine.trainer import TrainConfig, Trainer, distributed_env
-from edgediag.models import build_config, get_model_class
+from edgediag.models import build_config, get_model_class, instantiate
 from edgediag.utils import seed_everything, write_json
 
 log = logging.getLogger("edgediag.train")
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
     seed_everything(train_cfg.seed)  # data splits and weight init are part of the run's identity
     bundle = build_data(cls.data_kind, data_cfg, model_cfg)
-    model = cls(cls.config_for_data(model_cfg, bundle))
+    model = instantiate(cls, cls.config_for_data(model_cfg, bundle))
     holdout = needs_calibration_holdout(model, bundle, data_cfg, train_cfg)
     if holdout:
         data_cfg = dataclasses.replace(data_cfg, val_fraction=train_cfg.calibration_holdout)
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                  name, 100 * train_cfg.calibration_holdout)
         seed_everything(train_cfg.seed)
         bundle = build_data(cls.data_kind, data_cfg, model_cfg)
-        model = cls(cls.config_for_data(model_cfg, bundle))
+        model = instantiate(cls, cls.config_for_data(model_cfg, bundle))
     rank, world, _ = distributed_env()
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())

@@ -230,7 +230,7 @@ def test_int8_graph_is_qdq_checked_against_fp32_and_verifies(toy_ckpt, tmp_path,
     report = json.loads((out / "export.json").read_text())
     reduced = report["reduced_precision"]
     check = reduced["check"]
-    assert reduced["file"] == "model.int8.onnx" and reduced["quantized_nodes"] == 2 and reduced["calibration"] == "percentile"
+    assert reduced["file"] == "model.int8.onnx" and reduced["quantized_nodes"] == 2 and reduced["calibration"] == "minmax"
     assert check["items"] == 64 and check["passed"] and check["decision_agreement"] >= 0.95
     assert {"auc_fp32", "auc", "auc_delta", "accuracy_fp32", "accuracy"} <= set(check)
     assert reduced["calibration_data"].startswith("64 normal items") or "normal items" in reduced["calibration_data"]

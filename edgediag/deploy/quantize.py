@@ -63,7 +63,7 @@ def nodes_to_quantize(model: onnx.ModelProto, float_prefixes: Sequence[str]) -> 
 
 
 def quantize_int8(model: onnx.ModelProto, calib: np.ndarray, input_name: str, batch: int | None,
-                  float_prefixes: Sequence[str], method: str = "percentile") -> tuple[onnx.ModelProto, dict]:
+                  float_prefixes: Sequence[str], method: str = "minmax") -> tuple[onnx.ModelProto, dict]:
     """(Q/DQ graph, what was done) calibrated on ``calib`` items, run in chunks of ``batch``."""
     from onnxruntime.quantization import (
         CalibrationDataReader,

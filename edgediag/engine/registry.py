@@ -68,10 +68,23 @@ def build_config(name: str, config=None, **kwargs):
     return from_dict(cls.Config, values, where=f"{name}.")
 
 
+def instantiate(cls, config) -> DiagnosisModel:
+    """``cls(config)``; a config the layers cannot be built from (a negative or zero width,
+    heads that do not divide a dimension) is the user's input: one line, not a traceback."""
+    try:
+        return cls(config)
+    except UserError:
+        raise
+    except (ValueError, RuntimeError, TypeError, ZeroDivisionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{getattr(cls, 'model_name', '') or cls.__name__}: the model cannot be built from its "
+                        f"config ({first}); check the model.* values") from exc
+
+
 def create_model(name: str, config=None, **kwargs) -> DiagnosisModel:
     """Build a registered model: ``create_model("ldmamba", n_classes=4)``."""
     cls, _ = get_model_class(name)
-    return cls(build_config(name, config, **kwargs))
+    return instantiate(cls, build_config(name, config, **kwargs))
 
 
-__all__ = ["register_model", "create_model", "list_models", "get_model_class", "build_config"]
+__all__ = ["register_model", "create_model", "instantiate", "list_models", "get_model_class", "build_config"]

@@ -5,6 +5,14 @@ re-exported here so that ``edgediag.models.create_model(name, **kwargs)`` reads 
 """
 
 from edgediag.engine.model import DiagnosisModel
-from edgediag.engine.registry import build_config, create_model, get_model_class, list_models, register_model
+from edgediag.engine.registry import (
+    build_config,
+    create_model,
+    get_model_class,
+    instantiate,
+    list_models,
+    register_model,
+)
 
-__all__ = ["DiagnosisModel", "register_model", "create_model", "list_models", "get_model_class", "build_config"]
+__all__ = ["DiagnosisModel", "register_model", "create_model", "instantiate", "list_models", "get_model_class",
+           "build_config"]

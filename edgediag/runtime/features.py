@@ -11,8 +11,6 @@ spectrum, Slaney mel filters (librosa's default), ``10·log10(max(x, 1e-10))``.
 
 from __future__ import annotations
 
-from typing import Dict
-
 import numpy as np
 
 AMIN = 1e-10  # the dB floor's power (librosa.power_to_db's amin)
@@ -63,7 +61,7 @@ class SequenceFrontend:
     """Raw window -> (seq_len, F) float32 features for the ``kind`` the model was trained on
     (logmel | logspec | frames), with the parameters its input_spec records."""
 
-    def __init__(self, kind: str, params: Dict):
+    def __init__(self, kind: str, params: dict):
         if kind not in ("logmel", "logspec", "frames"):
             raise ValueError(f"no numpy front end for {kind!r}")
         self.kind, self.params = kind, dict(params)
