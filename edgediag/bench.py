@@ -14,6 +14,7 @@ import os
 
 from edgediag import cli
 from edgediag.measure.bench import run
+from edgediag.runtime.tegrastats import read_log
 
 
 def parser():
@@ -50,7 +51,12 @@ def parser():
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     cli.output_folder(args.out)  # before the timing runs, not after them
-    return run(args)
+    if args.tegrastats_interval_ms is not None and not args.tegrastats_interval_ms > 0:
+        raise cli.UserError(f"--tegrastats-interval-ms must be positive, not {args.tegrastats_interval_ms}")
+    if args.tegrastats:  # a bad log fails now, not after the timing runs
+        read_log(args.tegrastats)
+    with cli.locked_output(args.out):
+        return run(args)
 
 
 if __name__ == "__main__":

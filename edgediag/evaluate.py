@@ -32,21 +32,23 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.out:
         cli.output_folder(args.out)  # before the data is read and scored
+    if args.batch_size < 1:
+        raise cli.UserError("--batch-size must be at least 1")
     model, ckpt = load_model(args.checkpoint)
-    data = ckpt.get("data") or {}
-    data_cfg = resolve_data_config(data.get("config"), args.data, args.overrides, source=str(args.checkpoint))
-    # a test-only folder is fine: the checkpoint carries its fitted statistics and threshold
-    bundle = build_data(data.get("kind") or model.data_kind, data_cfg, model.config, need_train=False)
-    dataset = getattr(bundle, args.split)
-    if dataset is None or len(dataset) == 0:
-        raise cli.UserError(f"{data_cfg.root} has no {args.split} split to evaluate")
-    device = select_device(args.device)
-    model.to(device)
-    out_dir = cli.output_folder(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
-    loader = DeviceLoader(DataLoader(dataset, batch_size=args.batch_size, shuffle=False), device)
-    metrics = model.evaluate(loader, out_dir=out_dir)
-    write_json(out_dir / "metrics.json", {"checkpoint": str(args.checkpoint), "data": str(data_cfg.root),
-                                          "split": args.split, "items": len(dataset), **metrics})
+    with cli.locked_output(args.out or Path(args.checkpoint).resolve().parent / "eval") as out_dir:
+        data = ckpt.get("data") or {}
+        data_cfg = resolve_data_config(data.get("config"), args.data, args.overrides, source=str(args.checkpoint))
+        # a test-only folder is fine: the checkpoint carries its fitted statistics and threshold
+        bundle = build_data(data.get("kind") or model.data_kind, data_cfg, model.config, need_train=False)
+        dataset = getattr(bundle, args.split)
+        if dataset is None or len(dataset) == 0:
+            raise cli.UserError(f"{data_cfg.root} has no {args.split} split to evaluate")
+        device = select_device(args.device)
+        model.to(device)
+        loader = DeviceLoader(DataLoader(dataset, batch_size=args.batch_size, shuffle=False), device)
+        metrics = model.evaluate(loader, out_dir=out_dir)
+        write_json(out_dir / "metrics.json", {"checkpoint": str(args.checkpoint), "data": str(data_cfg.root),
+                                              "split": args.split, "items": len(dataset), **metrics})
     print(f"{ckpt['model_name']} on {data_cfg.root} ({args.split}, {len(dataset)} items)")
     print(format_metrics(metrics))
     print(f"metrics: {out_dir / 'metrics.json'}")

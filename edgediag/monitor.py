@@ -15,7 +15,6 @@ model scored every 0.5 s, 7 of 7, an alarm about 4 s after a fault begins.
 from __future__ import annotations
 
 from edgediag import cli
-from edgediag.errors import UserError
 from edgediag.runtime.monitor import run
 
 
@@ -60,11 +59,6 @@ def parser():
     p.add_argument("--stream-reset", type=float, default=0.0,
                    help="streaming graphs: zero the carried states every S seconds (default 0 = never)")
     p.add_argument("--max-seconds", type=float, default=0.0, help="stop after this much stream time (0 = never)")
-
-    def error(message):  # argparse's usage+error lines -> the project's one-line exit 2
-        raise UserError(message)
-
-    p.error = error
     return p
 
 

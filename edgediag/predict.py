@@ -38,20 +38,21 @@ def main(argv=None) -> int:
         raise cli.UserError("--batch-size must be at least 1")
     out = cli.output_folder(args.out if args.out else Path(args.model).resolve().parent / "predictions")
     predictor = runtime.load(args.model, threads=args.threads)
-    meta = predictor.metadata
-    data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
-    kind = str(data.get("kind") or meta.get("data_kind") or "")
-    if not kind:
-        raise cli.UserError(f"{args.model}: the artifact does not say which data reader it needs (data_kind)")
-    data_cfg = resolve_data_config(data.get("config"), args.data, args.overrides, source=str(args.model))
-    model_cfg = build_config(predictor.model_name, dict(meta.get("model_config") or {}))
-    bundle = build_data(kind, data_cfg, model_cfg, need_train=False)
-    dataset = getattr(bundle, args.split)
-    if dataset is None or len(dataset) == 0:
-        raise cli.UserError(f"{data_cfg.root} has no {args.split} split to score")
-    rows = score_items(predictor, dataset, args.batch_size, list(bundle.classes or ()))
-    write_csv(out / "predictions.csv", rows)
-    dcase = write_dcase_submission(out, rows)
+    with cli.locked_output(out):
+        meta = predictor.metadata
+        data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+        kind = str(data.get("kind") or meta.get("data_kind") or "")
+        if not kind:
+            raise cli.UserError(f"{args.model}: the artifact does not say which data reader it needs (data_kind)")
+        data_cfg = resolve_data_config(data.get("config"), args.data, args.overrides, source=str(args.model))
+        model_cfg = build_config(predictor.model_name, dict(meta.get("model_config") or {}))
+        bundle = build_data(kind, data_cfg, model_cfg, need_train=False)
+        dataset = getattr(bundle, args.split)
+        if dataset is None or len(dataset) == 0:
+            raise cli.UserError(f"{data_cfg.root} has no {args.split} split to score")
+        rows = score_items(predictor, dataset, args.batch_size, list(bundle.classes or ()))
+        write_csv(out / "predictions.csv", rows)
+        dcase = write_dcase_submission(out, rows)
     counts = summary(rows)
     known = [r for r in rows if r["true_anomaly"] != ""]
     auc, pauc = auc_pauc([r["true_anomaly"] for r in known], [r["score"] for r in known])

@@ -103,7 +103,8 @@ def _check_args(args) -> None:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     _check_args(args)
-    return run(args)
+    with cli.locked_output(args.out):
+        return run(args)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,12 @@ def parser():
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.interval_ms is not None and not args.interval_ms > 0:
+        raise cli.UserError(f"--interval-ms must be positive, not {args.interval_ms}")
+    if args.inferences is not None and args.inferences < 1:
+        raise cli.UserError(f"--inferences must be at least 1, not {args.inferences}")
+    if args.idle_mw is not None and not args.idle_mw >= 0:
+        raise cli.UserError(f"--idle-mw must be >= 0, not {args.idle_mw}")
     summary = summarize(read_log(args.log), args.interval_ms, args.inferences, args.idle_mw)
     json.dump(summary, sys.stdout, indent=2)
     print()

@@ -8,6 +8,7 @@ Distributed: ``torchrun --nproc_per_node=2 -m edgediag.train ...`` (gloo on CPU)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -79,7 +80,13 @@ def main(argv=None) -> int:
     out_dir = cli.output_folder(args.out)
     if (out_dir / "last.pt").exists() and not (args.resume or args.force):
         raise cli.UserError(f"{out_dir} already holds a run: pass --resume to continue it or --force to overwrite")
+    # one run per folder (torchrun: rank 0 holds it for all); a failed run keeps what it wrote (last.pt resumes)
+    lock = cli.locked_output(out_dir, keep_on_failure=True) if distributed_env()[0] == 0 else contextlib.nullcontext()
+    with lock:
+        return _train(args, name, cls, model_cfg, train_cfg, data_cfg, out_dir)
 
+
+def _train(args, name, cls, model_cfg, train_cfg, data_cfg, out_dir) -> int:
     seed_everything(train_cfg.seed)  # data splits and weight init are part of the run's identity
     bundle = build_data(cls.data_kind, data_cfg, model_cfg)
     model = instantiate(cls, cls.config_for_data(model_cfg, bundle))

@@ -51,12 +51,25 @@ def read_mat_signal(path: Path) -> tuple[np.ndarray, str]:
 
 
 def read_audio(path: Path, sample_rate: int = 0) -> tuple[np.ndarray, int]:
+    """Mono float32 samples and their rate; ValueError (the caller names the file) for an
+    empty, unreadable, truncated or sample-less file or one holding NaN/inf samples."""
     import soundfile as sf
 
+    from edgediag.data.audio import _wav_truncated  # the one RIFF check, shared with the audio reader
+
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError("empty file (0 bytes)")
     try:
         wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile.LibsndfileError, RuntimeError, ...
-        raise ValueError(f"not a readable audio file ({str(exc).splitlines()[0][:80]})") from None
+        reason = str(exc).splitlines()[0].rsplit(": ", 1)[-1].strip() if str(exc) else type(exc).__name__
+        raise ValueError(f"not a readable audio file ({reason[:80]})") from None
+    if _wav_truncated(path):
+        raise ValueError("truncated (its header promises more samples than the file holds)")
+    if wave.shape[0] == 0:
+        raise ValueError("holds no samples")
+    if not np.isfinite(wave).all():
+        raise ValueError("holds NaN or infinite samples")
     wave = wave.mean(axis=1)
     if sample_rate and sr != sample_rate:
         import librosa
@@ -115,6 +128,8 @@ def read_video(path: Path, size: int, channels: int) -> np.ndarray:
         if arr.ndim != 4 or arr.shape[-1] not in (1, 3) or len(arr) == 0:
             raise ValueError(f"expected video (T, H, W[, C]) with C 1 or 3, got shape {arr.shape}")
         if arr.dtype != np.uint8:
+            if not np.isfinite(arr).all():
+                raise ValueError("holds NaN/inf values")
             arr = (np.clip(arr.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
         frames = [np.repeat(f, 3, axis=-1) if f.shape[-1] == 1 else f for f in arr]
     else:

@@ -63,6 +63,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -530,11 +531,40 @@ def _num(v: float):
     return round(float(v), 6) if math.isfinite(v) else None
 
 
+class EventLog:
+    """``--out``: JSON lines appended and flushed per line, the file opened at the first event,
+    so a run that fails first (a bad model or source) leaves no empty log behind."""
+
+    def __init__(self, path: str):
+        self.path, self.file = Path(path), None
+        if self.path.is_dir():
+            raise UserError(f"--out {path} is a folder; name the events file (e.g. {self.path / 'events.jsonl'})")
+        if not self.path.parent.is_dir():
+            raise UserError(f"--out {path}: folder {self.path.parent} does not exist")
+
+    def write(self, line: str) -> None:
+        if self.file is None:
+            try:
+                self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 - a log, line-flushed
+            except OSError as exc:
+                raise UserError(f"--out {self.path}: cannot write ({exc.strerror or exc})") from None
+        self.file.write(line)
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
 # --- the monitor loop (python -m edgediag.monitor parses its command line) ---------------------
 def run(args) -> int:
     """Monitor the stream the command line ``args`` (the verb's parser) names; the exit code."""
     if args.window is not None and args.window <= 0 or args.hop is not None and args.hop <= 0:
         raise UserError("--window and --hop must be positive seconds")
+    log = EventLog(args.out) if args.out else None
     pred = load(args.model, threads=args.threads, device=args.device, streaming=args.streaming)
     chunks, fps, audio_levels = open_source(args, pred)
     settings = Settings(window=args.window, hop=args.hop, threshold=args.threshold, off_threshold=args.off_threshold,
@@ -544,7 +574,7 @@ def run(args) -> int:
                         health_every=args.health_every, audio_levels=audio_levels, source_rate=fps,
                         stream_reset=args.stream_reset)
     mon = Monitor(pred, settings)
-    out = open(args.out, "a", buffering=1) if args.out else sys.stdout  # noqa: SIM115 - a log, line-flushed
+    out = log or sys.stdout
     status = sys.stderr.isatty()
     alarms = 0
     last = None

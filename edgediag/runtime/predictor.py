@@ -245,6 +245,55 @@ def _as_numpy(batch) -> np.ndarray:
     return np.ascontiguousarray(batch, dtype=np.float32)
 
 
+def check_graph_io(path: Path, meta: dict, inputs: Sequence[tuple[str, Sequence]], outputs: Sequence[str]) -> None:
+    """The metadata's ``input_spec`` against the graph's real inputs/outputs (names, rank,
+    static dims): a mismatch (metadata edited, or copied from another export) is one line
+    naming it, not an ONNX Runtime error at the first batch. ``inputs``: (name, shape) with
+    a dynamic dim anything but an int."""
+    spec = meta.get("input_spec")
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: edgediag metadata input_spec is not an object")
+    names = [n for n, _ in inputs]
+    if not names or not outputs:
+        raise UserError(f"{path}: the graph has no inputs or no outputs")
+
+    def mismatch(what: str) -> UserError:
+        return UserError(f"{path}: edgediag metadata does not match the graph: {what} (re-export the model)")
+
+    listed = spec.get("inputs")
+    if isinstance(listed, list) and listed:
+        want = [str(v.get("name")) for v in listed if isinstance(v, dict)]
+        if want != names:
+            raise mismatch(f"input_spec.inputs names {want}, the graph's inputs are {names}")
+        for v, (name, shape) in zip(listed, inputs):
+            _same_dims(v.get("shape"), shape, f"input {name!r}", mismatch)
+    listed = spec.get("outputs")
+    if isinstance(listed, list) and listed:
+        want = [str(v.get("name")) for v in listed if isinstance(v, dict)]
+        if want != list(outputs):
+            raise mismatch(f"input_spec.outputs names {want}, the graph's outputs are {list(outputs)}")
+    score = spec.get("score_output")
+    if score is not None and score != outputs[0]:
+        raise mismatch(f"score_output {score!r} is not the graph's first output ({', '.join(outputs)})")
+    item = spec.get("shape")
+    if not isinstance(item, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in item):
+        raise mismatch(f"input_spec.shape {item!r} is not a list of positive integers (one item's shape)")
+    if not meta.get("streaming"):  # a streaming graph's input is one time step
+        _same_dims([None, *item], inputs[0][1], f"input_spec.shape {item} (one item) vs input {names[0]!r}",
+                   mismatch)
+
+
+def _same_dims(want, have, what: str, mismatch) -> None:
+    if not isinstance(want, list) or have is None:
+        return
+    have = list(have)
+    if len(want) != len(have):
+        raise mismatch(f"{what}: rank {len(want)} in the metadata, {len(have)} in the graph (shape {have})")
+    for i, (a, b) in enumerate(zip(want, have)):
+        if isinstance(a, int) and not isinstance(a, bool) and isinstance(b, int) and a != b:
+            raise mismatch(f"{what}: dim {i} is {a} in the metadata, {b} in the graph (shape {have})")
+
+
 class _OrtPredictor(Predictor):
     backend = "onnxruntime"
 
@@ -266,6 +315,7 @@ class _OrtPredictor(Predictor):
             raise UserError(f"{path} is not a loadable ONNX graph ({str(exc).splitlines()[0][:160]})") from None
         meta = parse_metadata(self.session.get_modelmeta().custom_metadata_map, path)
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
+        check_graph_io(path, meta, [(i.name, i.shape) for i in ins], [o.name for o in outs])
         b = ins[0].shape[0] if ins and ins[0].shape else None
         super().__init__(path, meta, [i.name for i in ins], [o.name for o in outs], b if isinstance(b, int) else None)
         self.threads = threads

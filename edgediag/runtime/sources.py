@@ -38,15 +38,29 @@ class Resampler:
 
 
 def audio_file_chunks(path: Path, rate: int, block_s: float = 0.5) -> Iterator[tuple[np.ndarray, set]]:
-    """Mono float32 blocks of an audio file at ``rate`` (resampled on a mismatch, flagged once)."""
+    """Mono float32 blocks of an audio file at ``rate`` (resampled on a mismatch, flagged once).
+    The file is opened here, not at the first block, so a bad file fails before any output exists."""
     import soundfile as sf
 
+    if path.is_file() and path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file (0 bytes)")
     try:
         f = sf.SoundFile(str(path))
     except Exception as exc:  # noqa: BLE001 - soundfile raises several types for a bad file
-        raise UserError(f"{path}: not a readable audio file ({str(exc).splitlines()[0][:100]})") from None
-    with f:
+        reason = str(exc).splitlines()[0].rsplit(": ", 1)[-1].strip() if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not a readable audio file ({reason[:100]})") from None
+    try:
+        if f.frames == 0:
+            raise UserError(f"{path}: holds no samples")
         resample = Resampler(f.samplerate, rate) if rate and f.samplerate != rate else None
+    except BaseException:
+        f.close()
+        raise
+    return _audio_blocks(f, resample, block_s)
+
+
+def _audio_blocks(f, resample: Resampler | None, block_s: float) -> Iterator[tuple[np.ndarray, set]]:
+    with f:
         first = {"resampled"} if resample else set()
         block = max(1, int(block_s * f.samplerate))
         for data in f.blocks(blocksize=block, dtype="float32", always_2d=True):

@@ -73,10 +73,18 @@ class Sample:
 
 
 def parse_line(line: str) -> Sample | None:
-    """A tegrastats line -> Sample; None for a line that is not tegrastats output."""
+    """A tegrastats line -> Sample; None for a line that is not tegrastats output (garbage
+    that merely contains ``RAM`` or a rail-like word, with fields that do not parse, too)."""
     line = line.strip()
     if not line or "RAM " not in line and not _RAIL.search(line):
         return None
+    try:
+        return _parse(line)
+    except (ValueError, IndexError, OverflowError):
+        return None
+
+
+def _parse(line: str) -> Sample:
     s = Sample()
     m = _TIME.match(line)
     if m:
@@ -117,8 +125,11 @@ def read_log(path: str | Path) -> list[Sample]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"tegrastats log not found: {path}")
-    with open(path, errors="replace") as f:
-        samples = parse_lines(f)
+    try:
+        with open(path, errors="replace") as f:
+            samples = parse_lines(f)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not samples:
         raise UserError(f"{path}: no tegrastats lines (expected lines like 'RAM 2272/7620MB ... VDD_IN 4673mW/4673mW')")
     return samples
