@@ -15,6 +15,7 @@ import os
 from edgediag import cli
 from edgediag.measure.bench import run
 from edgediag.runtime.tegrastats import read_log
+from edgediag.utils import select_device
 
 
 def parser():
@@ -53,6 +54,7 @@ def main(argv=None) -> int:
     cli.output_folder(args.out)  # before the timing runs, not after them
     if args.tegrastats_interval_ms is not None and not args.tegrastats_interval_ms > 0:
         raise cli.UserError(f"--tegrastats-interval-ms must be positive, not {args.tegrastats_interval_ms}")
+    select_device(args.device)  # a bad --device fails now
     if args.tegrastats:  # a bad log fails now, not after the timing runs
         read_log(args.tegrastats)
     with cli.locked_output(args.out):

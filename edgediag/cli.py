@@ -108,10 +108,10 @@ def locked_output(path, keep_on_failure: bool = False) -> Iterator[Path]:
     except BaseException:
         if created and not keep_on_failure:
             shutil.rmtree(out, ignore_errors=True)  # still ours: the lock is held until it is gone
+        lock.unlink(missing_ok=True)
         _remove_empty(created)
         raise
-    finally:
-        lock.unlink(missing_ok=True)
+    lock.unlink(missing_ok=True)
 
 
 def _remove_empty(folders: list[Path]) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgediag.errors import UserError
+
 log = logging.getLogger("edgediag")
 
 
@@ -102,7 +104,11 @@ def select_device(name: str = "auto"):
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {name!r} is not a device: auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         log.warning("CUDA requested but not available: using the CPU")
         return torch.device("cpu")
-    return torch.device(name)
+    return device

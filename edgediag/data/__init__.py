@@ -73,6 +73,12 @@ def build_data(kind: str, data_cfg: DataConfig, model_cfg, need_train: bool = Tr
     root = Path(data_cfg.root)
     if not root.exists():
         raise UserError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise UserError(f"--data {root} is a file; give the folder that holds the data")
+    for name in ("test_fraction", "val_fraction", "val_from_test"):
+        value = getattr(data_cfg, name)
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"data.{name} must be in [0, 1), not {value}")
     if kind not in _BUILDERS and kind in _KIND_MODULES:
         importlib.import_module(_KIND_MODULES[kind])
     if kind not in _BUILDERS:

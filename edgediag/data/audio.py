@@ -381,6 +381,10 @@ def build_audio(root: Path, data_cfg: DataConfig, model_cfg) -> DataBundle:
             rs = [rs[i] for i in pick]
         splits[split] = _decode_all(rs, sample_rate, n_samples, pad_mode, data_cfg.on_bad_file, skipped, split,
                                     data_cfg.segments)
+    if skipped and not any(len(clips) for clips in splits.values()):  # one line, not a warning per file first
+        raise UserError(f"no readable audio files in {root}: all {len(skipped)} skipped as bad, e.g. {skipped[0]}")
+    for problem in skipped:
+        log.warning("skipping %s", problem)
     if skipped:
         log.warning("skipped %d bad audio file(s) (data.on_bad_file=skip)", len(skipped))
     info.update(skipped_files=skipped[:50], n_skipped=len(skipped))
@@ -410,7 +414,6 @@ def _decode_all(records: list[ClipRecord], sample_rate: int, n_samples: int, pad
                 continue
         if on_bad == "error":
             raise UserError(f"audio file {r.path}: {problem} (pass --set data.on_bad_file=skip to skip such files)")
-        log.warning("skipping %s: %s", r.path, problem)
-        skipped.append(f"{r.key}: {problem}")
+        skipped.append(f"{r.key}: {problem}")  # logged by build_audio (not at all when no file was usable)
     array = np.stack(clips) if clips else np.zeros((0, n_samples), dtype=np.float32)
     return AudioClips(kept, array)

@@ -21,9 +21,11 @@ Training items are augmented with random flips and small shifts; others never ar
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +166,23 @@ def _truncated(data: bytes, suffix: str) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def opencv_quiet() -> Iterator[None]:
+    """No OpenCV (or its FFmpeg's) log lines on stderr for a broken file inside the block:
+    the caller reports the file in one line."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+
+
+def quiet_imdecode(data: bytes, flags: int) -> np.ndarray | None:
+    with opencv_quiet():
+        return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+
+
 def decode_image(path: Path) -> np.ndarray:
     """uint8 image, (H, W) for grey or (H, W, 3) RGB; ValueError says what is wrong."""
     try:
@@ -174,7 +193,7 @@ def decode_image(path: Path) -> np.ndarray:
         raise ValueError("empty file")
     if _truncated(data, path.suffix.lower()):
         raise ValueError("truncated (no end-of-image marker)")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    img = quiet_imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         raise ValueError("not a decodable image")
     if img.dtype == np.uint16:  # 16-bit PNG/TIFF: keep the range, drop the precision
@@ -335,10 +354,10 @@ def build_images(root: Path, data_cfg: DataConfig, model_cfg) -> DataBundle:
             if data_cfg.on_bad_file == "error":
                 raise UserError(f"bad image {entry.path}: {exc} (data.on_bad_file=skip skips such files)") from None
             bad.append(entry.key)
+    if not good:  # one line: the skips are in it
+        raise UserError(f"no readable images in {root}" + (f" ({len(bad)} skipped as bad, e.g. {bad[0]})" if bad else ""))
     if bad:
         log.warning("skipped %d unreadable image%s (first: %s)", len(bad), "s" if len(bad) > 1 else "", bad[0])
-    if not good:
-        raise UserError(f"no readable images in {root}")
     entries = good
 
     grey = all(img.ndim == 2 for img in images)

@@ -8,6 +8,7 @@ turning the decoded signals into items (windows, splits, front ends) is
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -112,9 +113,11 @@ def read_video(path: Path, size: int, channels: int) -> np.ndarray:
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXT)
         if not files:
             raise ValueError("frame folder holds no images")
+        from edgediag.data.images import quiet_imdecode
+
         frames = []
         for f in files:
-            img = cv2.imread(str(f), cv2.IMREAD_COLOR)
+            img = quiet_imdecode(f.read_bytes(), cv2.IMREAD_COLOR)
             if img is None:
                 raise ValueError(f"unreadable frame {f.name}")
             frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
@@ -133,14 +136,20 @@ def read_video(path: Path, size: int, channels: int) -> np.ndarray:
             arr = (np.clip(arr.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
         frames = [np.repeat(f, 3, axis=-1) if f.shape[-1] == 1 else f for f in arr]
     else:
-        cap = cv2.VideoCapture(str(path))
+        from edgediag.data.images import opencv_quiet
+
+        # A broken file is the caller's one line, not FFmpeg's log (read when OpenCV first opens
+        # a video in this process; set OPENCV_FFMPEG_LOGLEVEL to see it) nor OpenCV's.
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
         frames = []
-        while cap.isOpened():
-            ok, img = cap.read()
-            if not ok:
-                break
-            frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
-        cap.release()
+        with opencv_quiet():
+            cap = cv2.VideoCapture(str(path))
+            while cap.isOpened():
+                ok, img = cap.read()
+                if not ok:
+                    break
+                frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+            cap.release()
         if not frames:
             raise ValueError("OpenCV decoded no frames (not a video, or a codec OpenCV lacks)")
     out = []

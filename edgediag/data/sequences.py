@@ -366,9 +366,9 @@ def _build_cwru(root, data_cfg, model_cfg):
                 _append(items, sig[s:s + window], classes.index(cls), cls, f"{r['file']}@{s}",
                         r.get("fault_diameter", "") or "", normal, data_cfg)
                 split_of.append(split)
-    _warn_skipped(skipped)
     if not items["raws"]:
-        raise UserError(f"{root}: no readable recordings")
+        raise UserError(f"{root}: no readable recordings" + (f" ({len(skipped)} skipped as bad)" if skipped else ""))
+    _warn_skipped(skipped)
     if len(rates) > 1:
         raise UserError(f"{labels_csv}: recordings at several sample rates {sorted(rates)}; resample them first")
     frontend = _resolve_1d_frontend(model_cfg, "logspec", window, rates.pop())
@@ -485,9 +485,10 @@ def _read_rows(root: Path, rows: list[dict], read, data_cfg, what: str) -> tuple
             _bad(path, str(exc) if path.exists() else "missing", data_cfg, skipped)
             continue
         kept.append(r)
+    if not values:  # one line: the skips are in it
+        raise UserError(f"{root}: no readable {what}" + (f" ({len(skipped)} skipped as bad, e.g. {skipped[0].name})"
+                                                         if skipped else ""))
     _warn_skipped(skipped)
-    if not values:
-        raise UserError(f"{root}: no readable {what}")
     return kept, values
 
 

@@ -53,16 +53,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    if path.suffix.lower() in (".onnx", ".engine", ".plan"):
+        raise UserError(f"{path} is an exported graph, not a checkpoint: this step takes the model.pt "
+                        "written by train or prune")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Unsupported operand" in str(exc):  # bytes no pickler wrote: not a checkpoint at all
+            raise UserError(f"{path} is not a checkpoint (unreadable as one)") from None
         if "Weights only load failed" in str(exc):
             raise UserError(f"checkpoint {path} holds pickled objects; edgediag loads plain weights only "
                             "(torch.load weights_only=True)") from None
         raise UserError(f"checkpoint {path} is corrupt or truncated ({str(exc)[:160]})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = reason.split(". ")[0].rstrip(".")  # torch appends a paragraph of advice to the first sentence
         raise UserError(f"checkpoint {path} is corrupt or truncated ({reason[:160]})") from None
+    except Exception as exc:  # noqa: BLE001 - torch's legacy unpickler fails on other bytes in many ways
+        raise UserError(f"{path} is not a checkpoint ({type(exc).__name__} while reading it)") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path} is not an edgediag checkpoint")
     return payload

@@ -106,6 +106,11 @@ class TrainConfig:
             raise UserError(f"train.schedule must be cosine, linear or constant, not {self.schedule!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise UserError("train.epochs, train.batch_size and train.lr must be positive")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise UserError(f"train.device {self.device!r} is not a device: auto, cpu, cuda or cuda:N") from None
 
 
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:

@@ -564,7 +564,12 @@ def run(args) -> int:
     """Monitor the stream the command line ``args`` (the verb's parser) names; the exit code."""
     if args.window is not None and args.window <= 0 or args.hop is not None and args.hop <= 0:
         raise UserError("--window and --hop must be positive seconds")
-    log = EventLog(args.out) if args.out else None
+    for flag, value, least in (("--fps", args.fps, None), ("--rate", args.rate, None),
+                               ("--health-every", args.health_every, None), ("--min-duration", args.min_duration, 0.0),
+                               ("--max-seconds", args.max_seconds, 0.0), ("--stream-reset", args.stream_reset, 0.0)):
+        if value is not None and not (value >= least if least is not None else value > 0):
+            raise UserError(f"{flag} must be {'>= 0' if least is not None else 'positive'}, not {value}")
+    events = EventLog(args.out) if args.out else None  # checked now, opened at the first event
     pred = load(args.model, threads=args.threads, device=args.device, streaming=args.streaming)
     chunks, fps, audio_levels = open_source(args, pred)
     settings = Settings(window=args.window, hop=args.hop, threshold=args.threshold, off_threshold=args.off_threshold,
@@ -574,7 +579,7 @@ def run(args) -> int:
                         health_every=args.health_every, audio_levels=audio_levels, source_rate=fps,
                         stream_reset=args.stream_reset)
     mon = Monitor(pred, settings)
-    out = log or sys.stdout
+    out = events or sys.stdout
     status = sys.stderr.isatty()
     alarms = 0
     last = None

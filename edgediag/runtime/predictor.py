@@ -359,8 +359,11 @@ class _TorchPredictor(Predictor):
 
         if threads:
             torch.set_num_threads(int(threads))
+        try:
+            self.device = torch.device(device or "cpu")
+        except (RuntimeError, TypeError):
+            raise UserError(f"--device {device!r} is not a device: cpu or cuda") from None
         model, ckpt = loaded if loaded is not None else load_model(path)
-        self.device = torch.device(device or "cpu")
         self.model = model.to(self.device).eval()
         data = ckpt.get("data") or {}
         threshold = float(ckpt.get("threshold", float(model.threshold)))

@@ -8,6 +8,7 @@ Every source is a generator of ``(data, flags)``: ``data`` a float32 array ``(n,
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -141,7 +142,18 @@ def video_frames(spec: str, fps: float | None) -> tuple[Iterator[tuple[np.ndarra
     import cv2
 
     target = int(spec.split(":", 1)[1] or 0) if spec.startswith("camera:") else spec
-    cap = cv2.VideoCapture(target)
+    # A broken file is the one line below, not FFmpeg's log (read when OpenCV first opens a video
+    # in this process; set OPENCV_FFMPEG_LOGLEVEL to see it) nor OpenCV's (OpenCV >= 4.1).
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    logs = getattr(getattr(cv2, "utils", None), "logging", None)
+    level = logs.getLogLevel() if logs else None
+    if logs:
+        logs.setLogLevel(logs.LOG_LEVEL_SILENT)
+    try:
+        cap = cv2.VideoCapture(target)
+    finally:
+        if logs:
+            logs.setLogLevel(level)
     if not cap.isOpened():
         raise UserError(f"cannot open video source {spec!r}")
     native = cap.get(cv2.CAP_PROP_FPS) or 0.0
