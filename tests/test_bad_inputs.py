@@ -243,6 +243,11 @@ def export_copy(t: Path, s: dict, edit) -> Path:
     return dst
 
 
+def binary_file(path: Path) -> Path:
+    path.write_bytes(b"\xff\xfe\x00garbage\x80\x81")
+    return path
+
+
 # --- the corpus: (id, verb, args builder (tmp, shared) -> argv, text the error line names) ---------
 TOY = ["--model", "toy_mlp", "--epochs", "1"]
 SEQ = ["--model", "ldmamba", "--epochs", "1"]
@@ -264,6 +269,8 @@ CASES = [
      "--epochs"),
     ("train-missing-config", "train", lambda t, s: [*TOY, "--config", t / "none.yaml", "--out", t / "o"],
      "none.yaml"),
+    ("train-config-not-utf8", "train", lambda t, s: [*TOY, "--config", binary_file(t / "c.yaml"), "--out", t / "o"],
+     "not UTF-8"),
     ("train-bad-device", "train", lambda t, s: [*TOY, "--data", s["toy"], "--out", t / "o", "--device", "tpu"],
      "train.device 'tpu'"),
     ("train-fraction-out-of-range", "train", lambda t, s: [*TOY, "--data", s["toy"], "--out", t / "o",
@@ -362,6 +369,10 @@ CASES = [
     ("export-out-is-a-file", "export", lambda t, s: ["--checkpoint", s["pt"], "--out", a_file(t / "o")], "o"),
     ("export-bad-opset", "export", lambda t, s: ["--checkpoint", s["pt"], "--out", t / "o", "--opset", "x"],
      "--opset"),
+    ("export-batch-zero", "export", lambda t, s: ["--checkpoint", s["pt"], "--out", t / "o", "--batch", "0"],
+     "--batch must be >= 1"),
+    ("export-missing-calib-data", "export", lambda t, s: ["--checkpoint", s["pt"], "--out", t / "o",
+                                                          "--calib-data", t / "nowhere"], "nowhere"),
     # bench
     ("bench-missing-model-arg", "bench", lambda t, s: ["--out", t / "o"], "--model"),
     ("bench-unknown-backend", "bench", lambda t, s: ["--model", s["onnx"], "--out", t / "o", "--backends", "tpu"],

@@ -178,6 +178,10 @@ def resolve_settings(args) -> Settings:
         raise UserError("--parity-items, --calib-items, --check-items, --latency-runs and --stream-steps must be >= 1")
     if args.tolerance < 0:
         raise UserError("--tolerance must be >= 0")
+    if args.batch is not None and args.batch < 1:
+        raise UserError(f"--batch must be >= 1, not {args.batch}")
+    if args.calib_data and not Path(args.calib_data).is_dir():
+        raise UserError(f"--calib-data {args.calib_data}: no such folder")
     preset, preset_path = load_preset(args.preset) if args.preset else (None, None)
     precision = args.precision or (preset.default_precision if preset and args.target == "trt" else
                                    "fp16" if args.target == "trt" else "fp32")
