@@ -58,9 +58,15 @@ def parser():
                         "(default 0)")
     p.add_argument("--max-channel-ratio", type=float, default=0.9, help="never remove more than this per group")
     p.add_argument("--steps", type=int, default=18, help="pruning steps up to the max channel ratio")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs (dynamic: gate-training epochs)")
-    p.add_argument("--distill", type=float, default=0.0,
-                   help="weight of knowledge distillation from the unpruned model during fine-tuning (0 = off)")
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help="fine-tuning epochs (dynamic: gate-training epochs); default: the model's recipe "
+                        "(prune_recipe: e.g. 8 for tastgram_mfn); 0 skips fine-tuning")
+    p.add_argument("--distill", type=float, default=None,
+                   help="weight of knowledge distillation from the unpruned model during fine-tuning "
+                        "(default: the model's recipe; 0 = off)")
+    p.add_argument("--max-drop", type=float, default=None,
+                   help="refuse the result (exit 4, nothing written) when the primary metric (AUC/accuracy) "
+                        "falls by more than this after fine-tuning; without it a drop above 0.02 is a warning")
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: a tenth of the model's)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-steps-per-epoch", type=int, default=0)
@@ -87,11 +93,13 @@ def _check_args(args) -> None:
         raise cli.UserError("--max-channel-ratio must be in (0, 1)")
     if args.remove_blocks < 0:
         raise cli.UserError("--remove-blocks must be >= 0")
-    if args.steps < 1 or args.finetune_epochs < 0 or args.distill < 0:
+    if args.steps < 1 or (args.finetune_epochs or 0) < 0 or (args.distill or 0) < 0:
         raise cli.UserError("--steps must be >= 1, --finetune-epochs and --distill >= 0")
+    if args.max_drop is not None and args.max_drop < 0:
+        raise cli.UserError("--max-drop must be >= 0")
     if args.method == "dynamic" and args.ratio_metric == "both":
         raise cli.UserError("--ratio-metric both needs structured pruning after the gates: use --method both")
-    if args.method in ("dynamic", "both") and args.finetune_epochs < 2:
+    if args.method in ("dynamic", "both") and args.finetune_epochs is not None and args.finetune_epochs < 2:
         raise cli.UserError("--method dynamic/both trains the gates: give --finetune-epochs >= 2")
     if not Path(args.checkpoint).is_file():
         raise cli.UserError(f"checkpoint not found: {args.checkpoint}")

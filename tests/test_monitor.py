@@ -15,7 +15,7 @@ import soundfile as sf
 
 from edgediag import cli, runtime
 from edgediag import monitor as monitor_verb
-from edgediag.runtime import monitor
+from edgediag.runtime import alarm, monitor
 from tests.test_runtime import SR, build_band_artifacts, build_ema_artifacts, clips
 
 
@@ -315,10 +315,10 @@ def test_real_fan_on_then_blade_fault_alarms_within_2_s(tmp_path):
 # --- the alarm rule derived from the calibrated per-window false-alarm rate (issue 22) -------------
 def test_vote_rule_and_its_false_alarm_bound():
     # 1 s windows every 0.5 s at p = 0.1: windows 2 apart are disjoint; 7 of 7 = 4 disjoint all above
-    assert monitor.false_alarms_per_hour(7, 7, 0.1, 1.0, 0.5) == pytest.approx(7200 * 0.1 ** 4)
-    assert monitor.choose_rule(0.1, 1.0, 0.5, 1.0) == (7, 7)
-    assert monitor.choose_rule(0.1, 1.0, 1.0, 1.0) == (4, 4)  # disjoint windows: 3600 * 1e-4
-    assert monitor.false_alarms_per_hour(1, 1, 0.1, 1.0, 0.5) == pytest.approx(720)  # one window: 720/hour
+    assert alarm.false_alarms_per_hour(7, 7, 0.1, 1.0, 0.5) == pytest.approx(7200 * 0.1 ** 4)
+    assert alarm.choose_rule(0.1, 1.0, 0.5, 1.0) == (7, 7)
+    assert alarm.choose_rule(0.1, 1.0, 1.0, 1.0) == (4, 4)  # disjoint windows: 3600 * 1e-4
+    assert alarm.false_alarms_per_hour(1, 1, 0.1, 1.0, 0.5) == pytest.approx(720)  # one window: 720/hour
     h = monitor.Hysteresis(1.0, votes=2, of=3)
     assert [h.update(t, s) for t, s in enumerate([2, 0, 0, 2, 0, 2, 0, 0, 0])] == \
         [None, None, None, None, None, "on", "off", None, None]  # 2 of the last 3 above, then 1 of 3

@@ -350,3 +350,61 @@ def test_dynamic_and_both_methods_on_a_model_without_own_gates(cnn_run, tmp_path
     model, payload = load_model(out / "model.pt")
     assert not any("gate" in k for k in payload["state_dict"])
     assert model(torch.rand(2, 1, 32, 32)).shape == (2, 3)
+
+
+def test_prune_fine_tunes_by_default_with_the_model_recipe(cnn_run, tmp_path, capsys):
+    _, ckpt, data = cnn_run
+    out = tmp_path / "default"
+    assert run_prune("--checkpoint", ckpt, "--data", data, "--out", out, "--ratio", "0.5", "--round-to", "4",
+                     "--max-steps-per-epoch", "1", "--no-latency") == 0
+    report = json.loads((out / "prune.json").read_text())
+    recipe = load_model(ckpt)[0].prune_recipe
+    assert report["finetune_epochs"] == recipe["finetune_epochs"] > 0 and report["distill"] == recipe["distill"]
+    assert "prune recipe" in report["finetune_recipe"] and len(report["finetune_history"]) == recipe["finetune_epochs"]
+    assert f"fine-tuning {recipe['finetune_epochs']} epochs" in capsys.readouterr().out
+    assert report["ratio_asked"] == 0.5 and report["reduction"]["params"] >= 0.5
+
+
+@pytest.fixture(scope="module")
+def accurate_cnn(tmp_path_factory):
+    """An image_cnn trained long enough to be above chance (pruning can cost it accuracy)."""
+    from edgediag.config import to_dict
+    from edgediag.data import DataConfig, build_data
+    from edgediag.data.synth_images import generate_defect_images
+    from edgediag.engine.checkpoint import make_checkpoint, save_checkpoint
+    from edgediag.engine.trainer import TrainConfig, Trainer
+    from edgediag.models import create_model
+
+    root = tmp_path_factory.mktemp("accurate")
+    data = root / "images"
+    generate_defect_images(data, n_per_class=16, size=32, classes=("normal", "scratch", "pit"))
+    torch.manual_seed(0)
+    model = create_model("image_cnn", n_classes=3, in_chans=1, image_size=32, widths=[16, 32], depths=[1, 1])
+    data_cfg = DataConfig(root=str(data), test_fraction=0.25)
+    bundle = build_data("image", data_cfg, model.config)
+    model = type(model)(type(model).config_for_data(model.config, bundle))
+    model = Trainer(model, TrainConfig(epochs=25, batch_size=8, device="cpu", lr=3e-3), progress=False).fit(bundle.train)
+    model.eval().threshold.fill_(0.5)
+    save_checkpoint(root / "model.pt", make_checkpoint(model, data={
+        "kind": "image", "config": to_dict(data_cfg), "classes": list(bundle.classes),
+        "normal_classes": list(bundle.normal_classes)}))
+    return root / "model.pt", data
+
+
+def test_max_drop_refuses_a_pruned_model_that_lost_accuracy(accurate_cnn, tmp_path, capsys):
+    """90 % of the parameters gone and no fine-tuning: the accuracy falls; --max-drop refuses
+    it (exit 4, nothing written) and says by how much; without --max-drop it is a warning."""
+    ckpt, data = accurate_cnn
+    args = ["--checkpoint", ckpt, "--data", data, "--ratio", "0.9", "--max-channel-ratio", "0.95",
+            "--finetune-epochs", "0", "--no-latency"]
+    out = tmp_path / "warned"
+    assert run_prune(*args, "--out", out) == 0
+    report = json.loads((out / "prune.json").read_text())
+    before, after = report["metrics"]["before"]["acc"], report["metrics"]["after_finetune"]["acc"]
+    assert before - after > 0.02, (before, after)  # the setting must cost accuracy (0.42 -> 0.33 here)
+    assert "WARNING: acc fell by" in capsys.readouterr().out
+    refused = tmp_path / "refused"
+    assert run_prune(*args, "--out", refused, "--max-drop", "0.01") == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "more than --max-drop 0.01" in err[0] and "nothing written" in err[0]
+    assert not (refused / "model.pt").exists() and not (refused / "prune.json").exists()

@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import itertools
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -132,6 +133,7 @@ def run(args) -> int:
     model, ckpt = load_model(args.checkpoint)
     name = ckpt["model_name"]
     cls = type(model)
+    recipe = resolve_recipe(args, cls)
     tree = load_tree(args.config, args.overrides, {"train", "data"})
     train_meta = (ckpt.get("meta") or {}).get("train_config") or {}
     flags = {k: v for k, v in {"batch_size": args.batch_size, "seed": args.seed,
@@ -220,6 +222,7 @@ def run(args) -> int:
     metrics_tuned = metrics_pruned
     history = []
     if args.finetune_epochs > 0 and args.method != "dynamic":
+        print(f"fine-tuning {args.finetune_epochs} epochs, distillation weight {args.distill:g} ({recipe})", flush=True)
         if hasattr(model, "sparsity_weight"):
             model.sparsity_weight = 0.0  # the budget is met: no more pressure on the gates
         model, history = finetune(model, bundle, train_cfg, teacher, args.distill)
@@ -228,13 +231,23 @@ def run(args) -> int:
     checkpoint_data = ckpt.get("data") or {}
     checkpoint_data = {**checkpoint_data, "config": to_dict(data_cfg)}
     metrics_tuned = scalars(finalize(model, bundle, train_cfg, device, out_dir, checkpoint_data))
+    pm = model.primary_metric
+    drop = metrics_before.get(pm, float("nan")) - metrics_tuned.get(pm, float("nan"))
+    if args.max_drop is not None and drop > args.max_drop:
+        (out_dir / "model.pt").unlink(missing_ok=True)
+        print(f"{name}: {pm} fell by {drop:.4f} ({metrics_before[pm]:.4f} -> {metrics_tuned[pm]:.4f}), more than "
+              f"--max-drop {args.max_drop:g}; nothing written (more --finetune-epochs, --distill, or a smaller --ratio)",
+              file=sys.stderr)
+        return EXIT_DROP
     # the saved file must load as any checkpoint does (weights_only, rebuilt from config)
     reloaded, _ = load_model(out_dir / "model.pt")
     final = costs(reloaded, False, args.latency_runs)
     paired = paired_latency(original, reloaded, args.latency_runs) if with_lat else {}
     if paired:
         final.update(eager_ms=paired["after_eager_ms"], onnxruntime_ms=paired["after_onnxruntime_ms"])
-    pm = model.primary_metric
+    reached = 1.0 - final["params"] / before["params"]
+    asked = args.ratio if args.ratio is not None else (0.5 if args.target_params is None
+                                                        and args.target_latency_ms is None else None)
     report = {
         "model": name, "checkpoint": str(args.checkpoint), "method": args.method,
         "budget": {"metric": budget.metric, "target": budget.target, "start": start,
@@ -248,6 +261,7 @@ def run(args) -> int:
         "widths_before": widths_before, "widths_after": widths_of(reloaded),
         "before": before, "after_pruning": after_prune, "after_finetune": final,
         "reduction": {k: 1.0 - final[k] / before[k] for k in ("params", "flops", "flops_network") if before.get(k)},
+        "ratio_asked": asked, "ratio_metric": args.ratio_metric, "finetune_recipe": recipe,
         # speed-ups from one interleaved timing loop of both models (the before/after figures
         # above are separate measurements, minutes apart on a possibly busy machine)
         "speedup": ({"eager_ms": paired["speedup_eager"], "onnxruntime_ms": paired["speedup_onnxruntime"]}
@@ -265,8 +279,35 @@ def run(args) -> int:
           + (f", eager x{report['speedup']['eager_ms']:.2f}, onnxruntime x{report['speedup']['onnxruntime_ms']:.2f}"
              if with_lat else "")
           + f", {pm} {metrics_before.get(pm, float('nan')):.4f} -> {metrics_tuned.get(pm, float('nan')):.4f}")
+    if asked is not None and args.ratio_metric == "params" and abs(reached - asked) > RATIO_SLACK:
+        print(f"warning: --ratio {asked:g} asked for {100 * asked:.0f} % of the parameters removed; reached "
+              f"{100 * reached:.1f} % (channel groups move in steps of --round-to)")
+    if drop > DROP_WARNING:
+        print(f"WARNING: {pm} fell by {drop:.4f} ({metrics_before[pm]:.4f} -> {metrics_tuned[pm]:.4f}): fine-tune "
+              "longer (--finetune-epochs), distil (--distill 1), or prune less; --max-drop makes this an error")
     print(f"checkpoint: {out_dir / 'model.pt'}")
     return 0
+
+
+EXIT_DROP = 4  # --max-drop exceeded: nothing written
+DROP_WARNING = 0.02  # a primary-metric drop above this is printed as a warning
+RATIO_SLACK = 0.05  # --ratio is met within 5 points of the parameter fraction, or a warning says so
+
+
+def resolve_recipe(args, cls) -> str:
+    """Fill --finetune-epochs / --distill left unset from the model's prune_recipe; the
+    words that say where the fine-tuning settings came from."""
+    recipe = dict(cls.prune_recipe)
+    given = [f for f in ("finetune_epochs", "distill") if getattr(args, f) is not None]
+    if args.finetune_epochs is None:
+        args.finetune_epochs = int(recipe.get("finetune_epochs", 4))
+        if args.method in ("dynamic", "both"):
+            args.finetune_epochs = max(2, args.finetune_epochs)  # the gates need at least two epochs
+    if args.distill is None:
+        args.distill = float(recipe.get("distill", 0.0))
+    if len(given) == 2:
+        return "as given"
+    return f"{cls.model_name or cls.__name__}'s prune recipe" + (" with " + ", ".join(given) + " as given" if given else "")
 
 
 def _with_recorded_widths(model, name: str):

@@ -272,9 +272,8 @@ def float_prefixes(model, module: nn.Module) -> list[str]:
     """Module paths the INT8 graph keeps float: the signal front ends (log-mel) and the
     model's ``int8_float_modules()``, under every path ONNX may name them by (node names
     drop the export wrapper's own prefix)."""
-    from edgediag.nn.features import LogMel
-
-    paths = [name for name, m in module.named_modules() if name and isinstance(m, LogMel)]
+    # layers mark themselves (LogMel: signal_front_end), so this stage names no layer class
+    paths = [name for name, m in module.named_modules() if name and getattr(m, "signal_front_end", False)]
     paths += model.int8_float_modules()
     return sorted({"/".join(p.split(".")[i:]) for p in paths for i in range(len(p.split(".")))})
 

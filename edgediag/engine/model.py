@@ -30,6 +30,8 @@ class DiagnosisModel(nn.Module, metaclass=abc.ABCMeta):
             (e.g. a GAN's lr and betas).
         primary_metric: key of :meth:`evaluate`'s result used to pick the best checkpoint
             (higher is better).
+        prune_recipe: what `prune` fine-tunes with unless told otherwise
+            (``finetune_epochs``, ``distill`` weight): pruning without it loses accuracy silently.
     """
 
     Config: ClassVar[type]
@@ -37,6 +39,7 @@ class DiagnosisModel(nn.Module, metaclass=abc.ABCMeta):
     phases: ClassVar[tuple[str, ...]] = ("main",)
     train_defaults: ClassVar[dict[str, Any]] = {}
     primary_metric: ClassVar[str] = "auc"
+    prune_recipe: ClassVar[dict[str, Any]] = {"finetune_epochs": 4, "distill": 1.0}
     model_name: ClassVar[str] = ""  # set by register_model
 
     def __init__(self, config):

@@ -112,6 +112,10 @@ class LogMel(nn.Module):
       * ``"none"``: the mel power itself.
     """
 
+    # Kept in float32 in an exported fp16/int8 graph (edgediag.deploy.quantize): its power
+    # spectrum overflows fp16 and its DFT and dB do not survive 8 bits.
+    signal_front_end = True
+
     def __init__(self, sample_rate: int = 16000, n_fft: int = 2048, hop: int = 512, n_mels: int = 128,
                  center: bool = True, win_length: int | None = None, power: float = 2.0,
                  fmin: float = 0.0, fmax: float | None = None, log: str = "db",

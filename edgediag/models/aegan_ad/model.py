@@ -142,6 +142,7 @@ class AEGANAD(DiagnosisModel):
     train_defaults = {"lr": 2e-4, "betas": (0.5, 0.999), "optimizer": "adam", "weight_decay": 0.0,
                       "schedule": "constant", "warmup": 0.0, "grad_clip": 0.0, "batch_size": 8}
     primary_metric = "auc"
+    prune_recipe = {"finetune_epochs": 2, "distill": 0.0}  # the demo's: the GAN's own losses recover it
 
     def __init__(self, config: AEGANConfig):
         super().__init__(config)

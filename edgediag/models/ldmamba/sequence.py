@@ -90,6 +90,7 @@ class SequenceClassifier(DiagnosisModel):
 
     data_kind = "sequence"
     primary_metric = "acc"
+    prune_recipe = {"finetune_epochs": 8, "distill": 1.0}
     train_defaults = {"lr": 1e-3, "batch_size": 32, "weight_decay": 0.01, "epochs": 30}  # the authors' AdamW
 
     def __init__(self, config):

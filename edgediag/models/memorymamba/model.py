@@ -286,6 +286,7 @@ class MemoryMamba(ImageClassifier):
     # thousands of steps (50 epochs of 908 MT tiles in batches of 16: 2850 steps; at a
     # tenth of that every model here stays at always-Free). README.md
     # has the runs behind these values.
+    prune_recipe = {"finetune_epochs": 2, "distill": 1.0}
     train_defaults = {"epochs": 50, "batch_size": 16, "lr": 5e-4, "weight_decay": 0.05, "optimizer": "adamw",
                       "warmup": 0.05, "schedule": "linear", "grad_clip": 1.0}
 

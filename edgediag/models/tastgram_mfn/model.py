@@ -289,6 +289,8 @@ class TASTgramMFN(DiagnosisModel):
                       "schedule": "cosine", "min_lr_ratio": 0.1, "warmup": 0.0, "grad_clip": 0.0,
                       "min_steps": 200}
     primary_metric = "auc"
+    # the demo's recipe: without fine-tuning a fan model fell from AUC 0.82 to 0.36 at ratio 0.5
+    prune_recipe = {"finetune_epochs": 8, "distill": 1.0}
 
     def __init__(self, config: TASTgramConfig):
         super().__init__(config)
