@@ -89,7 +89,7 @@ def fan_stream(model: Path, n_on: int, n_fault: int, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "fan_on_then_blade_fault.wav"
         sf.write(str(wav), np.concatenate(parts), sr, subtype="PCM_16")
-        evs = run_verb(["--model", model, "--source", wav, "--threads", "1", *extra])
+        evs = run_verb(["--checkpoint", model, "--source", wav, "--threads", "1", *extra])
     rep = alarm_report(evs, change)
     rep.update(files_on=on, files_fault=bad, args=extra)
     return rep
@@ -105,7 +105,7 @@ def cwru_stream(model: Path, fault_file: str, extra: list[str], test_fraction: f
     x = np.concatenate([normal, fault])
     rate = 48000
     text = "\n".join(f"{v:.6g}" for v in x) + "\n"
-    evs = run_verb(["--model", model, "--source", "-", "--rate", str(rate), "--threads", "1", *extra], text)
+    evs = run_verb(["--checkpoint", model, "--source", "-", "--rate", str(rate), "--threads", "1", *extra], text)
     rep = alarm_report(evs, len(normal) / rate)
     summary = next(e for e in evs if e["type"] == "summary")
     rep.update(fault_file=fault_file, args=extra, rtf=summary["rtf"], latency_p50_ms=summary["latency_p50"])
@@ -130,7 +130,7 @@ def real_time_factor(model: Path, seconds: float) -> dict:
         wav = Path(tmp) / "long.wav"
         sf.write(str(wav), np.concatenate(waves), sr, subtype="PCM_16")
         t0 = time.perf_counter()
-        evs = run_verb(["--model", model, "--source", wav, "--threads", "1", "--hop", str(window_s),
+        evs = run_verb(["--checkpoint", model, "--source", wav, "--threads", "1", "--hop", str(window_s),
                         "--events", "changes", "--health-every", "1e9"])
         wall = time.perf_counter() - t0
     summary = next(e for e in evs if e["type"] == "summary")

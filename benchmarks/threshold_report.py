@@ -42,7 +42,7 @@ def one_run(model: str, data: Path, overrides: list[str], seed: int, out: Path, 
     if cli.run(train.main, args):
         raise SystemExit(f"training {model} on {data} failed")
     seconds = time.perf_counter() - started
-    if cli.run(predict.main, ["--model", str(out / "model.pt"), "--out", str(out / "predictions"), "--threads", "2"]):
+    if cli.run(predict.main, ["--checkpoint", str(out / "model.pt"), "--out", str(out / "predictions"), "--threads", "2"]):
         raise SystemExit(f"predict {model} failed")
     with open(out / "predictions" / "predictions.csv") as fh:
         rows = [r for r in csv.DictReader(fh) if r["true_anomaly"] != ""]

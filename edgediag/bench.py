@@ -1,8 +1,11 @@
 """`python -m edgediag.bench`: params, FLOPs, latency and memory against accuracy, as a report.
 
-    python -m edgediag.bench --model runs/a/best.pt export/a/model.onnx --data DIR --out bench/ \\
-        [--backends eager,onnxruntime,tensorrt] [--threads N] [--batch 1,8] [--warmup W --iters I]
+    python -m edgediag.bench --checkpoint runs/a/best.pt export/a/model.onnx --data DIR --out bench/ \\
+        [--backends eager,onnxruntime,tensorrt] [--threads N] [--batch 1,8] [--warmup W --latency-runs I]
         [--rounds R]   # interleave the timed runs of all artifacts in R rounds (shared machines)
+
+``--model`` (for ``--checkpoint``) and ``--iters`` (for ``--latency-runs``) are the old spellings,
+still accepted.
 
 The measuring is :mod:`edgediag.measure.bench`; it writes report.json, report.md, pareto.png
 and plots/ into --out.
@@ -20,21 +23,29 @@ from edgediag.utils import select_device
 
 def parser():
     p = cli.make_parser("bench", "Params, FLOPs, latency and memory against accuracy, as a report.")
-    p.add_argument("--model", nargs="+", required=True, metavar="ARTIFACT",
-                   help="checkpoints (.pt), ONNX graphs (.onnx) and TensorRT engines (.engine/.plan)")
+    artifacts = p.add_argument("--checkpoint", nargs="+", required=True, metavar="PATH",
+                               help="the artifacts to measure: checkpoints (.pt), ONNX graphs (.onnx) and "
+                                    "TensorRT engines (.engine/.plan)")
+    cli.add_alias(p, artifacts, "--model")  # the old spelling
     cli.add_data_args(p, "split for accuracy")
-    p.add_argument("--out", required=True, help="folder for report.json, report.md, pareto.png, plots/")
+    p.add_argument("--out", metavar="DIR", required=True, help="folder for report.json, report.md, pareto.png, plots/")
     p.add_argument("--backends", default="eager,onnxruntime,tensorrt",
                    help="comma-separated subset of eager,onnxruntime,tensorrt (default: all)")
     cli.add_threads_arg(p, os.cpu_count() or 1,
-                        "CPU threads for torch and ONNX Runtime (intra-op), pinned for every figure")
+                        "CPU threads for torch and ONNX Runtime (intra-op), pinned for every figure "
+                        "(default: all cores)")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8 (default 1)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs before timing (default 5)")
-    p.add_argument("--iters", type=int, default=50, help="timed runs per figure (default 50)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="split the timed runs into R rounds that go through every artifact in turn, so "
-                        "the machine's drift hits every row alike (RSS is then the peak over all rows; "
-                        "default 1: each artifact timed in one block, as power logs need)")
+    p.add_argument("--warmup", type=int, default=5, metavar="N",
+                   help="untimed runs before the timed ones of each figure (default 5)")
+    runs = p.add_argument("--latency-runs", type=int, default=50, metavar="N",
+                          help="timed runs per figure (batch size x artifact x backend); the report gives their "
+                               "median (p50) and spread (default 50)")
+    cli.add_alias(p, runs, "--iters")  # the old spelling
+    p.add_argument("--rounds", type=int, default=1, metavar="R",
+                   help="not a count of timed runs: how the measurement is ordered. The --latency-runs of every "
+                        "figure are split into R rounds that each go through every artifact in turn, so the "
+                        "machine's drift hits every row alike (1 <= R <= --latency-runs; RSS is then the peak "
+                        "over all rows; default 1: each artifact timed in one block, as power logs need)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="wall: elapsed time (default); cpu: the timing thread's CPU time, which leaves out "
                         "time the thread was preempted or its virtual CPU stolen (a shared or virtual "

@@ -51,7 +51,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 def add_data_args(parser: argparse.ArgumentParser, split_help: str = "which split to score") -> None:
     """``--data``, ``--split`` and ``--set data.KEY=VALUE``: how a stage that reads an artifact's
     data is pointed elsewhere (resolved by :func:`edgediag.data.resolve_data_config`)."""
-    parser.add_argument("--data", help="data folder (default: the one recorded in the artifact)")
+    parser.add_argument("--data", metavar="DIR", help="data folder (default: the one recorded in the artifact)")
     parser.add_argument("--split", default="test", choices=["test", "val", "train"], help=split_help)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
                         help="override a data setting, e.g. --set data.normal_labels=[ON] (repeatable)")
@@ -67,7 +67,18 @@ def add_threads_arg(parser: argparse.ArgumentParser, default: int | None, help: 
         if n < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, not {text!r}")
         return n
-    parser.add_argument("--threads", type=threads, default=default, help=help)
+    parser.add_argument("--threads", type=threads, default=default, metavar="N", help=help)
+
+
+def add_alias(parser: argparse.ArgumentParser, action: argparse.Action, *aliases: str) -> argparse.Action:
+    """Old spellings of an option (``--model`` for ``--checkpoint``, ``--iters`` for
+    ``--latency-runs``): they parse into ``action`` as if its own option string were given,
+    while --help, the usage line and the errors name only the new spelling."""
+    for alias in aliases:
+        if alias in parser._option_string_actions:
+            raise ValueError(f"{alias} is already an option of {parser.prog}")
+        parser._option_string_actions[alias] = action  # argparse looks options up here
+    return action
 
 
 def output_folder(path) -> Path:

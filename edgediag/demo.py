@@ -52,11 +52,12 @@ STAGES = ("train", "prune", "export", "bench")
 
 def parser():
     p = cli.make_parser("demo", __doc__.splitlines()[0].split(": ", 1)[1])
-    p.add_argument("--out", default="export/demo", help="output folder (default: export/demo)")
+    p.add_argument("--out", metavar="DIR", default="export/demo", help="output folder (default: export/demo)")
     p.add_argument("--models", nargs="+", help=f"subset of: {', '.join(r.model for r in RUNS)}")
     p.add_argument("--stages", default=",".join(STAGES),
                    help="comma-separated stages to run, in pipeline order (default: all: train,prune,export,bench)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, metavar="N", default=0,
+                   help="seed of the synthetic data and of training (default 0)")
     # One thread by default: at batch 1 these small models gain nothing from a second thread
     # and their eager timings get noisier (2 threads on 2 cores: ldmamba_small 19.7 ms
     # against 10.3 ms with one; pruned models timing slower than the originals).
@@ -115,8 +116,8 @@ def main(argv=None) -> int:
         if not artifacts:
             raise cli.UserError(f"nothing to benchmark under {out}: run the train (and export) stages first")
         started = time.perf_counter()
-        _verb("bench", ["--model", *artifacts, "--out", report, "--backends", "eager,onnxruntime",
-                        "--threads", args.threads, "--warmup", "3", "--iters", "20", "--rounds", "4"])
+        _verb("bench", ["--checkpoint", *artifacts, "--out", report, "--backends", "eager,onnxruntime",
+                        "--threads", args.threads, "--warmup", "3", "--latency-runs", "20", "--rounds", "4"])
         seconds["bench"] = {"bench": time.perf_counter() - started}
     total = time.perf_counter() - t0
     summary = {"runs": report_lib.headline_rows(report / "report.json") if (report / "report.json").exists() else [],

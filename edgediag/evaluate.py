@@ -15,16 +15,18 @@ from edgediag.data import build_data, resolve_data_config
 from edgediag.engine.checkpoint import load_model
 from edgediag.engine.metrics import format_metrics
 from edgediag.engine.trainer import DeviceLoader
+from edgediag.measure.timing import torch_threads
 from edgediag.utils import select_device, write_json
 
 
 def parser():
     p = cli.make_parser("evaluate", "Score a checkpoint on a data folder; print and save metrics.")
-    p.add_argument("--checkpoint", required=True, help="a model.pt written by train or prune")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a model.pt written by train or prune")
     cli.add_data_args(p)
-    p.add_argument("--out", help="folder for metrics.json and plots")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", metavar="DIR", help="folder for metrics.json and plots")
+    p.add_argument("--batch-size", type=int, default=32, help="items scored per batch (default 32)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto: cuda where there is one)")
+    cli.add_threads_arg(p, None, "torch CPU threads for scoring (default: torch's)")
     return p
 
 
@@ -46,7 +48,8 @@ def main(argv=None) -> int:
         device = select_device(args.device)
         model.to(device)
         loader = DeviceLoader(DataLoader(dataset, batch_size=args.batch_size, shuffle=False), device)
-        metrics = model.evaluate(loader, out_dir=out_dir)
+        with torch_threads(args.threads):
+            metrics = model.evaluate(loader, out_dir=out_dir)
         write_json(out_dir / "metrics.json", {"checkpoint": str(args.checkpoint), "data": str(data_cfg.root),
                                               "split": args.split, "items": len(dataset), **metrics})
     print(f"{ckpt['model_name']} on {data_cfg.root} ({args.split}, {len(dataset)} items)")

@@ -24,7 +24,9 @@ def parser():
         "on the board); 4 parity beyond tolerance, or an fp16/int8 graph whose decisions agree with fp32 on fewer "
         "than 95 % of the check items (nothing written); 1 internal error.")
     p.add_argument("--checkpoint", required=True, help="model.pt written by train or prune")
-    p.add_argument("--target", choices=["onnx", "trt"], default="onnx")
+    p.add_argument("--target", choices=["onnx", "trt"], default="onnx",
+                   help="onnx: the checked ONNX graph(s); trt: also a TensorRT engine (built here with tensorrt and a "
+                        "GPU, else build_engine.sh for the board, exit 3) (default onnx)")
     p.add_argument("--out", required=True, help="output folder (replaced as a whole when the export succeeds)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="fp16 / int8 also write model.fp16.onnx / model.int8.onnx (explicit Q/DQ), checked here on "
@@ -51,7 +53,8 @@ def parser():
     p.add_argument("--streaming", action="store_true",
                    help="export model.streaming_module(): one time step with its states as inputs and outputs")
     p.add_argument("--stream-steps", type=int, default=64, help="steps of the streaming parity check (default 64)")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17,
+                   help="ONNX opset (default 17: the newest the TensorRT 8.5/8.6 parsers read)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest allowed max |ORT - PyTorch| / std(PyTorch scores) (default 1e-4)")
     p.add_argument("--trt-tolerance", type=float,

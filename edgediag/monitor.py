@@ -1,8 +1,10 @@
 """`python -m edgediag.monitor`: watch a stream (wav, folder, microphone, video, CSV on stdin)
 with an exported model and raise alarms, one JSON event per line.
 
-    python -m edgediag.monitor --model export/fan/model.onnx --source line.wav --out events.jsonl
-    sensor_reader | python -m edgediag.monitor --model model.onnx --source - --rate 1000
+    python -m edgediag.monitor --checkpoint export/fan/model.onnx --source line.wav --out events.jsonl
+    sensor_reader | python -m edgediag.monitor --checkpoint model.onnx --source - --rate 1000
+
+(``--model`` is the old spelling of ``--checkpoint``, still accepted.)
 
 Windows, the alarm rule and the false-alarm rate it promises, smoothing, hysteresis, input
 flags and health events: :mod:`edgediag.runtime.monitor`. In short: the artifact's threshold
@@ -25,7 +27,9 @@ def parser():
                         "calibrated for (train --target-far) and with non-overlapping windows independent, stay "
                         "under --false-alarms-per-hour. The rule and its bound are printed at the start and "
                         "recorded in the summary event.")
-    p.add_argument("--model", required=True, metavar="ARTIFACT", help="model.onnx, model.engine or a model.pt checkpoint")
+    artifact = p.add_argument("--checkpoint", required=True, metavar="PATH",
+                              help="the artifact to monitor with: model.onnx, model.engine or a model.pt checkpoint")
+    cli.add_alias(p, artifact, "--model")  # the old spelling
     p.add_argument("--source", required=True,
                    help="file.wav|.flac, a folder to watch, mic:[N], video file, camera:N, or - (CSV on stdin)")
     p.add_argument("--window", type=float, help="window length in seconds (default: the model's input length)")
@@ -45,8 +49,10 @@ def parser():
                    help="seconds the vote must hold before the alarm (default 0)")
     p.add_argument("--smooth", type=int, default=1,
                    help="smooth scores over the last K windows (default 1 = off; >1 needs --window-far for auto)")
-    p.add_argument("--smooth-mode", default="median", choices=["median", "ema"])
-    p.add_argument("--out", help="append JSON-lines events to this file (default: stdout)")
+    p.add_argument("--smooth-mode", default="median", choices=["median", "ema"],
+                   help="how --smooth K combines the scores: the median of the last K (default) or an exponential "
+                        "moving average with weight 2/(K+1) on the newest")
+    p.add_argument("--out", metavar="FILE", help="append JSON-lines events to this file (default: stdout)")
     p.add_argument("--events", default="all", choices=["all", "changes"],
                    help="all windows, or only alarm changes, flagged windows and health")
     p.add_argument("--health-every", type=float, default=60.0, help="stream seconds between health events")

@@ -7,7 +7,7 @@ anomaly flag where known, machine/section/domain for DCASE data) and, for DCASE 
 ``decision_result_<machine>_section_<XX>_test.csv``. Prints items, flagged and, where the
 labels are known, AUC, pAUC, FPR and TPR.
 
-    python -m edgediag.predict --model export/out/model.onnx --data DIR --out predictions/
+    python -m edgediag.predict --checkpoint export/out/model.onnx --data DIR --out predictions/
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ from edgediag.runtime.predict import score_items, summary, write_csv, write_dcas
 
 def parser():
     p = cli.make_parser("predict", "Score new data with a checkpoint or an exported model.")
-    p.add_argument("--model", "--checkpoint", dest="model", required=True,
-                   help="model.pt, model.onnx or a TensorRT .engine")
+    artifact = p.add_argument("--checkpoint", required=True, metavar="PATH",
+                              help="the artifact to score with: a model.pt checkpoint, an exported model.onnx "
+                                   "or a TensorRT .engine")
+    cli.add_alias(p, artifact, "--model")  # the old spelling
     cli.add_data_args(p)
-    p.add_argument("--out", help="output folder (default: predictions/ beside the model)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", metavar="DIR", help="output folder (default: predictions/ beside the artifact)")
+    p.add_argument("--batch-size", type=int, default=32, help="items scored per call (default 32)")
     cli.add_threads_arg(p, None, "CPU threads for inference (default: the runtime's)")
     return p
 
@@ -36,15 +38,15 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.batch_size < 1:
         raise cli.UserError("--batch-size must be at least 1")
-    out = cli.output_folder(args.out if args.out else Path(args.model).resolve().parent / "predictions")
-    predictor = runtime.load(args.model, threads=args.threads)
+    out = cli.output_folder(args.out if args.out else Path(args.checkpoint).resolve().parent / "predictions")
+    predictor = runtime.load(args.checkpoint, threads=args.threads)
     with cli.locked_output(out):
         meta = predictor.metadata
         data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
         kind = str(data.get("kind") or meta.get("data_kind") or "")
         if not kind:
-            raise cli.UserError(f"{args.model}: the artifact does not say which data reader it needs (data_kind)")
-        data_cfg = resolve_data_config(data.get("config"), args.data, args.overrides, source=str(args.model))
+            raise cli.UserError(f"{args.checkpoint}: the artifact does not say which data reader it needs (data_kind)")
+        data_cfg = resolve_data_config(data.get("config"), args.data, args.overrides, source=str(args.checkpoint))
         model_cfg = build_config(predictor.model_name, dict(meta.get("model_config") or {}))
         bundle = build_data(kind, data_cfg, model_cfg, need_train=False)
         dataset = getattr(bundle, args.split)

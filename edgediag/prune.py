@@ -32,14 +32,17 @@ from pathlib import Path
 from edgediag import cli
 from edgediag.compress.importance import IMPORTANCES
 from edgediag.compress.pipeline import METHODS, run
+from edgediag.measure.timing import torch_threads
 
 
 def parser():
     p = cli.make_parser("prune", "Structured (torch-pruning) and dynamic pruning of a checkpoint, then fine-tuning.")
-    p.add_argument("--checkpoint", required=True, help="model.pt of a trained model")
-    p.add_argument("--data", required=True, help="the data folder the model was trained on (fine-tuning, evaluation)")
-    p.add_argument("--out", required=True, help="output folder: model.pt + prune.json")
-    p.add_argument("--method", default="structured", choices=METHODS)
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="model.pt of a trained model")
+    p.add_argument("--data", metavar="DIR", required=True,
+                   help="the data folder the model was trained on (fine-tuning, evaluation)")
+    p.add_argument("--out", metavar="DIR", required=True, help="output folder: model.pt + prune.json")
+    p.add_argument("--method", default="structured", choices=METHODS,
+                   help="structured (torch-pruning), dynamic (screening gates) or both (default structured)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=float, help="fraction of the model's cost to remove (default 0.5)")
     budget.add_argument("--target-params", type=float, help="stop at this many parameters")
@@ -52,7 +55,8 @@ def parser():
     p.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of this (8 for TensorRT)")
     p.add_argument("--latency-aware", action="store_true",
                    help="measure per-layer latency and prune time-heavy layers first (implies --global)")
-    p.add_argument("--latency-backend", default="eager", choices=("eager", "onnxruntime"))
+    p.add_argument("--latency-backend", default="eager", choices=("eager", "onnxruntime"),
+                   help="--latency-aware: time the layers in eager PyTorch or ONNX Runtime (default eager)")
     p.add_argument("--remove-blocks", type=int, default=0, metavar="N",
                    help="depth pruning first: remove the N residual blocks that change their input least "
                         "(default 0)")
@@ -68,11 +72,18 @@ def parser():
                    help="refuse the result (exit 4, nothing written) when the primary metric (AUC/accuracy) "
                         "falls by more than this after fine-tuning; without it a drop above 0.02 is a warning")
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: a tenth of the model's)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-steps-per-epoch", type=int, default=0)
-    p.add_argument("--latency-runs", type=int, default=20, help="timed runs per latency figure")
+    p.add_argument("--batch-size", type=int,
+                   help="fine-tuning batch size (default: --config's, else the one the checkpoint was trained with)")
+    p.add_argument("--max-steps-per-epoch", type=int, default=0,
+                   help="cap on the optimiser steps of each fine-tuning epoch (default 0 = whole epochs)")
+    p.add_argument("--latency-runs", type=int, default=20, metavar="N",
+                   help="timed runs per latency figure (batch 1, one thread, after 3 untimed warm-up runs; "
+                        "the before/after speed-up: 2), median reported (default 20)")
+    cli.add_threads_arg(p, None, "torch CPU threads for evaluation and fine-tuning (sets train.threads; default: "
+                                 "--config's, else torch's); the latency figures always use one thread")
     p.add_argument("--no-latency", action="store_true", help="skip the latency figures (params/FLOPs only)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, metavar="N", default=0,
+                   help="seed of the data split, the importance batches and fine-tuning (default 0)")
     p.add_argument("--force", action="store_true", help="overwrite an earlier result in --out")
     cli.add_config_args(p)
     return p
@@ -111,7 +122,9 @@ def _check_args(args) -> None:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     _check_args(args)
-    with cli.locked_output(args.out):
+    if args.threads:  # what train --threads sets: the fine-tuning Trainer's threads
+        args.overrides = [*args.overrides, f"train.threads={args.threads}"]
+    with cli.locked_output(args.out), torch_threads(args.threads):
         return run(args)
 
 

@@ -27,18 +27,26 @@ log = logging.getLogger("edgediag.train")
 
 def parser():
     p = cli.make_parser("train", "Train a model on a data folder (one engine for every model).")
-    p.add_argument("--model", help="registered model name (python -c 'import edgediag.models as m; print(m.list_models())')")
-    p.add_argument("--data", help="data folder (DCASE layout, labels.csv, image folders, ...)")
-    p.add_argument("--out", required=True, help="output folder for checkpoints and logs")
+    p.add_argument("--model", metavar="NAME",
+                   help="registered model name (python -c 'import edgediag.models as m; print(m.list_models())')")
+    p.add_argument("--data", metavar="DIR", help="data folder (DCASE layout, labels.csv, image folders, ...)")
+    p.add_argument("--out", metavar="DIR", required=True, help="output folder for checkpoints and logs")
     cli.add_config_args(p)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int,
+                   help="training epochs (train.epochs; default: --config's, else the model's recipe, else 10); "
+                        "an explicit length also drops the recipe's floor of optimiser steps (train.min_steps)")
+    p.add_argument("--batch-size", type=int,
+                   help="items per batch (train.batch_size; default: --config's, else the model's recipe, else 32)")
+    p.add_argument("--lr", type=float,
+                   help="learning rate (train.lr; default: --config's, else the model's recipe, else 1e-3)")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help="seed of the data splits, weight init and shuffling (train.seed; default 0)")
     p.add_argument("--target-far", type=float,
                    help="false-alarm rate the decision threshold is calibrated for, on normal items the "
                         "model's statistics did not fit (default 0.1)")
-    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--device", help="auto | cpu | cuda (train.device; default auto: cuda where there is one)")
+    cli.add_threads_arg(p, None, "torch CPU threads for training (train.threads; default: --config's, else 0 = "
+                                 "torch's default)")
     p.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
     p.add_argument("--force", action="store_true", help="overwrite an earlier run in --out")
     return p
@@ -55,7 +63,7 @@ def resolve_configs(args):
     cls, _ = get_model_class(name)
     model_cfg = build_config(name, model_tree)
     flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-             "device": args.device, "target_far": args.target_far}
+             "device": args.device, "target_far": args.target_far, "threads": args.threads}
     given = {**(tree.get("train") or {}), **{k: v for k, v in flags.items() if v is not None}}
     if "epochs" in given:  # an explicit length replaces the recipe's step floor
         given.setdefault("min_steps", 0)

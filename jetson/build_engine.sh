@@ -79,4 +79,4 @@ fi
 # latency of the engine alone (GPU compute, no pre-processing): trtexec's summary lines
 step "$TRTEXEC" --loadEngine="$EXPORT_DIR/model.engine" --iterations=200 --warmUp=500 2>&1 \
   | grep -E "^\+|Throughput|Latency: min|GPU Compute Time: min" || true
-echo "compare the engine with the graph on real data: python3 -m edgediag.bench --model $EXPORT_DIR/model.onnx $EXPORT_DIR/model.engine --out bench/"
+echo "compare the engine with the graph on real data: python3 -m edgediag.bench --checkpoint $EXPORT_DIR/model.onnx $EXPORT_DIR/model.engine --out bench/"

@@ -26,5 +26,5 @@ export PYTHONPATH="$EDGEDIAG_HOME${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 DEVICE=cpu
 case "$MODEL" in *.engine|*.plan) DEVICE=cuda ;; esac
 # shellcheck disable=SC2086  # MONITOR_ARGS is a list of options
-exec "$PYTHON" -m edgediag.monitor --model "$MODEL" --source "$SOURCE" --out "$EVENTS" \
+exec "$PYTHON" -m edgediag.monitor --checkpoint "$MODEL" --source "$SOURCE" --out "$EVENTS" \
   --threads "$THREADS" --device "$DEVICE" ${MONITOR_ARGS:-} "$@"

@@ -100,8 +100,8 @@ def test_bench_reports_eager_and_onnxruntime_rows(toy_artifacts, tmp_path, capsy
     out = tmp_path / "bench"
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"not built here")
-    rc = cli.run(bench.main, ["--model", str(ckpt), str(graph), str(engine), "--data", str(data), "--out", str(out),
-                              "--batch", "1,4", "--warmup", "2", "--iters", "10", "--threads", "1"])
+    rc = cli.run(bench.main, ["--checkpoint", str(ckpt), str(graph), str(engine), "--data", str(data), "--out", str(out),
+                              "--batch", "1,4", "--warmup", "2", "--latency-runs", "10", "--threads", "1"])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     rows = report["rows"]
@@ -134,11 +134,11 @@ def test_bench_reports_eager_and_onnxruntime_rows(toy_artifacts, tmp_path, capsy
 
 def test_interleaved_rounds_time_every_row_with_all_its_runs(toy_artifacts, tmp_path, capsys):
     """--rounds R: the timed runs of all rows alternate in R rounds (drift hits every row
-    alike); each row still gets exactly --iters timed runs, over one shared span."""
+    alike); each row still gets exactly --latency-runs timed runs, over one shared span."""
     _, data, ckpt, graph = toy_artifacts
     out = tmp_path / "bench"
-    rc = cli.run(bench.main, ["--model", str(ckpt), str(graph), "--data", str(data), "--out", str(out),
-                              "--backends", "eager,onnxruntime", "--warmup", "1", "--iters", "7", "--rounds", "3",
+    rc = cli.run(bench.main, ["--checkpoint", str(ckpt), str(graph), "--data", str(data), "--out", str(out),
+                              "--backends", "eager,onnxruntime", "--warmup", "1", "--latency-runs", "7", "--rounds", "3",
                               "--threads", "1", "--clock", "cpu"])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
@@ -157,23 +157,23 @@ def test_interleaved_rounds_time_every_row_with_all_its_runs(toy_artifacts, tmp_
     assert ok[0]["span"] == ok[1]["span"]
     md = (out / "report.md").read_text()
     assert "the timing thread ran" in md.lower()
-    rc = cli.run(bench.main, ["--model", str(ckpt), "--data", str(data), "--out", str(tmp_path / "o2"),
-                              "--iters", "4", "--rounds", "5"])
+    rc = cli.run(bench.main, ["--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / "o2"),
+                              "--latency-runs", "4", "--rounds", "5"])
     assert rc == 2 and "--rounds" in capsys.readouterr().err
 
 
 def test_bench_bad_input_is_one_line(toy_artifacts, tmp_path, capsys):
     _, data, ckpt, _ = toy_artifacts
     # as a user runs it: one error line, exit 2, no traceback, nothing written
-    res = run_cli("tests.toy", "bench", "--model", tmp_path / "none.pt", "--data", data, "--out", tmp_path / "out")
+    res = run_cli("tests.toy", "bench", "--checkpoint", tmp_path / "none.pt", "--data", data, "--out", tmp_path / "out")
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: artifact not found"), res.stderr
     # the same wrapper in-process (saves a second interpreter start)
-    for args, needle in [(["--model", str(ckpt), "--backends", "eager,tpu"], "unknown backend tpu"),
-                         (["--model", str(ckpt), "--batch", "0"], "--batch"),
-                         (["--model", str(ckpt), "--clock", "cpu", "--threads", "2"], "--threads 1"),
-                         (["--model", str(tmp_path / "m.txt")], "not found")]:
+    for args, needle in [(["--checkpoint", str(ckpt), "--backends", "eager,tpu"], "unknown backend tpu"),
+                         (["--checkpoint", str(ckpt), "--batch", "0"], "--batch"),
+                         (["--checkpoint", str(ckpt), "--clock", "cpu", "--threads", "2"], "--threads 1"),
+                         (["--checkpoint", str(tmp_path / "m.txt")], "not found")]:
         rc = cli.run(bench.main, [*args, "--data", str(data), "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
@@ -192,7 +192,7 @@ def test_bench_attaches_tegrastats_power(toy_artifacts, tmp_path, capsys):
         f"CPU [10%@1510,20%@1510] GR3D_FREQ 30% cpu@50C VDD_IN 5000mW/5000mW VDD_SOC 1400mW/1400mW\n"
         for k in range(-5, 120)))
     out = tmp_path / "bench"
-    rc = cli.run(bench.main, ["--model", str(graph), "--data", str(data), "--out", str(out), "--iters", "20",
+    rc = cli.run(bench.main, ["--checkpoint", str(graph), "--data", str(data), "--out", str(out), "--latency-runs", "20",
                               "--warmup", "1", "--threads", "1", "--backends", "onnxruntime", "--tegrastats", str(log)])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
@@ -205,7 +205,7 @@ def test_bench_attaches_tegrastats_power(toy_artifacts, tmp_path, capsys):
 def test_one_threads_cpu_time_is_not_reported_for_several_threads(toy_artifacts, tmp_path):
     _, data, ckpt, _ = toy_artifacts
     out = tmp_path / "bench"
-    assert cli.run(bench.main, ["--model", str(ckpt), "--data", str(data), "--out", str(out), "--iters", "3",
+    assert cli.run(bench.main, ["--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--latency-runs", "3",
                                 "--warmup", "1", "--threads", "2"]) == 0
     ok = [r for r in json.loads((out / "report.json").read_text())["rows"] if r["status"] == "ok"]
     assert ok and all("cpu_share" not in r and "cpu_p50_ms" not in r and r["wall_p50_ms"] > 0 for r in ok)
@@ -218,8 +218,8 @@ def test_unknown_labels_are_left_out_and_every_row_sees_the_same_items(toy_artif
     root, _, ckpt, graph = toy_artifacts
     data = write_toy_data(tmp_path / "data", unknown=5)
     out = tmp_path / "bench"
-    rc = cli.run(bench.main, ["--model", str(ckpt), str(graph), "--data", str(data), "--out", str(out),
-                              "--max-items", "20", "--warmup", "1", "--iters", "2", "--threads", "1",
+    rc = cli.run(bench.main, ["--checkpoint", str(ckpt), str(graph), "--data", str(data), "--out", str(out),
+                              "--max-items", "20", "--warmup", "1", "--latency-runs", "2", "--threads", "1",
                               "--set", "data.split_seed=3"])
     assert rc == 0, capsys.readouterr().err
     ok = [r for r in json.loads((out / "report.json").read_text())["rows"] if r["status"] == "ok"]
@@ -228,7 +228,7 @@ def test_unknown_labels_are_left_out_and_every_row_sees_the_same_items(toy_artif
     eager = next(r for r in ok if r["backend"] == "eager")
     ort = next(r for r in ok if r["backend"] == "onnxruntime")
     assert math.isclose(eager["auc"], ort["auc"], abs_tol=1e-6)  # the same 15 items through both runtimes
-    rc = cli.run(bench.main, ["--model", str(ckpt), "--data", str(data), "--out", str(tmp_path / "b2"),
+    rc = cli.run(bench.main, ["--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / "b2"),
                               "--set", "train.lr=1"])
     assert rc == cli.EXIT_USAGE and "data.KEY=VALUE" in capsys.readouterr().err
     assert not (tmp_path / "b2" / "report.json").exists()

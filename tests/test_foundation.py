@@ -267,7 +267,7 @@ def test_edgediag_command_runs_every_verb_and_knows_its_version():
     ("evaluate", ["--checkpoint", "/nonexistent/model.pt"]),
     ("predict", ["--checkpoint", "/nonexistent/model.pt", "--data", "."]),
     ("prune", ["--checkpoint", "{file}", "--data", "."]),
-    ("bench", ["--model", "/nonexistent/model.pt"]),
+    ("bench", ["--checkpoint", "/nonexistent/model.pt"]),
 ])
 def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, verb, extra):
     import importlib

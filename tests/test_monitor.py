@@ -87,7 +87,7 @@ def switch_wav(tmp_path_factory) -> Path:
 
 def test_alarm_after_the_switch_and_none_before(band_artifacts, switch_wav, tmp_path):
     out = tmp_path / "events.jsonl"
-    assert run_monitor("--model", band_artifacts["onnx"], "--source", switch_wav, "--hop", "0.25",
+    assert run_monitor("--checkpoint", band_artifacts["onnx"], "--source", switch_wav, "--hop", "0.25",
                        "--smooth", "3", "--min-duration", "0.25", "--health-every", "5", "--out", out) == 0
     evs = events(out)
     win = windows(evs)
@@ -104,7 +104,7 @@ def test_alarm_after_the_switch_and_none_before(band_artifacts, switch_wav, tmp_
     assert evs[-1]["type"] == "summary" and evs[-1]["alarms"] >= 1
     # --events changes: only the alarm changes, health and the summary
     out2 = tmp_path / "changes.jsonl"
-    assert run_monitor("--model", band_artifacts["onnx"], "--source", switch_wav, "--hop", "0.25", "--smooth", "3",
+    assert run_monitor("--checkpoint", band_artifacts["onnx"], "--source", switch_wav, "--hop", "0.25", "--smooth", "3",
                        "--min-duration", "0.25", "--health-every", "5", "--events", "changes", "--out", out2) == 0
     kinds = [(e["type"], e.get("change")) for e in events(out2)]
     assert ("window", "on") in kinds and all(k != ("window", None) for k in kinds)
@@ -113,7 +113,7 @@ def test_alarm_after_the_switch_and_none_before(band_artifacts, switch_wav, tmp_
 def test_pt_checkpoint_monitors_like_the_graph(band_artifacts, switch_wav, tmp_path):
     a, b = tmp_path / "onnx.jsonl", tmp_path / "pt.jsonl"
     for model, out in ((band_artifacts["onnx"], a), (band_artifacts["pt"], b)):
-        assert run_monitor("--model", model, "--source", switch_wav, "--out", out) == 0
+        assert run_monitor("--checkpoint", model, "--source", switch_wav, "--out", out) == 0
     sa, sb = (np.array([e["score"] for e in windows(events(p))]) for p in (a, b))
     np.testing.assert_allclose(sa, sb, rtol=1e-4, atol=1e-4 * sa.max())
 
@@ -127,7 +127,7 @@ def test_nan_clipped_and_resampled_input_is_flagged_not_fatal(band_artifacts, tm
     path = tmp_path / "bad.wav"
     sf.write(str(path), x, rate, subtype="FLOAT")
     out = tmp_path / "events.jsonl"
-    assert run_monitor("--model", band_artifacts["onnx"], "--source", path, "--threshold", "1e9", "--out", out) == 0
+    assert run_monitor("--checkpoint", band_artifacts["onnx"], "--source", path, "--threshold", "1e9", "--out", out) == 0
     win = windows(events(out))
     flags = [set(e["flags"]) for e in win]
     assert "resampled" in flags[0] and sum("resampled" in f for f in flags) == 1  # flagged once
@@ -149,7 +149,7 @@ def test_folder_source_processes_new_files_once_in_name_order(band_artifacts, tm
     os.utime(folder / "a.wav", (1000.0, 1000.0))
     os.utime(folder / "b.wav", (1012.0, 1012.0))  # finished 12 s after a.wav but holds 1 s: a dropout
     out = tmp_path / "events.jsonl"
-    assert run_monitor("--model", band_artifacts["onnx"], "--source", folder, "--once", "--out", out) == 0
+    assert run_monitor("--checkpoint", band_artifacts["onnx"], "--source", folder, "--once", "--out", out) == 0
     win = windows(events(out))
     assert len(win) == 7  # 2 s of audio, 0.5 s windows every 0.25 s
     assert not any(e["alarm"] for e in win if e["t"] <= 1.0) and win[-1]["alarm"]
@@ -168,7 +168,7 @@ def test_csv_stdin_streaming_graph_alarm_and_dropout(ema_artifacts, tmp_path, mo
     lines.insert(20, "0.195,1.0,oops,2.0")  # an unparsable field: NaN, flagged
     monkeypatch.setattr(sys, "stdin", io.StringIO("time,a,b,c\n" + "\n".join(lines) + "\n"))
     out = tmp_path / "events.jsonl"
-    assert run_monitor("--model", ema_artifacts["onnx"], "--source", "-", "--rate", "100", "--out", out) == 0
+    assert run_monitor("--checkpoint", ema_artifacts["onnx"], "--source", "-", "--rate", "100", "--out", out) == 0
     win = windows(events(out))
     assert len(win) == (81 - 8) // 4 + 1  # 8-row windows every 4 rows (the model's seq_len, half of it)
     assert "nan" in {f for e in win for f in e["flags"]}
@@ -178,7 +178,7 @@ def test_csv_stdin_streaming_graph_alarm_and_dropout(ema_artifacts, tmp_path, mo
     # with timestamps (no --rate) the 0.5 s gap is a dropout
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
     out2 = tmp_path / "ts.jsonl"
-    assert run_monitor("--model", ema_artifacts["onnx"], "--source", "-", "--out", out2) == 0
+    assert run_monitor("--checkpoint", ema_artifacts["onnx"], "--source", "-", "--out", out2) == 0
     assert "dropout" in {f for e in windows(events(out2)) for f in e["flags"]}
 
 
@@ -240,13 +240,13 @@ def test_bad_arguments_are_one_line_exit_2(band_artifacts, switch_wav, tmp_path,
     txt = tmp_path / "a.txt"
     txt.write_text("x")
     args = [a.format(wav=switch_wav, txt=txt) for a in args]
-    assert run_monitor("--model", band_artifacts["onnx"], *args) == cli.EXIT_USAGE
+    assert run_monitor("--checkpoint", band_artifacts["onnx"], *args) == cli.EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
 
 
 def test_bad_model_is_one_line_exit_2(switch_wav, tmp_path, capsys):
-    assert run_monitor("--model", tmp_path / "none.onnx", "--source", switch_wav) == cli.EXIT_USAGE
+    assert run_monitor("--checkpoint", tmp_path / "none.onnx", "--source", switch_wav) == cli.EXIT_USAGE
     assert capsys.readouterr().err.strip() == f"error: artifact not found: {tmp_path / 'none.onnx'}"
 
 
@@ -272,7 +272,7 @@ def test_video_source_scores_frames_at_the_requested_fps(tmp_path):
         writer.write(np.full((48, 64, 3), i * 8, np.uint8))
     writer.release()
     out = tmp_path / "events.jsonl"
-    assert run_monitor("--model", ckpt, "--source", video, "--fps", "5", "--out", out) == 0
+    assert run_monitor("--checkpoint", ckpt, "--source", video, "--fps", "5", "--out", out) == 0
     win = windows(events(out))
     assert len(win) == 15 and win[0]["t"] == pytest.approx(0.2) and win[-1]["t"] == pytest.approx(3.0)
     assert len({e["score"] for e in win}) > 1 and not any(e["alarm"] for e in win)
@@ -304,7 +304,7 @@ def test_real_fan_on_then_blade_fault_alarms_within_2_s(tmp_path):
     wav = tmp_path / "stream.wav"
     sf.write(str(wav), np.concatenate(parts), SR, subtype="PCM_16")
     out = tmp_path / "events.jsonl"
-    assert run_monitor("--model", tmp_path / "onnx" / "model.onnx", "--source", wav, "--hop", "0.25",
+    assert run_monitor("--checkpoint", tmp_path / "onnx" / "model.onnx", "--source", wav, "--hop", "0.25",
                        "--smooth", "3", "--min-duration", "0.5", "--out", out) == 0
     win = windows(events(out))
     assert not any(e["alarm"] for e in win if e["t"] <= change)
@@ -362,7 +362,7 @@ def test_real_fan_normal_then_blade_fault_alarms_within_5_s_and_not_before(fan_m
     wav, change = fan_stream(root, tmp_path, [on_files[i] for i in on], [bad_files[i] for i in bad])
     assert change == pytest.approx(20.0)
     out = tmp_path / "events.jsonl"
-    assert run_monitor("--model", model, "--source", wav, "--out", out) == 0
+    assert run_monitor("--checkpoint", model, "--source", wav, "--out", out) == 0
     evs = events(out)
     rule = evs[-1]["alarm_rule"]
     assert rule["votes"] > 1 and rule["false_alarms_per_hour"] <= 1.0 and rule["window_far"] == pytest.approx(0.1, abs=0.02)

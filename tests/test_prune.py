@@ -303,8 +303,8 @@ def test_prune_verb_writes_a_loadable_checkpoint_that_exports(cnn_run, tmp_path)
     # ... and through bench: the pruned checkpoint and its graph side by side with the original
     from edgediag import bench
 
-    rc = cli.run(bench.main, ["--model", str(ckpt), str(out / "model.pt"), str(exp / "model.onnx"), "--data", str(data),
-                              "--out", str(tmp_path / "bench"), "--backends", "eager,onnxruntime", "--iters", "3",
+    rc = cli.run(bench.main, ["--checkpoint", str(ckpt), str(out / "model.pt"), str(exp / "model.onnx"), "--data", str(data),
+                              "--out", str(tmp_path / "bench"), "--backends", "eager,onnxruntime", "--latency-runs", "3",
                               "--warmup", "1", "--threads", "1"])
     assert rc == 0
     rows = json.loads((tmp_path / "bench" / "report.json").read_text())["rows"]

@@ -130,8 +130,8 @@ def test_toy_family_through_the_pipeline(trained, method, tmp_path, one_thread):
     assert json.loads((graph_dir / "export.json").read_text())["parity"]["passed"]
 
     report = tmp_path / "bench"
-    assert run(bench, "--model", ckpt, pruned / "model.pt", graph_dir / "model.onnx", "--data", data,
-               "--out", report, "--backends", "eager,onnxruntime", "--iters", 2, "--warmup", 1, "--threads", 1) == 0
+    assert run(bench, "--checkpoint", ckpt, pruned / "model.pt", graph_dir / "model.onnx", "--data", data,
+               "--out", report, "--backends", "eager,onnxruntime", "--latency-runs", 2, "--warmup", 1, "--threads", 1) == 0
     rows = [r for r in json.loads((report / "report.json").read_text())["rows"] if r["status"] == "ok"]
     assert {r["artifact"] for r in rows} == {str(ckpt), str(pruned / "model.pt"), str(graph_dir / "model.onnx")}
 
@@ -139,7 +139,7 @@ def test_toy_family_through_the_pipeline(trained, method, tmp_path, one_thread):
     outs = {}
     for name, art in (("graph", graph_dir / "model.onnx"), ("eager", pruned / "model.pt")):
         out = tmp_path / f"predict-{name}"
-        assert run(predict, "--model", art, "--data", data, "--out", out) == 0
+        assert run(predict, "--checkpoint", art, "--data", data, "--out", out) == 0
         with open(out / "predictions.csv") as fh:
             outs[name] = list(csv.DictReader(fh))
     assert len(outs["graph"]) == len(outs["eager"]) == 64  # the toy reader's test split

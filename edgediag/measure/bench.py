@@ -1,8 +1,8 @@
 """The bench flow of `python -m edgediag.bench` (the verb parses, :func:`run` measures):
 params, FLOPs, latency and memory against accuracy, as a report.
 
-    python -m edgediag.bench --model runs/a/best.pt export/a/model.onnx --data DIR --out bench/ \\
-        [--backends eager,onnxruntime,tensorrt] [--threads N] [--batch 1,8] [--warmup W --iters I]
+    python -m edgediag.bench --checkpoint runs/a/best.pt export/a/model.onnx --data DIR --out bench/ \\
+        [--backends eager,onnxruntime,tensorrt] [--threads N] [--batch 1,8] [--warmup W --latency-runs I]
         [--rounds R]   # interleave the timed runs of all artifacts in R rounds (shared machines)
 
 Each artifact runs on its own backend: a checkpoint (.pt) in eager PyTorch, an ONNX
@@ -343,7 +343,7 @@ def attach_power(rows: list[dict], log: str, interval_ms: float | None, iters: i
             r["power"] = tegrastats.summarize(inside, interval_ms, inferences=iters * int(r["batch"]))
         else:
             r["power"] = {"note": "no timestamped tegrastats line within this row's span (log with "
-                                  "--logfile and a short --interval, or run more --iters)"}
+                                  "--logfile and a short --interval, or run more --latency-runs)"}
     return tegrastats.summarize(samples, interval_ms)
 
 
@@ -377,15 +377,15 @@ def run(args) -> int:
         raise UserError(f"unknown backend {', '.join(unknown) or repr(args.backends)} "
                             f"(choose from {', '.join(BACKENDS)})")
     batches = _int_list(args.batch, "batch")
-    if not 1 <= args.rounds <= max(args.iters, 1):
-        raise UserError(f"--rounds must be between 1 and --iters ({args.iters}), not {args.rounds}")
-    if args.threads < 1 or args.iters < 1 or args.warmup < 0:
-        raise UserError("--threads and --iters must be >= 1, --warmup >= 0")
+    if not 1 <= args.rounds <= max(args.latency_runs, 1):
+        raise UserError(f"--rounds must be between 1 and --latency-runs ({args.latency_runs}), not {args.rounds}")
+    if args.threads < 1 or args.latency_runs < 1 or args.warmup < 0:
+        raise UserError("--threads and --latency-runs must be >= 1, --warmup >= 0")
     if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
         raise UserError("--clock cpu times one CPU thread: use it with --threads 1 on the cpu device")
     if args.data and not Path(args.data).exists():
         raise UserError(f"data folder not found: {args.data}")
-    arts = [load_artifact(Path(p)) for p in args.model]
+    arts = [load_artifact(Path(p)) for p in args.checkpoint]
     link_and_label(arts)
     attach_flops(arts)
     out = Path(args.out)
@@ -431,13 +431,13 @@ def run(args) -> int:
                 interleaved.append((rows[-1], run, x))
                 continue
             started = datetime.datetime.now()  # local time, as tegrastats stamps its lines
-            rows.append({**row, "status": "ok", **time_runs(run, x, args.warmup, args.iters, device.type == "cuda", args.clock),
+            rows.append({**row, "status": "ok", **time_runs(run, x, args.warmup, args.latency_runs, device.type == "cuda", args.clock),
                          "span": {"start": started.isoformat(timespec="milliseconds"),
                                   "end": datetime.datetime.now().isoformat(timespec="milliseconds")}})
             _print_row(rows[-1], art, acc)
     reference = None
     if interleaved:
-        reference = time_interleaved(interleaved, args.warmup, args.iters, args.rounds, args.clock)
+        reference = time_interleaved(interleaved, args.warmup, args.latency_runs, args.rounds, args.clock)
         for row, _, _ in interleaved:
             _print_row(row, next(a for a in arts if str(a.path) == row["artifact"]), row)
     for r in rows:
@@ -447,9 +447,9 @@ def run(args) -> int:
         for k in ("auc", "pauc", "metric", "decision_accuracy"):
             if k in r:
                 r[k] = _finite(r[k])
-    power = attach_power(rows, args.tegrastats, args.tegrastats_interval_ms, args.iters) if args.tegrastats else None
+    power = attach_power(rows, args.tegrastats, args.tegrastats_interval_ms, args.latency_runs) if args.tegrastats else None
     write_json(out / "report.json", {"edgediag_version": __version__, "env": env,
-                                     "settings": {"warmup": args.warmup, "iters": args.iters, "rounds": args.rounds,
+                                     "settings": {"warmup": args.warmup, "iters": args.latency_runs, "rounds": args.rounds,
                                                   "clock": args.clock,
                                                   "batches": batches,
                                                   "threads": args.threads, "split": args.split,

@@ -67,7 +67,7 @@ def pareto_png(path: Path, rows: list[dict]) -> None:
     # graph's score metric can differ in kind), else each row's metric.
     y_key = "auc" if ok and all(r.get("auc") is not None for r in ok) else "metric"
     ok = [{**r, "y": r[y_key]} for r in ok if r.get(y_key) is not None]
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=120)
     colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(dict.fromkeys(r["model_name"] for r in ok))}
     markers = {"eager": "o", "onnxruntime": "s", "tensorrt": "^"}
     biggest = max((r.get("params_total") or 1 for r in ok), default=1)
@@ -110,13 +110,14 @@ def pareto_png(path: Path, rows: list[dict]) -> None:
     ax.set_title("accuracy vs latency (marker size = parameters; dashed: original -> pruned)")
     ax.grid(alpha=0.3)
     if ok:
-        ax.legend(loc="best", fontsize=8, framealpha=0.8)
+        # outside the axes, so it never covers a point
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, framealpha=0.8, borderaxespad=0.0)
         ax.margins(x=0.25, y=0.15)
     else:
         ax.text(0.5, 0.5, "no measured rows", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", bbox_inches="tight")  # the legend outside the axes included
     plt.close(fig)
 
 

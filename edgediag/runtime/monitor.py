@@ -1,11 +1,11 @@
 """The stream monitor behind `python -m edgediag.monitor` (the verb parses, :func:`run`
 monitors): watch a stream with an exported model and raise alarms.
 
-    python -m edgediag.monitor --model export/fan/model.onnx --source line.wav --out events.jsonl
-    python -m edgediag.monitor --model model.onnx --source incoming/ --smooth 3 --min-duration 1
-    python -m edgediag.monitor --model model.onnx --source mic:0          # needs edgediag[mic]
-    python -m edgediag.monitor --model model.onnx --source camera:0 --fps 2
-    sensor_reader | python -m edgediag.monitor --model model.onnx --source - --rate 1000
+    python -m edgediag.monitor --checkpoint export/fan/model.onnx --source line.wav --out events.jsonl
+    python -m edgediag.monitor --checkpoint model.onnx --source incoming/ --smooth 3 --min-duration 1
+    python -m edgediag.monitor --checkpoint model.onnx --source mic:0          # needs edgediag[mic]
+    python -m edgediag.monitor --checkpoint model.onnx --source camera:0 --fps 2
+    sensor_reader | python -m edgediag.monitor --checkpoint model.onnx --source - --rate 1000
 
 Sources: a wav/flac file; a directory watched for new audio files (each processed once, in
 name order; ``--once`` stops when the files present are done); ``mic:``/``mic:N``
@@ -467,7 +467,7 @@ def run(args) -> int:
         if value is not None and not (value >= least if least is not None else value > 0):
             raise UserError(f"{flag} must be {'>= 0' if least is not None else 'positive'}, not {value}")
     events = EventLog(args.out) if args.out else None  # checked now, opened at the first event
-    pred = load(args.model, threads=args.threads, device=args.device, streaming=args.streaming)
+    pred = load(args.checkpoint, threads=args.threads, device=args.device, streaming=args.streaming)
     chunks, fps, audio_levels = open_source(args, pred)
     settings = Settings(window=args.window, hop=args.hop, threshold=args.threshold, off_threshold=args.off_threshold,
                         min_duration=args.min_duration, smooth=args.smooth, smooth_mode=args.smooth_mode,
