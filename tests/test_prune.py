@@ -408,3 +408,18 @@ def test_max_drop_refuses_a_pruned_model_that_lost_accuracy(accurate_cnn, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "more than --max-drop 0.01" in err[0] and "nothing written" in err[0]
     assert not (refused / "model.pt").exists() and not (refused / "prune.json").exists()
+
+
+def test_every_pruner_with_inner_groups_implements_the_whole_interface():
+    """ChannelPruner's inner-group methods raise NotImplementedError by design (the interface);
+    every registered pruner that lists inner groups must override all four of them."""
+    import edgediag.models  # noqa: F401 - registers the families' pruners
+    from edgediag.nn.pruning import ChannelPruner, customized_pruners
+
+    methods = ("inner_channels", "inner_tensors", "prune_inner_channels", "inner_hooks")
+    with_groups = [p for p in customized_pruners().values()
+                   if isinstance(p, ChannelPruner) and type(p).inner_names is not ChannelPruner.inner_names]
+    assert len(with_groups) >= 3  # Mamba mixer, MemoryMamba memory network, TASTgram Tgram
+    for pruner in with_groups:
+        missing = [m for m in methods if getattr(type(pruner), m) is getattr(ChannelPruner, m)]
+        assert not missing, f"{type(pruner).__name__} lists inner groups but leaves {missing} unimplemented"

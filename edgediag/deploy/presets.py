@@ -123,7 +123,7 @@ def max_opset(version: str) -> int:
     return _MAX_OPSET[max(v for v in _MAX_OPSET if v <= wanted)] if wanted >= (8, 4) else 0
 
 
-def _constant_names(graph: onnx.GraphProto) -> set[str]:
+def constant_names(graph: onnx.GraphProto) -> set[str]:
     """Tensors known at build time: initializers and Constant outputs."""
     names = {init.name for init in graph.initializer}
     for node in graph.node:
@@ -158,7 +158,7 @@ def check_model(model: onnx.ModelProto, version: str) -> list[Issue]:
     """Issues of ``model`` (main graph) for the TensorRT ONNX parser of ``version``."""
     tv = table_version(version)
     graph = model.graph
-    consts = _constant_names(graph)
+    consts = constant_names(graph)
     counts = Counter((n.domain or "ai.onnx", n.op_type) for n in graph.node)
     issues: list[Issue] = []
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edgediag.deploy.presets import constant_names
 from edgediag.errors import UserError
 
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -40,16 +41,10 @@ MIN_AGREEMENT = 0.95  # below this the export refuses, unless --allow-drift
 FEW_CALIBRATION_ITEMS = 100  # fewer than this: ranges rest on little data, warn
 
 
-def _constant_names(graph: onnx.GraphProto) -> set[str]:
-    names = {i.name for i in graph.initializer}
-    names.update(o for n in graph.node if n.op_type == "Constant" for o in n.output)
-    return names
-
-
 def nodes_to_quantize(model: onnx.ModelProto, float_prefixes: Sequence[str]) -> list[str]:
     """Names of the nodes the INT8 graph quantizes: weighted layers outside the
     ``float_prefixes`` modules (ONNX node names carry the module path, "/backbone/conv1/Conv")."""
-    constants = _constant_names(model.graph)
+    constants = constant_names(model.graph)
     prefixes = tuple(f"/{p.strip('/')}/" for p in float_prefixes)
     chosen = []
     for node in model.graph.node:
@@ -130,7 +125,7 @@ def quantize_int8(model: onnx.ModelProto, calib: np.ndarray, input_name: str, ba
 
 
 def _weighted_count(model: onnx.ModelProto) -> int:
-    constants = _constant_names(model.graph)
+    constants = constant_names(model.graph)
     return sum(1 for n in model.graph.node
                if n.op_type in QUANTIZED_OPS and len(n.input) > 1 and n.input[1] in constants)
 
