@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 BOARD_VENV ?= .venv-board
 BOARD_PY ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.8*/bin/python3.8) $(shell command -v python3.8 2>/dev/null) $(shell command -v python3.9 2>/dev/null))
 
-.PHONY: install board-venv demo test test-slow bench lint clean gpu-check
+.PHONY: install board-venv demo test test-slow bench lint clean gpu-check arm64-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,13 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check edgediag tests benchmarks
+
+# The scan kernels built for aarch64 (Jetson's NEON) and tested under qemu: installs the
+# cross compiler and qemu-user from Debian when missing (needs apt and root).
+arm64-check: $(STAMP)
+	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || \
+	  apt-get install -y -q g++-aarch64-linux-gnu qemu-user >/dev/null
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_scan_kernel_harness.py -rs
 
 gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py

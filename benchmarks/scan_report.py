@@ -1,7 +1,18 @@
-"""Selective-scan backends side by side: latency, speed-up over ref, error vs ref.
+"""Selective-scan backends side by side: forward and forward+backward latency, speed-ups, errors.
 
-    python benchmarks/scan_report.py                 # b=1, d=256, n=16, L=1024, fp32
-    python benchmarks/scan_report.py --seqlen 4096 --rounds 20
+    python benchmarks/scan_report.py                 # the full matrix below, then the ONNX table
+    python benchmarks/scan_report.py --seqlens 1024 --dstates 16 --threads 1 --rounds 20
+
+Part 1, for every L in --seqlens, d_state in --dstates and thread count in --threads
+(b=1, d=256, fp32, a Mamba block's scan: variable B/C, D, z, softplus bias): forward and
+forward+backward medians of ref (mamba-ssm's selective_scan_ref, autograd through it),
+chunked (autograd through the pure-PyTorch scan) and native (the C++ kernel and its
+backward); for d_state <= 4 also 'native padded', the kernel forced to pad the state to
+the vector width (the layout every d_state had before the channel-lane path). Speed-ups
+are medians' ratios within one run; grad err is max over u, delta, A, B, C, D, z and
+delta_bias of max|g - g_ref| / max|g_ref|.
+Part 2 (--onnx-seqlens): the exported chunked scan in ONNX Runtime against eager native
+forward at the same size.
 
 Backends run interleaved, one call each per round, so a load change on a
 shared machine hits them alike; the table shows medians. The error column is
@@ -26,9 +37,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from edgediag.ops import available_backends, selective_scan, selective_scan_chunked  # noqa: E402
+from edgediag.ops import (  # noqa: E402
+    _cpu_ext,
+    available_backends,
+    selective_scan,
+    selective_scan_chunked,
+    selective_scan_cpu,
+    selective_scan_ref,
+)
 
-GOALS = "goals: cpu <= 4 ms and >= 20x ref; chunked >= 5x ref; ORT <= chunked eager, < 1000 nodes; errors <= 1e-5"
+GOALS = ("goals (issue 24): f+b native >= 10x chunked at d_state 16; d_state 1 forward >= 4x padded; "
+         "grad err <= 1e-4; 1 -> 2 threads >= 1.7x at L >= 1024; ORT no slower than eager native")
 
 
 def make_inputs(batch=1, dim=256, dstate=16, seqlen=1024, seed=0, device="cpu"):
@@ -91,82 +110,162 @@ def rel_err(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--dstate", type=int, default=16)
-    p.add_argument("--seqlen", type=int, default=1024)
-    p.add_argument("--chunk", type=int, default=32, help="chunk size of the 'chunked' backend and its export")
-    p.add_argument("--rounds", type=int, default=30, help="timed calls per backend (ref: a fifth of it)")
-    p.add_argument("--threads", type=int, default=None, help="torch and ORT threads (default: torch's)")
-    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
-                   help="'thread': CPU time of the calling thread, a load-robust proxy on a shared "
-                        "machine; needs --threads 1 (everything then runs on that thread)")
-    p.add_argument("--no-onnx", action="store_true")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
-    if args.clock == "thread" and threads != 1:
-        p.error("--clock thread needs --threads 1")
-    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+def _median_ms(ts) -> float:
+    return statistics.median(ts) * 1e3
 
-    inputs = make_inputs(args.batch, args.dim, args.dstate, args.seqlen)
-    backends = available_backends()
-    runners = {}
-    for name in backends:
-        dev_inputs = make_inputs(args.batch, args.dim, args.dstate, args.seqlen,
-                                 device="cuda" if name == "cuda" else "cpu")
-        kw = dict(delta_softplus=True, return_last_state=True)
-        if name == "chunked":
-            def run(dev_inputs=dev_inputs, kw=kw):
-                return selective_scan_chunked(**dev_inputs, **kw, chunk_size=args.chunk)
-        else:
-            def run(dev_inputs=dev_inputs, kw=kw, name=name):
-                return selective_scan(**dev_inputs, **kw, backend=name)
-        runners[name] = run
-    nodes = None
-    if not args.no_onnx:
-        import onnx
 
-        proto = export_chunked_onnx(inputs, args.chunk)
-        nodes = len(onnx.load_from_string(proto).graph.node)
-        sess = ort_session(proto, threads)
-        feeds = {k: inputs[k].numpy() for k in ONNX_INPUTS}
-        runners["onnxruntime"] = lambda: sess.run(None, feeds)
+def _grad_inputs(inputs):
+    return {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
 
-    with torch.no_grad():
-        outputs = {name: run() for name, run in runners.items()}  # warm-up, and the outputs to compare
-        times = {name: [] for name in runners}
-        for r in range(args.rounds):
-            for name, run in runners.items():
-                if name == "ref" and r % 5:
-                    continue
-                if name == "cuda":
-                    torch.cuda.synchronize()
-                t0 = clock()
-                run()
-                if name == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append(clock() - t0)
 
-    ref_out, ref_state = outputs["ref"]
-    ref_ms = statistics.median(times["ref"]) * 1e3
-    print(f"selective scan  b={args.batch} d={args.dim} n={args.dstate} L={args.seqlen} fp32, "
-          f"chunk={args.chunk}, threads={threads}, clock={args.clock}, {platform.machine()}")
-    if hasattr(os, "getloadavg"):
-        print("load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    print("error = max|out - ref| / max|ref|\n")
-    header = f"{'backend':<12} {'median ms':>10} {'min ms':>8} {'speed-up':>9} {'err out':>10} {'err state':>10}  note"
+def _fwd_bwd(fn, inputs, g, **kw):
+    out = fn(**inputs, delta_softplus=True, **kw)
+    return torch.autograd.grad(out, list(inputs.values()), g)
+
+
+def _runners(inputs, g, dstate, ext):
+    """Forward and forward+backward callables per backend for one input set."""
+    fwd = {
+        "ref": lambda: selective_scan_ref(**inputs, delta_softplus=True),
+        "chunked": lambda: selective_scan_chunked(**inputs, delta_softplus=True),
+    }
+    fb = {
+        "ref": lambda: _fwd_bwd(selective_scan_ref, _grad_inputs(inputs), g),
+        "chunked": lambda: _fwd_bwd(selective_scan_chunked, _grad_inputs(inputs), g),
+    }
+    if ext is not None:
+        args = list(inputs.values())
+        fwd["native"] = lambda: selective_scan_cpu(**inputs, delta_softplus=True)
+        fb["native"] = lambda: _fwd_bwd(selective_scan_cpu, _grad_inputs(inputs), g)
+        if dstate <= 4:
+            fwd["native padded"] = lambda: ext.fwd(*args, True, False, False)
+            # the kernel's own passes, without autograd: its gradients come back in the inputs' order
+            fb["native padded"] = lambda: ext.fwd(*args, True, False, False) and ext.bwd(*args, True, g, False)
+    return fwd, fb
+
+
+def scan_matrix(seqlens, dstates, thread_counts, rounds, clock, dim=256) -> list[dict]:
+    """Part 1: one dict per (L, d_state, threads) with medians (ms) and gradient errors."""
+    ext = _cpu_ext.load_extension()
+    rows = []
+    for L in seqlens:
+        for n in dstates:
+            inputs = make_inputs(1, dim, n, L)
+            g = torch.randn(1, dim, L, generator=torch.Generator().manual_seed(1))
+            fwd, fb = _runners(inputs, g, n, ext)
+            grads = {name: fn() for name, fn in fb.items()}  # warm-up, and the gradients to compare
+            ref_grads = grads["ref"]
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                times = {("fwd", k): [] for k in fwd} | {("fb", k): [] for k in fb}
+                with torch.no_grad():
+                    for f in fwd.values():
+                        f()
+                for r in range(rounds):
+                    for (kind, name), ts in times.items():
+                        if name == "ref" and r % 5:  # the Python loop: a fifth of the rounds
+                            continue
+                        fn = (fwd if kind == "fwd" else fb)[name]
+                        t0 = clock()
+                        if kind == "fwd":
+                            with torch.no_grad():
+                                fn()
+                        else:
+                            fn()
+                        ts.append(clock() - t0)
+                row = dict(L=L, dstate=n, threads=threads,
+                           **{f"{kind} {name}": _median_ms(ts) for (kind, name), ts in times.items()})
+                for name, gs in grads.items():
+                    if name != "ref":
+                        row[f"grad err {name}"] = max(rel_err(a, b) for a, b in zip(gs, ref_grads))
+                rows.append(row)
+    return rows
+
+
+def print_matrix(rows) -> None:
+    print("Part 1: forward (fwd) and forward+backward (f+b) medians in ms; x: speed-up\n")
+    header = (f"{'L':>5} {'N':>3} {'thr':>3} | {'fwd ref':>8} {'chunked':>8} {'native':>7} {'padded':>7} | "
+              f"{'f+b ref':>8} {'chunked':>8} {'native':>7} {'padded':>7} | {'f+b x chunked':>13} "
+              f"{'fwd x padded':>12} {'grad err':>9}")
     print(header)
     print("-" * len(header))
-    for name in runners:
-        out, state = outputs[name]
-        med, best = statistics.median(times[name]) * 1e3, min(times[name]) * 1e3
-        note = f"{nodes} ONNX nodes" if name == "onnxruntime" else ""
-        print(f"{name:<12} {med:>10.2f} {best:>8.2f} {ref_ms / med:>8.1f}x {rel_err(out, ref_out):>10.2e} "
-              f"{rel_err(state, ref_state):>10.2e}  {note}")
+    def cell(r, key, width):
+        return f"{r[key]:>{width}.2f}" if key in r else f"{'-':>{width}}"
+
+    for r in rows:
+        fb_x = r["fb chunked"] / r["fb native"] if "fb native" in r else float("nan")
+        pad_x = r["fwd native padded"] / r["fwd native"] if "fwd native padded" in r else None
+        err = r.get("grad err native", float("nan"))
+        print(f"{r['L']:>5} {r['dstate']:>3} {r['threads']:>3} | {cell(r, 'fwd ref', 8)} {cell(r, 'fwd chunked', 8)} "
+              f"{cell(r, 'fwd native', 7)} {cell(r, 'fwd native padded', 7)} | {cell(r, 'fb ref', 8)} "
+              f"{cell(r, 'fb chunked', 8)} {cell(r, 'fb native', 7)} {cell(r, 'fb native padded', 7)} | "
+              f"{fb_x:>12.1f}x {(f'{pad_x:.1f}x' if pad_x else '-'):>12} {err:>9.1e}")
+    scaling = {}
+    for r in rows:
+        scaling.setdefault((r["L"], r["dstate"]), {})[r["threads"]] = r.get("fwd native")
+    lines = [f"L={L} N={n}: {t[1] / t[2]:.2f}x" for (L, n), t in scaling.items() if t.get(1) and t.get(2)]
+    if lines:
+        print("\nnative forward, 1 -> 2 threads: " + ", ".join(lines))
+
+
+def _onnx_runners(inputs, sess, chunk):
+    feeds = {k: inputs[k].numpy() for k in ONNX_INPUTS}
+    native = "cpu" if "cpu" in available_backends() else "chunked"
+    return {"native": lambda: selective_scan(**inputs, delta_softplus=True, return_last_state=True, backend=native),
+            "chunked": lambda: selective_scan_chunked(**inputs, delta_softplus=True, return_last_state=True,
+                                                      chunk_size=chunk),
+            "ort": lambda: sess.run(None, feeds)}
+
+
+def onnx_table(seqlens, dstate, rounds, threads, chunk, clock) -> None:
+    """Part 2: the exported chunked scan in ONNX Runtime vs eager native, forward."""
+    import onnx
+
+    torch.set_num_threads(threads)
+    print(f"\nPart 2: exported scan (chunked, chunk {chunk}) in ONNX Runtime vs eager, N={dstate}, "
+          f"threads={threads}, forward medians in ms\n")
+    header = f"{'L':>5} {'eager native':>12} {'eager chunked':>13} {'ORT':>8} {'ORT / native':>12} {'err ORT':>9} {'nodes':>6}"
+    print(header)
+    print("-" * len(header))
+    for L in seqlens:
+        inputs = make_inputs(1, 256, dstate, L)
+        proto = export_chunked_onnx(inputs, chunk)
+        sess = ort_session(proto, threads)
+        runners = _onnx_runners(inputs, sess, chunk)
+        with torch.no_grad():
+            outs = {k: f() for k, f in runners.items()}
+            times = {k: [] for k in runners}
+            for _ in range(rounds):
+                for k, f in runners.items():
+                    t0 = clock()
+                    f()
+                    times[k].append(clock() - t0)
+        ms = {k: _median_ms(v) for k, v in times.items()}
+        ref = selective_scan_ref(**inputs, delta_softplus=True)
+        print(f"{L:>5} {ms['native']:>12.2f} {ms['chunked']:>13.2f} {ms['ort']:>8.2f} "
+              f"{ms['ort'] / ms['native']:>11.1f}x {rel_err(outs['ort'][0], ref):>9.1e} "
+              f"{len(onnx.load_from_string(proto).graph.node):>6}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    p.add_argument("--seqlens", type=ints, default=[256, 1024, 4096], help="comma-separated L values of part 1")
+    p.add_argument("--dstates", type=ints, default=[1, 16], help="comma-separated d_state values of part 1")
+    p.add_argument("--threads", type=ints, default=[1, 2], help="comma-separated thread counts of part 1")
+    p.add_argument("--rounds", type=int, default=10, help="timed calls per backend (ref: a fifth of them)")
+    p.add_argument("--onnx-seqlens", type=ints, default=[1024, 4096],
+                   help="comma-separated L values of part 2 (ONNX Runtime vs eager); 0 skips part 2")
+    p.add_argument("--chunk", type=int, default=32, help="chunk size of the exported scan in part 2")
+    args = p.parse_args(argv)
+    clock = time.perf_counter  # wall: a 2-thread run's time is not one thread's CPU time
+    print(f"selective scan, b=1 d=256 fp32, {platform.machine()}, torch {torch.__version__}, "
+          f"native kernel: {'built' if _cpu_ext.load_extension() is not None else _cpu_ext.build_error()}")
+    if hasattr(os, "getloadavg"):
+        print("load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + "\n")
+    print_matrix(scan_matrix(args.seqlens, args.dstates, args.threads, args.rounds, clock))
+    if args.onnx_seqlens != [0]:
+        onnx_table(args.onnx_seqlens, 16, args.rounds, max(args.threads), args.chunk, clock)
     print("\n" + GOALS)
     return 0
 

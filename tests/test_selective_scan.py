@@ -211,7 +211,8 @@ def test_chunked_gradients_match_ref(bc):
 
 def test_auto_is_differentiable():
     inputs = make_inputs(bc="var", requires_grad=True)
-    assert resolve_backend("auto", inputs["u"], *inputs.values()) == "chunked"
+    want = "cpu" if _cpu_ext.load_extension() is not None else "chunked"  # the native backward when built
+    assert resolve_backend("auto", inputs["u"], *inputs.values()) == want
     out = selective_scan(**inputs, delta_softplus=True)
     out.sum().backward()
     assert inputs["u"].grad is not None and torch.isfinite(inputs["u"].grad).all()
@@ -295,9 +296,10 @@ def test_training_on_cuda_uses_the_kernel_and_its_gradients_match_ref():
         torch.testing.assert_close(got, want, rtol=2e-3, atol=5e-3)
 
 
-def test_auto_sends_cuda_training_to_the_kernel_and_cpu_training_to_chunked(monkeypatch):
+def test_auto_sends_training_to_the_kernels(monkeypatch):
     """The dispatch rule alone (no GPU needed): a CUDA tensor that needs a gradient goes to
-    mamba-ssm's differentiable kernel when it is importable; a CPU one to the chunked scan."""
+    mamba-ssm's differentiable kernel when it is importable; a CPU one to the native kernel
+    (its own backward), or to the chunked scan where the extension is not built."""
     import importlib
     from types import SimpleNamespace
 
@@ -308,6 +310,9 @@ def test_auto_sends_cuda_training_to_the_kernel_and_cpu_training_to_chunked(monk
     monkeypatch.setattr(scan, "_mamba_scan_fn", lambda: object())
     assert resolve_backend("auto", cuda_u) == "cuda"
     cpu_u = torch.zeros(1, 2, 3, requires_grad=True)
+    monkeypatch.setattr(scan._cpu_ext, "load_extension", lambda: object())
+    assert resolve_backend("auto", cpu_u) == "cpu"
+    monkeypatch.setattr(scan._cpu_ext, "load_extension", lambda: None)
     assert resolve_backend("auto", cpu_u) == "chunked"
     monkeypatch.setattr(scan, "_mamba_scan_fn", lambda: None)
     assert resolve_backend("auto", cuda_u) == "chunked"
@@ -350,12 +355,11 @@ def test_auto_chunked_while_tracing(monkeypatch):
     assert seen == ["chunked"]
 
 
-def test_cpu_backend_refuses_grad_and_tracing(cpu_ext):
-    inputs = make_inputs(requires_grad=True)
-    with pytest.raises(RuntimeError, match="forward-only"):
-        selective_scan(**inputs, backend="cpu")
-    with torch.no_grad():  # no graph needed: fine
-        selective_scan(**inputs, backend="cpu")
+def test_cpu_backend_refuses_tracing(cpu_ext):
+    inputs = make_inputs()
+    with pytest.raises(RuntimeError, match="cannot be traced"):
+        torch.jit.trace(lambda u: selective_scan(u, *[inputs[k] for k in ("delta", "A", "B", "C")], backend="cpu"),
+                        (inputs["u"],))
 
 
 def test_build_failure_falls_back_with_one_warning(monkeypatch):

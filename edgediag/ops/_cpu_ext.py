@@ -28,6 +28,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 KERNEL_SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "selective_scan_cpu.cpp"
+KERNEL_HEADER = KERNEL_SOURCE.with_suffix(".h")
 
 _lock = threading.Lock()
 _module = None
@@ -106,11 +107,14 @@ def _build(verbose: bool):
     flags = compile_flags()
     build_dir = build_directory(flags)
     build_dir.mkdir(parents=True, exist_ok=True)
+    # torch rebuilds when the .cpp or the flags change; the header's hash in a define makes
+    # an edit of the header count too
+    header_hash = hashlib.sha1(KERNEL_HEADER.read_bytes()).hexdigest()[:12]
     with _exclusive(build_dir):
         return load(
             name="edgediag_selective_scan_cpu",
             sources=[str(KERNEL_SOURCE)],
-            extra_cflags=flags,
+            extra_cflags=[*flags, f"-DEDGEDIAG_KERNEL_HEADER_HASH={header_hash}"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             verbose=verbose,

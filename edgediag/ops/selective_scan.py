@@ -18,13 +18,12 @@ Backends (``available_backends()`` lists the usable ones):
 
 ``ref``      the sequential loop, ground truth (``selective_scan_ref``).
 ``chunked``  pure PyTorch, differentiable, ONNX-exportable (``selective_scan_chunked``).
-``cpu``      native C++ kernel, forward only (``selective_scan_cpu``).
+``cpu``      native C++ kernel, fused forward and backward (``selective_scan_cpu``).
 ``cuda``     mamba-ssm's CUDA kernel when importable (``selective_scan_cuda``).
 
 ``backend="auto"`` picks: ``chunked`` while tracing/exporting; ``cuda`` for CUDA
-tensors when mamba-ssm is installed, with or without gradients (its kernel has a fused
-backward); ``chunked`` for other tensors that need a gradient; ``cpu`` for CPU tensors
-when the extension builds; ``chunked`` otherwise.
+tensors when mamba-ssm is installed; ``cpu`` for CPU tensors when the extension builds;
+``chunked`` otherwise. Both kernels have a fused backward, so training takes them too.
 The choice made by ``auto`` can be forced with the ``EDGEDIAG_SCAN_BACKEND``
 environment variable or the ``scan_backend(...)`` context manager (the
 context manager wins over the variable); an explicit ``backend=`` argument
@@ -451,20 +450,46 @@ def is_tracing() -> bool:
                                           getattr(compiler, "is_exporting", lambda: False)()))
 
 
+class _CpuScanFunction(torch.autograd.Function):
+    """The native kernel with its native backward. Only the inputs are saved: the backward
+    recomputes the states row by row (no B*D*L*N tensor between the passes)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        ext = _cpu_ext.load_extension()
+        res = ext.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.delta_softplus = delta_softplus
+        out = res[0].to(u.dtype)
+        if return_last_state:
+            ctx.mark_non_differentiable(res[1])  # as mamba-ssm: no gradient through the last state
+            return out, res[1]
+        return out
+
+    @staticmethod
+    def backward(ctx, dout, *_):
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        grads = _cpu_ext.load_extension().bwd(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, dout)
+        inputs = (u, delta, A, B, C, D, z, delta_bias)
+        cast = [None if x is None else g.to(x.dtype) for g, x in zip(grads, inputs)]
+        return (*cast, None, None)
+
+
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
-    """Native C++ forward kernel (inference only: no autograd, not traceable)."""
+    """Native C++ kernel: fused forward, and a fused backward when gradients are needed
+    (not traceable: exported graphs use 'chunked')."""
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if u.device.type != "cpu":
         raise RuntimeError("the 'cpu' selective-scan backend needs CPU tensors")
-    if _needs_grad(u, delta, A, B, C, D, z, delta_bias):
-        raise RuntimeError("the 'cpu' selective-scan backend is forward-only; use backend='chunked' "
-                           "(or 'auto') when gradients are needed")
     if is_tracing():
         raise RuntimeError("the 'cpu' selective-scan backend cannot be traced or exported; use 'chunked'")
     ext = _cpu_ext.load_extension()
     if ext is None:
         raise RuntimeError(f"the native CPU selective scan is unavailable: {_cpu_ext.build_error()}")
+    if _needs_grad(u, delta, A, B, C, D, z, delta_bias):
+        return _CpuScanFunction.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                      bool(return_last_state))
     res = ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state))
     out = res[0].to(u.dtype)
     return (out, res[1]) if return_last_state else out
@@ -550,10 +575,8 @@ def resolve_backend(backend: str, u: Tensor, *tensors) -> str:
         return "chunked"
     if u.device.type == "cuda" and _mamba_scan_fn() is not None:
         return "cuda"  # differentiable (its own fused backward): training takes it too
-    if _needs_grad(u, *tensors):
-        return "chunked"
     if u.device.type == "cpu" and _cpu_ext.load_extension() is not None:
-        return "cpu"
+        return "cpu"  # with its native backward when gradients are needed
     return "chunked"
 
 
