@@ -22,7 +22,7 @@ VERBS = {
     "predict": "score every item of a folder with any artifact (.pt/.onnx/.engine), write a CSV",
     "prune": "structured (torch-pruning) and dynamic pruning, then fine-tuning",
     "export": "export to ONNX / TensorRT with parity checks",
-    "bench": "params, FLOPs, latency and memory against accuracy, as a report",
+    "bench": "params, FLOPs and latency against accuracy, as a report",
     "monitor": "on-device monitoring of a stream with an exported model",
     "verify": "check an export folder without torch: digests, golden inputs, decisions",
     "demo": "the whole pipeline on synthetic data the project generates",

@@ -1,8 +1,9 @@
-"""`python -m edgediag.bench`: params, FLOPs, latency and memory against accuracy, as a report.
+"""`python -m edgediag.bench`: params, FLOPs and latency against accuracy, as a report.
 
     python -m edgediag.bench --checkpoint runs/a/best.pt export/a/model.onnx --data DIR --out bench/ \\
         [--backends eager,onnxruntime,tensorrt] [--threads N] [--batch 1,8] [--warmup W --latency-runs I]
         [--rounds R]   # interleave the timed runs of all artifacts in R rounds (shared machines)
+        [--json]     # the table as one JSON object on stdout
 
 ``--model`` (for ``--checkpoint``) and ``--iters`` (for ``--latency-runs``) are the old spellings,
 still accepted.
@@ -13,16 +14,15 @@ and plots/ into --out.
 
 from __future__ import annotations
 
-import os
-
 from edgediag import cli
 from edgediag.measure.bench import run
+from edgediag.measure.timing import add_timing_args
 from edgediag.runtime.tegrastats import read_log
 from edgediag.utils import select_device
 
 
 def parser():
-    p = cli.make_parser("bench", "Params, FLOPs, latency and memory against accuracy, as a report.")
+    p = cli.make_parser("bench", "Params, FLOPs and latency against accuracy, as a report.")
     artifacts = p.add_argument("--checkpoint", nargs="+", required=True, metavar="PATH",
                                help="the artifacts to measure: checkpoints (.pt), ONNX graphs (.onnx) and "
                                     "TensorRT engines (.engine/.plan)")
@@ -31,16 +31,9 @@ def parser():
     p.add_argument("--out", metavar="DIR", required=True, help="folder for report.json, report.md, pareto.png, plots/")
     p.add_argument("--backends", default="eager,onnxruntime,tensorrt",
                    help="comma-separated subset of eager,onnxruntime,tensorrt (default: all)")
-    cli.add_threads_arg(p, os.cpu_count() or 1,
-                        "CPU threads for torch and ONNX Runtime (intra-op), pinned for every figure "
-                        "(default: all cores)")
+    timing_args = add_timing_args(p)
+    cli.add_alias(p, timing_args["latency_runs"], "--iters")  # the old spelling
     p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8 (default 1)")
-    p.add_argument("--warmup", type=int, default=5, metavar="N",
-                   help="untimed runs before the timed ones of each figure (default 5)")
-    runs = p.add_argument("--latency-runs", type=int, default=50, metavar="N",
-                          help="timed runs per figure (batch size x artifact x backend); the report gives their "
-                               "median (p50) and spread (default 50)")
-    cli.add_alias(p, runs, "--iters")  # the old spelling
     p.add_argument("--rounds", type=int, default=1, metavar="R",
                    help="not a count of timed runs: how the measurement is ordered. The --latency-runs of every "
                         "figure are split into R rounds that each go through every artifact in turn, so the "
@@ -56,6 +49,7 @@ def parser():
                    help="a tegrastats log written during this run (tegrastats --interval 100 --logfile LOG): "
                         "each timed row gets the power summary of its time span, energy per item")
     p.add_argument("--tegrastats-interval-ms", type=float, help="the --interval of that log (default: from its timestamps)")
+    cli.add_json_arg(p)
     return p
 
 
@@ -68,7 +62,7 @@ def main(argv=None) -> int:
     select_device(args.device)  # a bad --device fails now
     if args.tegrastats:  # a bad log fails now, not after the timing runs
         read_log(args.tegrastats)
-    with cli.locked_output(args.out):
+    with cli.json_stdout(args.json), cli.locked_output(args.out):
         return run(args)
 
 

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 from edgediag import cli
 from edgediag.data import build_data, resolve_data_config
 from edgediag.engine.checkpoint import load_model
-from edgediag.engine.metrics import format_metrics
 from edgediag.engine.trainer import DeviceLoader
+from edgediag.measure.report import METRIC_COLUMNS, metric_rows, metrics_text
 from edgediag.measure.timing import torch_threads
 from edgediag.utils import select_device, write_json
 
@@ -27,6 +27,7 @@ def parser():
     p.add_argument("--batch-size", type=int, default=32, help="items scored per batch (default 32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto: cuda where there is one)")
     cli.add_threads_arg(p, None, "torch CPU threads for scoring (default: torch's)")
+    cli.add_json_arg(p)
     return p
 
 
@@ -36,6 +37,11 @@ def main(argv=None) -> int:
         cli.output_folder(args.out)  # before the data is read and scored
     if args.batch_size < 1:
         raise cli.UserError("--batch-size must be at least 1")
+    with cli.json_stdout(args.json):
+        return _evaluate(args)
+
+
+def _evaluate(args) -> int:
     model, ckpt = load_model(args.checkpoint)
     with cli.locked_output(args.out or Path(args.checkpoint).resolve().parent / "eval") as out_dir:
         data = ckpt.get("data") or {}
@@ -52,9 +58,11 @@ def main(argv=None) -> int:
             metrics = model.evaluate(loader, out_dir=out_dir)
         write_json(out_dir / "metrics.json", {"checkpoint": str(args.checkpoint), "data": str(data_cfg.root),
                                               "split": args.split, "items": len(dataset), **metrics})
-    print(f"{ckpt['model_name']} on {data_cfg.root} ({args.split}, {len(dataset)} items)")
-    print(format_metrics(metrics))
-    print(f"metrics: {out_dir / 'metrics.json'}")
+    head = f"{ckpt['model_name']} on {data_cfg.root} ({args.split}, {len(dataset)} items)"
+    cli.show(cli.table_report(metric_rows(metrics), METRIC_COLUMNS, verb="evaluate", model=ckpt["model_name"],
+                      checkpoint=str(args.checkpoint), data=str(data_cfg.root), split=args.split, items=len(dataset),
+                      groups=metrics.get("table") or [], metrics_json=str(out_dir / "metrics.json")),
+         "\n".join([head, "", metrics_text(metrics), "", f"metrics: {out_dir / 'metrics.json'}"]))
     return 0
 
 

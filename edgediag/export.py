@@ -14,6 +14,7 @@ from edgediag import cli
 from edgediag.deploy.pipeline import run
 from edgediag.deploy.presets import PRECISIONS
 from edgediag.deploy.quantize import CALIBRATION_METHODS
+from edgediag.measure.timing import add_timing_args
 
 
 def parser():
@@ -66,15 +67,17 @@ def parser():
                         "(auto: decompose when the target TensorRT is older than 8.6)")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     p.add_argument("--dla", action="store_true", help="build for DLA core 0 (with GPU fallback) if the preset has DLA")
-    cli.add_threads_arg(p, 0, "CPU threads of both runtimes in the latency comparison (default: torch's)",
-                        minimum=0)
-    p.add_argument("--latency-runs", type=int, default=30, help="timed runs per runtime (median reported)")
+    add_timing_args(p, threads_help="CPU threads of both runtimes in the latency comparison and the "
+                                        "ONNX Runtime checks (default 1, as every verb times)")
+    cli.add_json_arg(p)
     return p
 
 
 
 def main(argv=None) -> int:
-    return run(parser().parse_args(argv))
+    args = parser().parse_args(argv)
+    with cli.json_stdout(args.json):
+        return run(args)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,13 @@ def parser():
     p.add_argument("--out", metavar="DIR", help="output folder (default: predictions/ beside the artifact)")
     p.add_argument("--batch-size", type=int, default=32, help="items scored per call (default 32)")
     cli.add_threads_arg(p, None, "CPU threads for inference (default: the runtime's)")
+    cli.add_json_arg(p)
     return p
+
+
+COLUMNS = (cli.Column("items"), cli.Column("flagged"), cli.Column("false_alarms", "false alarms"),
+           cli.Column("missed"), cli.Column("fpr", "FPR", ".4f"), cli.Column("tpr", "TPR", ".4f"), cli.Column("auc", "AUC", ".4f"),
+           cli.Column("pauc", "pAUC", ".4f"))
 
 
 def main(argv=None) -> int:
@@ -39,6 +45,11 @@ def main(argv=None) -> int:
     if args.batch_size < 1:
         raise cli.UserError("--batch-size must be at least 1")
     out = cli.output_folder(args.out if args.out else Path(args.checkpoint).resolve().parent / "predictions")
+    with cli.json_stdout(args.json):
+        return _predict(args, out)
+
+
+def _predict(args, out: Path) -> int:
     predictor = runtime.load(args.checkpoint, threads=args.threads)
     with cli.locked_output(out):
         meta = predictor.metadata
@@ -59,10 +70,13 @@ def main(argv=None) -> int:
     known = [r for r in rows if r["true_anomaly"] != ""]
     auc, pauc = auc_pauc([r["true_anomaly"] for r in known], [r["score"] for r in known])
     if auc == auc:  # both classes present
-        counts.update(auc=round(auc, 4), pauc=round(pauc, 4))
-    print(f"{predictor.model_name} ({predictor.backend}) on {data_cfg.root} ({args.split}): "
-          + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    print(f"predictions: {out / 'predictions.csv'}" + (f" (+ {len(dcase)} DCASE submission files)" if dcase else ""))
+        counts.update(auc=auc, pauc=pauc)
+    head = f"{predictor.model_name} ({predictor.backend}) on {data_cfg.root} ({args.split})"
+    files = f"predictions: {out / 'predictions.csv'}" + (f" (+ {len(dcase)} DCASE submission files)" if dcase else "")
+    cli.show(cli.table_report([counts], COLUMNS, verb="predict", model=predictor.model_name, backend=predictor.backend,
+                      checkpoint=str(args.checkpoint), data=str(data_cfg.root), split=args.split,
+                      predictions=str(out / "predictions.csv"), dcase_files=[str(p) for p in dcase]),
+         "\n".join([head, cli.format_table([counts], COLUMNS), files]))
     return 0
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from edgediag import cli
 from edgediag.compress.importance import IMPORTANCES
 from edgediag.compress.pipeline import METHODS, run
-from edgediag.measure.timing import torch_threads
+from edgediag.measure.timing import add_timing_args, torch_threads
 
 
 def parser():
@@ -44,22 +44,26 @@ def parser():
     p.add_argument("--method", default="structured", choices=METHODS,
                    help="structured (torch-pruning), dynamic (screening gates) or both (default structured)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--ratio", type=float, help="fraction of the model's cost to remove (default 0.5)")
+    budget.add_argument("--ratio", type=float, help="fraction of the model's cost to remove (default: the model's "
+                        "prune recipe, chosen to halve batch-1 latency, e.g. 0.8 for tastgram_mfn; else 0.5)")
     budget.add_argument("--target-params", type=float, help="stop at this many parameters")
-    budget.add_argument("--target-latency-ms", type=float, help="stop at this eager CPU latency (batch 1, 1 thread)")
+    budget.add_argument("--target-latency-ms", type=float,
+                        help="stop at this eager CPU latency (batch 1, one thread; the default timing protocol)")
     p.add_argument("--ratio-metric", default="params", choices=("params", "flops", "both"),
                    help="what --ratio is a fraction of (default params)")
     p.add_argument("--importance", default="magnitude", help="magnitude | taylor | lamp")
     p.add_argument("--global", dest="global_pruning", action="store_true",
                    help="rank channels across layers (global pruning) instead of the same ratio per layer")
-    p.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of this (8 for TensorRT)")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="keep channel counts multiples of this (default: the model's recipe, 16 or 8: the CPU's "
+                        "vector width; 8 for TensorRT; 1 = no rounding)")
     p.add_argument("--latency-aware", action="store_true",
                    help="measure per-layer latency and prune time-heavy layers first (implies --global)")
     p.add_argument("--latency-backend", default="eager", choices=("eager", "onnxruntime"),
                    help="--latency-aware: time the layers in eager PyTorch or ONNX Runtime (default eager)")
-    p.add_argument("--remove-blocks", type=int, default=0, metavar="N",
+    p.add_argument("--remove-blocks", type=int, default=None, metavar="N",
                    help="depth pruning first: remove the N residual blocks that change their input least "
-                        "(default 0)")
+                        "(default: the model's recipe without a budget flag, e.g. 3 for memorymamba; else 0)")
     p.add_argument("--max-channel-ratio", type=float, default=0.9, help="never remove more than this per group")
     p.add_argument("--steps", type=int, default=18, help="pruning steps up to the max channel ratio")
     p.add_argument("--finetune-epochs", type=int, default=None,
@@ -76,16 +80,15 @@ def parser():
                    help="fine-tuning batch size (default: --config's, else the one the checkpoint was trained with)")
     p.add_argument("--max-steps-per-epoch", type=int, default=0,
                    help="cap on the optimiser steps of each fine-tuning epoch (default 0 = whole epochs)")
-    p.add_argument("--latency-runs", type=int, default=20, metavar="N",
-                   help="timed runs per latency figure (batch 1, one thread, after 3 untimed warm-up runs; "
-                        "the before/after speed-up: 2), median reported (default 20)")
-    cli.add_threads_arg(p, None, "torch CPU threads for evaluation and fine-tuning (sets train.threads; default: "
-                                 "--config's, else torch's); the latency figures always use one thread")
+    add_timing_args(p, with_threads=False)
+    cli.add_threads_arg(p, None, "CPU threads of the latency figures (default 1, as every verb times) and of "
+                                 "evaluation and fine-tuning (sets train.threads; default: --config's, else torch's)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency figures (params/FLOPs only)")
     p.add_argument("--seed", type=int, metavar="N", default=0,
                    help="seed of the data split, the importance batches and fine-tuning (default 0)")
     p.add_argument("--force", action="store_true", help="overwrite an earlier result in --out")
     cli.add_config_args(p)
+    cli.add_json_arg(p)
     return p
 
 
@@ -102,7 +105,7 @@ def _check_args(args) -> None:
         raise cli.UserError("--round-to must be >= 1")
     if not 0.0 < args.max_channel_ratio < 1.0:
         raise cli.UserError("--max-channel-ratio must be in (0, 1)")
-    if args.remove_blocks < 0:
+    if (args.remove_blocks or 0) < 0:
         raise cli.UserError("--remove-blocks must be >= 0")
     if args.steps < 1 or (args.finetune_epochs or 0) < 0 or (args.distill or 0) < 0:
         raise cli.UserError("--steps must be >= 1, --finetune-epochs and --distill >= 0")
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
     _check_args(args)
     if args.threads:  # what train --threads sets: the fine-tuning Trainer's threads
         args.overrides = [*args.overrides, f"train.threads={args.threads}"]
-    with cli.locked_output(args.out), torch_threads(args.threads):
+    with cli.json_stdout(args.json), cli.locked_output(args.out), torch_threads(args.threads):
         return run(args)
 
 

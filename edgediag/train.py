@@ -49,6 +49,7 @@ def parser():
                                  "torch's default)")
     p.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
     p.add_argument("--force", action="store_true", help="overwrite an earlier run in --out")
+    cli.add_json_arg(p)
     return p
 
 
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
         raise cli.UserError(f"{out_dir} already holds a run: pass --resume to continue it or --force to overwrite")
     # one run per folder (torchrun: rank 0 holds it for all); a failed run keeps what it wrote (last.pt resumes)
     lock = cli.locked_output(out_dir, keep_on_failure=True) if distributed_env()[0] == 0 else contextlib.nullcontext()
-    with lock:
+    with cli.json_stdout(args.json), lock:
         return _train(args, name, cls, model_cfg, train_cfg, data_cfg, out_dir)
 
 
@@ -134,10 +135,12 @@ def _train(args, name, cls, model_cfg, train_cfg, data_cfg, out_dir) -> int:
                                         "train_config": dataclasses.asdict(train_cfg),
                                         "history": trainer.history, "test_metrics": metrics,
                                         "threshold": float(model.threshold)})
-    if metrics:
-        from edgediag.engine.metrics import format_metrics
-        print(format_metrics(metrics))
-    print(f"checkpoint: {out_dir / 'model.pt'}")
+    from edgediag.measure.report import METRIC_COLUMNS, metric_rows, metrics_text
+
+    cli.show(cli.table_report(metric_rows(metrics or {}), METRIC_COLUMNS, verb="train", model=name,
+                      checkpoint=str(out_dir / "model.pt"), threshold=float(model.threshold),
+                      groups=(metrics or {}).get("table") or []),
+         "\n".join(([metrics_text(metrics)] if metrics else []) + [f"checkpoint: {out_dir / 'model.pt'}"]))
     return 0
 
 

@@ -160,7 +160,7 @@ double loss(const Case& c, const Inputs& in, const std::vector<double>& w) {
 
 // max |kernel - finite difference| / max |finite difference| over up to 12
 // elements of each input, spread over the tensor.
-double grad_error(const Case& c, Inputs in, const std::vector<double>& w, const KernelResult& r,
+double grad_error(const Case& c, Inputs in, const std::vector<double>& w,
                   std::vector<double> Inputs::*field, const std::vector<double>& grad) {
   std::vector<double>& x = in.*field;
   if (x.empty()) return 0;
@@ -218,7 +218,7 @@ int main() {
           {&Inputs::C, &KernelResult::dC},       {&Inputs::D, &KernelResult::dD},
           {&Inputs::z, &KernelResult::dz},       {&Inputs::bias, &KernelResult::dbias}};
       for (const auto& f : fields) {
-        g64 = std::max(g64, grad_error(c, in, w, r64, f.first, r64.*(f.second)));
+        g64 = std::max(g64, grad_error(c, in, w, f.first, r64.*(f.second)));
         // fp32 gradients against the fp64 kernel's (which the finite differences vouch for)
         g32 = std::max(g32, max_rel(r32.*(f.second), r64.*(f.second)));
       }

@@ -114,7 +114,8 @@ def test_bench_reports_eager_and_onnxruntime_rows(toy_artifacts, tmp_path, capsy
     for r in ok:
         lat = r["latency_ms"]
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
-        assert r["items_per_s"] > 0 and r["rss_peak_mb"] > 0
+        assert r["items_per_s"] > 0 and "rss_peak_mb" not in r  # not per row: one process ran every row
+        assert (r["threads"], r["warmup"], r["runs"]) == (1, 2, 10)
         assert r["env"]["threads"] == 1 and r["env"]["torch"] == torch.__version__ and r["env"]["onnxruntime"]
         assert r["params_total"] >= 354 and r["variant"] == "original"
         assert 0.0 <= r["auc"] <= 1.0
@@ -124,8 +125,10 @@ def test_bench_reports_eager_and_onnxruntime_rows(toy_artifacts, tmp_path, capsy
     assert math.isclose(eager["auc"], ort["auc"], abs_tol=1e-6)  # same scores through both runtimes
     skipped = [r for r in rows if r["backend"] == "tensorrt"]
     assert skipped and all(r["status"] == "skipped" and r["reason"] for r in skipped)
+    assert report["memory"]["rss_peak_mb"] > 0 and report["protocol"]["warmup"] == 2
     md = (out / "report.md").read_text()
     assert "| model | variant | backend | batch | params | MFLOPs/item | p50 ms |" in md
+    assert "RSS" not in md and "1 thread, 2 warm-up + 10 timed runs, median of wall time" in md
     assert md.count("| toy_mlp | original |") == 4 and "skipped" in md
     png = (out / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

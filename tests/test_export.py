@@ -408,6 +408,13 @@ def test_every_family_exports_with_parity(family, tmp_path):
     assert report["parity"]["passed"] and report["parity"]["decisions_identical"]
     assert report["onnx"]["outputs"][0]["name"] == "score" and report["onnx"]["outputs"][0]["shape"] == [1]
     assert "STFT" not in report["onnx"]["ops"] and "DFT" not in report["onnx"]["ops"]  # pre-processing inside
+    # the checkpoint and its graph report the same parameters and FLOPs (issue 25): what export traced
+    from edgediag.measure.bench import attach_costs, load_artifact
+
+    arts = [load_artifact(Path(ckpt)), load_artifact(out / "model.onnx")]
+    attach_costs(arts)
+    assert arts[0].params == arts[1].params == report["counts"]["params"]
+    assert arts[0].flops["flops"] == arts[1].flops["flops"] == report["counts"]["flops_per_item"] > 0
 
 
 @pytest.mark.parametrize("family", ["ldmamba", "memorymamba"])

@@ -69,7 +69,7 @@ def test_memorymamba_t_has_the_published_size(n_classes, published):
 
 
 def test_edge_variants_are_small_and_give_class_probabilities():
-    for name, size, patch in (("memorymamba_nano", 128, 8), ("memorymamba_micro", 160, 4)):
+    for name, size, patch in (("memorymamba_nano", 64, 8), ("memorymamba_micro", 160, 4)):
         cfg = build_config(name)
         assert cfg.image_size == size and cfg.patch_size == patch and cfg.dims[0] == 32
         assert n_params(create_model(name, n_classes=6)) < 4e6

@@ -423,3 +423,59 @@ def test_every_pruner_with_inner_groups_implements_the_whole_interface():
     for pruner in with_groups:
         missing = [m for m in methods if getattr(type(pruner), m) is getattr(ChannelPruner, m)]
         assert not missing, f"{type(pruner).__name__} lists inner groups but leaves {missing} unimplemented"
+
+
+# --- the families' prune recipes (issue 24.5: the default ratio halves batch-1 latency) -------
+def _recipe_args(*argv):
+    return prune_verb.parser().parse_args(["--checkpoint", "c.pt", "--data", "d", "--out", "o", *argv])
+
+
+class _Recipe:
+    model_name = "fake"
+    prune_recipe = {"ratio": 0.8, "round_to": 16, "remove_blocks": 2, "finetune_epochs": 5, "distill": 0.5,
+                    "lr_scale": 0.5}
+
+
+def test_recipe_fills_ratio_widths_blocks_and_fine_tuning_left_unset():
+    from edgediag.compress.pipeline import resolve_recipe
+
+    args = _recipe_args()
+    words = resolve_recipe(args, _Recipe)
+    assert (args.ratio, args.round_to, args.remove_blocks, args.finetune_epochs, args.distill, args.lr_scale) == (
+        0.8, 16, 2, 5, 0.5, 0.5)
+    assert "fake's prune recipe" in words and "ratio 0.8" in words and "remove_blocks 2" in words
+
+
+@pytest.mark.parametrize("argv", [["--ratio", "0.3"], ["--target-params", "1000"], ["--ratio-metric", "flops"]])
+def test_a_budget_flag_replaces_the_recipe_ratio_and_its_blocks(argv):
+    """The recipe's ratio and blocks removed go together: a budget of one's own takes neither
+    (removing blocks could alone overshoot it); the widths' rounding still applies."""
+    from edgediag.compress.pipeline import resolve_recipe
+
+    args = _recipe_args(*argv)
+    resolve_recipe(args, _Recipe)
+    assert args.remove_blocks == 0 and args.round_to == 16
+    assert args.ratio == (0.3 if "--ratio" in argv else None)
+
+
+def test_flags_given_win_over_the_recipe():
+    from edgediag.compress.pipeline import resolve_recipe
+
+    args = _recipe_args("--round-to", "1", "--remove-blocks", "0", "--lr", "1e-3", "--finetune-epochs", "0",
+                        "--distill", "0")
+    resolve_recipe(args, _Recipe)
+    assert (args.round_to, args.remove_blocks, args.finetune_epochs, args.distill) == (1, 0, 0, 0.0)
+    assert not hasattr(args, "lr_scale") and args.ratio == 0.8
+
+
+@pytest.mark.parametrize("name", ["tastgram_mfn", "aegan_ad", "ldmamba_small", "memorymamba_nano"])
+def test_every_family_recipe_is_one_prune_can_run(name):
+    """Each family's recipe: known keys, a ratio in (0, 1), widths rounded to whole vectors
+    (multiples of 8: AVX and the scan's channel lanes) and no more blocks than it has."""
+    from edgediag.models import get_model_class
+
+    recipe = get_model_class(name)[0].prune_recipe
+    assert set(recipe) <= {"ratio", "round_to", "remove_blocks", "finetune_epochs", "distill", "lr_scale"}
+    assert 0.0 < recipe["ratio"] < 1.0 and recipe["round_to"] % 8 == 0 and recipe["finetune_epochs"] > 0
+    if recipe.get("remove_blocks"):
+        assert recipe["remove_blocks"] < len(create_model(name).removable_blocks())

@@ -5,8 +5,10 @@ Tolerance table (torch.testing.assert_close: |a - b| <= atol + rtol * |b|):
     what                                               rtol     atol
     fp32 gradients, native vs ref autograd             1e-4     1e-4    (mamba-ssm's test: 6e-4 / 2e-3)
     fp64 gradients, native vs finite differences       gradcheck: eps 1e-6, atol 1e-7, rtol 1e-5
-    narrow (channel lanes) vs wide (padded) layout     1e-5     1e-5    (the same fp32 arithmetic, reordered)
-    2 threads vs 1 (per-thread sums reduced)           1e-5     1e-5
+    narrow (channel lanes) vs wide (padded) layout     1e-5     1e-5    (the same fp32 arithmetic, reordered;
+                                                                         gradients summed over L, dA dD dbias dB dC:
+                                                                         1e-4 / 1e-4, the sums' order differs)
+    2 threads vs 1 (per-thread sums reduced)           1e-5     1e-5    (summed gradients: 1e-4 / 1e-4)
 
 The kernel itself is also tested without torch, on x86 and on aarch64 under qemu:
 tests/test_scan_kernel_harness.py.
@@ -87,7 +89,8 @@ def test_narrow_layout_equals_padded(cpu_ext, dstate):
     dout = torch.randn_like(inputs["u"])
     bwd = {n: cpu_ext.bwd(*args, True, dout, n) for n in (True, False)}
     for name, a, b in zip(NAMES, bwd[True], bwd[False]):
-        torch.testing.assert_close(a, b, **LAYOUT, msg=lambda m, n=name: f"d{n}: {m}")
+        tol = LAYOUT if name in ("u", "delta", "z") else GRAD  # others are sums over L in another order
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, n=name: f"d{n}: {m}")
 
 
 @pytest.mark.parametrize("dstate", [1, 16])
@@ -104,7 +107,8 @@ def test_threads_give_the_same_gradients(dstate):
     finally:
         torch.set_num_threads(before)
     for name in one:
-        torch.testing.assert_close(two[name], one[name], **LAYOUT, msg=lambda m, n=name: f"d{n}: {m}")
+        tol = LAYOUT if name in ("u", "delta", "z") else GRAD
+        torch.testing.assert_close(two[name], one[name], **tol, msg=lambda m, n=name: f"d{n}: {m}")
 
 
 def test_training_step_through_auto_uses_the_native_backward(monkeypatch):

@@ -11,7 +11,7 @@ from torch import nn
 
 from edgediag.errors import UserError
 from edgediag.measure.cost import count_flops, count_parameters
-from edgediag.measure.timing import eval_mode, median_latency_ms
+from edgediag.measure.timing import RUNS, THREADS, eval_mode, median_latency_ms
 
 
 def model_params(model: nn.Module) -> int:
@@ -30,10 +30,10 @@ def model_flops(model: nn.Module, x: torch.Tensor | None = None) -> int:
         return int(count_flops(module, x)["flops"])
 
 
-def eager_latency_ms(model, runs: int = 20, threads: int = 1) -> float:
-    """Median eager CPU latency of ``export_module()`` at batch 1 (one thread: the least
-    noisy figure on a shared machine, and what one edge core gives)."""
-    return median_latency_ms(model.export_module(), model.example_input(1), runs=runs, warmup=3, threads=threads)
+def eager_latency_ms(model, runs: int = RUNS, threads: int = THREADS) -> float:
+    """Median eager CPU latency of ``export_module()`` at batch 1, by the timing protocol
+    (one thread: the least noisy figure on a shared machine, and what one edge core gives)."""
+    return median_latency_ms(model.export_module(), model.example_input(1), runs=runs, threads=threads)
 
 
 def model_cost(model, metric: str) -> float:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from edgediag.cli import Column, format_table, show, table_report
 from edgediag.compress import structured as sp
 from edgediag.compress.budget import Budget, eager_latency_ms, model_params
 from edgediag.compress.distill import Distilled
@@ -25,6 +26,8 @@ from edgediag.engine.checkpoint import load_model
 from edgediag.engine.fit import evaluate_test, finalize, refit, scalars
 from edgediag.engine.trainer import TrainConfig, Trainer
 from edgediag.errors import UserError
+from edgediag.measure.cost import FLOPS_DEFINITION, PARAMS_DEFINITION, scoring_costs
+from edgediag.measure.timing import THREADS, WARMUP, protocol, protocol_line, time_functions
 from edgediag.models import create_model
 from edgediag.nn.pruning import module_sizes, record_widths
 from edgediag.utils import seed_everything, write_json
@@ -49,63 +52,62 @@ def _onnx_of(model, tmp: Path, name: str):
     return module, x, onnx.load(str(path))
 
 
-def latency_figures(model, runs: int) -> dict:
-    """Batch-1 CPU latency (1 thread) of ``export_module()``: eager PyTorch and ONNX Runtime,
-    timed alternately (edgediag.measure.timing) on a TorchScript export of opset 17."""
-    import statistics
-
+def latency_figures(model, runs: int, threads: int = THREADS, warmup: int = WARMUP) -> dict:
+    """Batch-1 CPU latency of ``export_module()``: eager PyTorch and ONNX Runtime (a
+    TorchScript export of opset 17), timed side by side by the timing protocol."""
     from edgediag.deploy.onnx import ort_session
-    from edgediag.measure.timing import timed_alternately, torch_threads
 
     with tempfile.TemporaryDirectory() as tmp:
         module, x, proto = _onnx_of(model, Path(tmp), "m")
-    sess = ort_session(proto, 1)
+    sess = ort_session(proto, threads)
     feeds = {sess.get_inputs()[0].name: x.numpy()}
-    with torch_threads(1), torch.inference_mode():
-        ort_t, eager_t = timed_alternately([lambda: sess.run(None, feeds), lambda: module(x)], runs)["wall"]
-    return {"eager_ms": statistics.median(eager_t), "onnxruntime_ms": statistics.median(ort_t)}
+    ort_s, eager_s = time_functions([lambda: sess.run(None, feeds), lambda: module(x)], threads, warmup, runs)
+    return {"eager_ms": eager_s["wall_p50_ms"], "onnxruntime_ms": ort_s["wall_p50_ms"]}
 
 
-def paired_latency(before, after, runs: int) -> dict:
-    """Speed-up of ``after`` over ``before`` with both timed in one interleaved loop (eager
-    and ONNX Runtime, batch 1, one thread): on a shared CPU the load then hits both alike,
-    which separate measurements minutes apart cannot promise."""
-    import statistics
-
+def paired_latency(before, after, runs: int, threads: int = THREADS, warmup: int = WARMUP) -> dict:
+    """Speed-up of ``after`` over ``before`` with both timed in one loop, in turn (eager and
+    ONNX Runtime, batch 1, the timing protocol): on a shared CPU the load then hits both
+    alike, which separate measurements minutes apart cannot promise."""
     from edgediag.deploy.onnx import ort_session
-    from edgediag.measure.timing import timed_alternately, torch_threads
 
     fns = {}
     with tempfile.TemporaryDirectory() as tmp:
         for tag, model in (("before", before), ("after", after)):
             module, x, proto = _onnx_of(model, Path(tmp), tag)
-            sess = ort_session(proto, 1)
+            sess = ort_session(proto, threads)
             feeds = {sess.get_inputs()[0].name: x.numpy()}
             fns[f"{tag}_eager_ms"] = (lambda m=module, x=x: m(x))
             fns[f"{tag}_onnxruntime_ms"] = (lambda s=sess, f=feeds: s.run(None, f))
-    with torch_threads(1), torch.inference_mode():
-        times = timed_alternately(list(fns.values()), runs, warmup=2)["wall"]
-    out = {k: statistics.median(t) for k, t in zip(fns, times)}
+    stats = time_functions(list(fns.values()), threads, warmup, runs)
+    out = {k: st["wall_p50_ms"] for k, st in zip(fns, stats)}
     out["speedup_eager"] = out["before_eager_ms"] / out["after_eager_ms"]
     out["speedup_onnxruntime"] = out["before_onnxruntime_ms"] / out["after_onnxruntime_ms"]
-    out["runs"] = runs
+    out.update(protocol(threads, warmup, runs))
     return out
 
 
-def costs(model, with_latency: bool, runs: int) -> dict:
-    from edgediag.measure.cost import count_flops
-
+def costs(model, with_latency: bool, args) -> dict:
+    """Parameters and FLOPs counted as every verb counts them (edgediag.measure.cost.
+    scoring_costs: the deployed scoring graph), the checkpoint's whole parameter count (what a
+    --ratio/--target-params budget counts: training-only parts included) and the latency."""
     model.eval()
-    module = model.export_module()
-    fl = count_flops(module, model.example_input(1))
+    counted = scoring_costs(model)
+    fl = counted["flops"]
     # The fixed feature front ends (log-mel by a matrix DFT) are no pruning's business but can
     # dominate the total: report the network's own FLOPs as well.
     front = sum(v for k, v in fl["by_module_total"].items()
                 if k.split(".")[-1] in ("logmel",) and k.count(".") <= 2)
-    out = {"params": model_params(model), "flops": fl["flops"], "flops_network": fl["flops"] - front}
+    out = {"params": counted["params"]["total"], "params_checkpoint": model_params(model), "flops": fl["flops"],
+           "flops_network": fl["flops"] - front}
     if with_latency:
-        out.update(latency_figures(model, runs))
+        out.update(latency_figures(model, args.latency_runs, timing_threads(args), args.warmup))
     return out
+
+
+def timing_threads(args) -> int:
+    """--threads, else the timing protocol's (one thread): the latency figures' threads."""
+    return args.threads or THREADS
 
 
 def evaluate(model, bundle, batch_size: int, device) -> dict:
@@ -142,8 +144,8 @@ def run(args) -> int:
                                           if k in ("batch_size", "threshold_method", "threshold_quantile", "target_far",
                                                    "calibration_folds", "optimizer",
                                                    "betas", "weight_decay", "schedule", "grad_clip", "lr")}}
-    # fine-tuning a trained model: a tenth of its training learning rate
-    lr = args.lr if args.lr is not None else float(base_train.get("lr", 1e-3)) / 10
+    # fine-tuning a trained model: a tenth of its training learning rate unless its recipe says otherwise
+    lr = args.lr if args.lr is not None else float(base_train.get("lr", 1e-3)) * getattr(args, "lr_scale", 0.1)
     train_cfg = from_dict(TrainConfig, {**base_train, "min_steps": 0, **(tree.get("train") or {}), **flags, "lr": lr,
                                         "epochs": max(1, args.finetune_epochs), "device": "cpu",
                                         "warmup": 0.0}, "train.")
@@ -157,25 +159,27 @@ def run(args) -> int:
 
     t0 = time.time()
     with_lat = not args.no_latency
-    before = costs(model, with_lat, args.latency_runs)
+    before = costs(model, with_lat, args)
     metrics_before = evaluate(model, bundle, train_cfg.batch_size, device)
     widths_before = widths_of(model)
     log.info("before: %s | %s", before, {k: metrics_before.get(k) for k in (model.primary_metric,)})
 
     # the budget
+    # a budget counts the checkpoint's parameters (model_params), training-only parts included
     if args.target_params is not None:
         budget = Budget("params", args.target_params)
-        start = before["params"]
+        start = before["params_checkpoint"]
     elif args.target_latency_ms is not None:
         budget = Budget("latency", args.target_latency_ms)
         start = eager_latency_ms(model)
     else:
         ratio = 0.5 if args.ratio is None else args.ratio
         if args.ratio_metric == "both":
-            budget = Budget("both", 1.0, {k: (1.0 - ratio) * before[k] for k in ("params", "flops")})
+            budget = Budget("both", 1.0, {"params": (1.0 - ratio) * before["params_checkpoint"],
+                                          "flops": (1.0 - ratio) * before["flops"]})
             start = 1.0 / (1.0 - ratio)
         else:
-            start = before[args.ratio_metric]
+            start = before["params_checkpoint" if args.ratio_metric == "params" else args.ratio_metric]
             budget = Budget(args.ratio_metric, (1.0 - ratio) * start)
     if budget.target >= start:
         raise UserError(f"the target {budget.target:g} {budget.metric} is not smaller than the model's "
@@ -215,7 +219,7 @@ def run(args) -> int:
                                 "it cannot be structurally pruned")
     model = _with_recorded_widths(model, name)
     refit(model, bundle, train_cfg, device)
-    after_prune = costs(model, with_lat, args.latency_runs)
+    after_prune = costs(model, with_lat, args)
     metrics_pruned = evaluate(model, bundle, train_cfg.batch_size, device)
     log.info("after pruning: %s | %s", after_prune, {k: metrics_pruned.get(k) for k in (model.primary_metric,)})
 
@@ -241,11 +245,11 @@ def run(args) -> int:
         return EXIT_DROP
     # the saved file must load as any checkpoint does (weights_only, rebuilt from config)
     reloaded, _ = load_model(out_dir / "model.pt")
-    final = costs(reloaded, False, args.latency_runs)
-    paired = paired_latency(original, reloaded, args.latency_runs) if with_lat else {}
+    final = costs(reloaded, False, args)
+    paired = paired_latency(original, reloaded, args.latency_runs, timing_threads(args), args.warmup) if with_lat else {}
     if paired:
         final.update(eager_ms=paired["after_eager_ms"], onnxruntime_ms=paired["after_onnxruntime_ms"])
-    reached = 1.0 - final["params"] / before["params"]
+    reached = 1.0 - final["params_checkpoint"] / before["params_checkpoint"]  # what the budget counted
     asked = args.ratio if args.ratio is not None else (0.5 if args.target_params is None
                                                         and args.target_latency_ms is None else None)
     report = {
@@ -260,8 +264,12 @@ def run(args) -> int:
         "finetune_epochs": args.finetune_epochs, "distill": args.distill,
         "widths_before": widths_before, "widths_after": widths_of(reloaded),
         "before": before, "after_pruning": after_prune, "after_finetune": final,
-        "reduction": {k: 1.0 - final[k] / before[k] for k in ("params", "flops", "flops_network") if before.get(k)},
-        "ratio_asked": asked, "ratio_metric": args.ratio_metric, "finetune_recipe": recipe,
+        "reduction": {k: 1.0 - final[k] / before[k] for k in ("params", "params_checkpoint", "flops", "flops_network")
+                      if before.get(k)},
+        "ratio_asked": asked, "ratio_reached": reached, "ratio_metric": args.ratio_metric, "finetune_recipe": recipe,
+        "definitions": {"params": PARAMS_DEFINITION, "params_checkpoint": "every parameter of the checkpoint "
+                        "(what --ratio and --target-params count)", "flops": FLOPS_DEFINITION},
+        "protocol": protocol(timing_threads(args), args.warmup, args.latency_runs) if with_lat else None,
         # speed-ups from one interleaved timing loop of both models (the before/after figures
         # above are separate measurements, minutes apart on a possibly busy machine)
         "speedup": ({"eager_ms": paired["speedup_eager"], "onnxruntime_ms": paired["speedup_onnxruntime"]}
@@ -274,19 +282,39 @@ def run(args) -> int:
         "records": records, "finetune_history": history, "seconds": time.time() - t0,
     }
     write_json(out_dir / "prune.json", report)
-    print(f"{name}: params {before['params']:,} -> {final['params']:,} "
-          f"(-{100 * report['reduction']['params']:.1f} %), FLOPs -{100 * report['reduction']['flops']:.1f} %"
-          + (f", eager x{report['speedup']['eager_ms']:.2f}, onnxruntime x{report['speedup']['onnxruntime_ms']:.2f}"
-             if with_lat else "")
-          + f", {pm} {metrics_before.get(pm, float('nan')):.4f} -> {metrics_tuned.get(pm, float('nan')):.4f}")
+    lines = [format_table(stage_rows(report), STAGE_COLUMNS), "",
+             f"params: {PARAMS_DEFINITION}; checkpoint params: all of the checkpoint's (what --ratio and "
+             "--target-params count)"]
+    if with_lat:
+        lines.append(f"latency: batch 1, {protocol_line(report['protocol'])}; after fine-tuning timed beside the "
+                     f"original: eager x{report['speedup']['eager_ms']:.2f}, onnxruntime "
+                     f"x{report['speedup']['onnxruntime_ms']:.2f}")
+    lines.append(f"checkpoint: {out_dir / 'model.pt'}; report: {out_dir / 'prune.json'}")
+    warnings = []
     if asked is not None and args.ratio_metric == "params" and abs(reached - asked) > RATIO_SLACK:
-        print(f"warning: --ratio {asked:g} asked for {100 * asked:.0f} % of the parameters removed; reached "
-              f"{100 * reached:.1f} % (channel groups move in steps of --round-to)")
+        warnings.append(f"warning: --ratio {asked:g} asked for {100 * asked:.0f} % of the checkpoint's parameters "
+                        f"removed; reached {100 * reached:.1f} % (channel groups move in steps of --round-to)")
     if drop > DROP_WARNING:
-        print(f"WARNING: {pm} fell by {drop:.4f} ({metrics_before[pm]:.4f} -> {metrics_tuned[pm]:.4f}): fine-tune "
-              "longer (--finetune-epochs), distil (--distill 1), or prune less; --max-drop makes this an error")
-    print(f"checkpoint: {out_dir / 'model.pt'}")
+        warnings.append(f"WARNING: {pm} fell by {drop:.4f} ({metrics_before[pm]:.4f} -> {metrics_tuned[pm]:.4f}): "
+                        "fine-tune longer (--finetune-epochs), distil (--distill 1), or prune less; --max-drop makes "
+                        "this an error")
+    show(table_report(stage_rows(report), STAGE_COLUMNS, verb="prune", **report), "\n".join(lines), warnings)
     return 0
+
+
+STAGE_COLUMNS = (Column("stage"), Column("params", fmt=",d"), Column("params_checkpoint", "checkpoint params", ",d"),
+                 Column("mflops", "MFLOPs"), Column("eager_ms", "eager ms", ".3f"),
+                 Column("onnxruntime_ms", "onnxruntime ms", ".3f"), Column("metric"), Column("value", fmt=".4f"))
+
+
+def stage_rows(report: dict) -> list[dict]:
+    """The prune report's before / after pruning / after fine-tuning figures, one row each."""
+    pm = report["primary_metric"]
+    return [{"stage": stage.replace("_", " "), "params": report[stage]["params"],
+             "params_checkpoint": report[stage]["params_checkpoint"], "mflops": report[stage]["flops"] / 1e6,
+             "eager_ms": report[stage].get("eager_ms"), "onnxruntime_ms": report[stage].get("onnxruntime_ms"),
+             "metric": pm, "value": report["metrics"][stage].get(pm)}
+            for stage in ("before", "after_pruning", "after_finetune")]
 
 
 EXIT_DROP = 4  # --max-drop exceeded: nothing written
@@ -295,8 +323,11 @@ RATIO_SLACK = 0.05  # --ratio is met within 5 points of the parameter fraction, 
 
 
 def resolve_recipe(args, cls) -> str:
-    """Fill --finetune-epochs / --distill left unset from the model's prune_recipe; the
-    words that say where the fine-tuning settings came from."""
+    """Fill the settings left unset from the model's ``prune_recipe``: --finetune-epochs,
+    --distill and the fine-tuning learning rate (``lr_scale`` x the checkpoint's), --round-to
+    (channel counts kept multiples of the vector width) and, when no budget flag is given,
+    the family's default --ratio and --remove-blocks (chosen so that batch-1 latency halves:
+    README.md "Pruning"). The words that say where the settings came from."""
     recipe = dict(cls.prune_recipe)
     given = [f for f in ("finetune_epochs", "distill") if getattr(args, f) is not None]
     if args.finetune_epochs is None:
@@ -305,9 +336,27 @@ def resolve_recipe(args, cls) -> str:
             args.finetune_epochs = max(2, args.finetune_epochs)  # the gates need at least two epochs
     if args.distill is None:
         args.distill = float(recipe.get("distill", 0.0))
-    if len(given) == 2:
+    taken = []
+    if args.round_to is None and recipe.get("round_to"):
+        args.round_to = int(recipe["round_to"])
+        taken.append(f"round_to {args.round_to}")
+    # the family's default budget: its ratio (of the parameters) and blocks go together
+    default_budget = (args.ratio is None and args.target_params is None and args.target_latency_ms is None
+                      and args.ratio_metric == "params")
+    if default_budget and "ratio" in recipe:
+        args.ratio = float(recipe["ratio"])
+        taken.append(f"ratio {args.ratio:g}")
+    if args.remove_blocks is None:
+        args.remove_blocks = int(recipe.get("remove_blocks", 0)) if default_budget else 0
+        if args.remove_blocks:
+            taken.append(f"remove_blocks {args.remove_blocks}")
+    if args.lr is None and "lr_scale" in recipe:
+        args.lr_scale = float(recipe["lr_scale"])
+        taken.append(f"lr {args.lr_scale:g} x the model's")
+    if len(given) == 2 and not taken:
         return "as given"
-    return f"{cls.model_name or cls.__name__}'s prune recipe" + (" with " + ", ".join(given) + " as given" if given else "")
+    return (f"{cls.model_name or cls.__name__}'s prune recipe" + (f" ({', '.join(taken)})" if taken else "")
+            + (" with " + ", ".join(given) + " as given" if given else ""))
 
 
 def _with_recorded_widths(model, name: str):

@@ -39,6 +39,7 @@ from edgediag.compress.latency import LatencyAwareImportance, module_latency
 from edgediag.errors import UserError
 from edgediag.measure.timing import eval_mode
 from edgediag.nn.pruning import customized_pruners, root_module_types
+from edgediag.ops import scan_backend
 
 log = logging.getLogger("edgediag.compress.structured")
 
@@ -80,7 +81,9 @@ def make_pruner(model, importance, *, ratio: float, steps: int, global_pruning: 
     that touch a fixed layer excluded."""
     example = model.example_input(1) if example is None else example
     fixed = fixed_layers(model)
-    with eval_mode(model):
+    # torch-pruning maps channels through the autograd graph of one traced forward: the
+    # scan must be made of ATen ops there (the native kernel is one opaque Function node)
+    with eval_mode(model), scan_backend("chunked"):
         pruner = tp.pruner.BasePruner(
             model, example, importance=importance, global_pruning=global_pruning, pruning_ratio=ratio,
             iterative_steps=steps, ignored_layers=fixed, round_to=round_to,

@@ -16,7 +16,8 @@ Images are decoded once with OpenCV, resized to the model's ``image_size`` (a sq
 cached in memory as uint8; items hold float tensors in [0, 1], (C, H, W). Normalisation
 is the model's job (its buffers take the per-channel statistics of the training split,
 ``info["pixel_mean"]``/``info["pixel_std"]``), so an exported graph takes [0, 1] images.
-Training items are augmented with random flips and small shifts; others never are.
+Training items are augmented with random flips and small shifts (and transposes with the
+model's ``augment_transpose``); others never are.
 """
 
 from __future__ import annotations
@@ -291,9 +292,9 @@ class ImageDataset(Dataset):
     """Cached uint8 images -> {"x": float (C, H, W) in [0, 1], "y", "anomaly", "domain", "key"}."""
 
     def __init__(self, images: list[np.ndarray], labels: list[int], anomaly: list[int], keys: list[str],
-                 augment: bool = False, max_shift: float = MAX_SHIFT):
+                 augment: bool = False, max_shift: float = MAX_SHIFT, transpose: bool = False):
         self.images, self.labels, self.anomaly, self.keys = images, labels, anomaly, keys
-        self.augment, self.max_shift = augment, max_shift
+        self.augment, self.max_shift, self.transpose = augment, max_shift, transpose
 
     def __len__(self) -> int:
         return len(self.images)
@@ -305,6 +306,9 @@ class ImageDataset(Dataset):
             img = img[:, ::-1]
         if flip_v < 0.5:
             img = img[::-1]
+        # Only drawn when asked for, so the other draws (and old runs) stay as they were.
+        if self.transpose and float(torch.rand(())) < 0.5:  # images are square (resized)
+            img = img.swapaxes(0, 1)
         h, w = img.shape[:2]
         tx, ty = (2 * dx - 1) * self.max_shift * w, (2 * dy - 1) * self.max_shift * h
         shift = np.float32([[1, 0, tx], [0, 1, ty]])
@@ -337,6 +341,7 @@ def build_images(root: Path, data_cfg: DataConfig, model_cfg) -> DataBundle:
     """
     size = int(getattr(model_cfg, "image_size", DEFAULT_IMAGE_SIZE) or DEFAULT_IMAGE_SIZE)
     color = str(getattr(model_cfg, "color", "auto") or "auto").lower()
+    transpose = bool(getattr(model_cfg, "augment_transpose", False))
     if color not in ("auto", "gray", "rgb"):
         raise UserError(f"model.color must be auto, gray or rgb, not {color!r}")
     if data_cfg.on_bad_file not in ("error", "skip"):
@@ -385,7 +390,8 @@ def build_images(root: Path, data_cfg: DataConfig, model_cfg) -> DataBundle:
         if not indices:
             return None
         return ImageDataset([images[i] for i in indices], [class_index[entries[i].label] for i in indices],
-                            [anomaly[i] for i in indices], [entries[i].key for i in indices], augment=augment)
+                            [anomaly[i] for i in indices], [entries[i].key for i in indices], augment=augment,
+                            transpose=transpose)
 
     mean, std = channel_stats([images[i] for i in split["train"]])
     counts = [sum(entries[i].label == c for i in split["train"]) for c in classes]

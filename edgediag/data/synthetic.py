@@ -17,6 +17,8 @@ SYNTHETIC = {
     "machine_sound": ("edgediag.data.synth_audio:generate_machine_sounds",
                       {"n_train": 48, "n_test": 32, "seconds": 4.5, "machine": "fan", "target_fraction": 0.5}, "fan"),
     "defects": ("edgediag.data.synth_images:generate_defect_images", {"n_per_class": 40, "size": 128}, ""),
+    # NEU's size and shape: 6 classes x 300 grey 200x200 images (MemoryMamba's recipe set).
+    "neu_like": ("edgediag.data.synth_neu:generate_neu_like", {"n_per_class": 300, "size": 200}, ""),
     "furnace": ("edgediag.data.synth_sequences:generate", {"kind": "furnace", "n_train": 32, "n_test": 12}, ""),
 }
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from edgediag import __version__
 from edgediag.deploy.presets import ExportPreset, trtexec_flags
+from edgediag.utils import current_umask
 
 # One implementation of the TensorRT side (edgediag/deploy/trt_engine.py, torch-free), used twice:
 # imported here when tensorrt and a GPU are present, and copied to the output folder as
@@ -84,7 +85,7 @@ def write_board_files(stage: Path, preset: ExportPreset | None, precision: str, 
     lines.append(" \\\n  ".join(cmd) + ' "$@"')
     script = stage / "build_engine.sh"
     script.write_text("\n".join(lines) + "\n")
-    script.chmod(0o755)
+    script.chmod(0o777 & ~current_umask())  # executable, readable as the user's umask allows
     (stage / "README.md").write_text(board_readme(preset, precision, summary))
     return files
 

@@ -84,7 +84,6 @@ def write_manifest(stage: Path) -> dict:
             files[rel] = {"sha256": sha256(p), "size": p.stat().st_size}
     manifest = {"format": "edgediag-bundle/1", "algorithm": "sha256", "files": files}
     tmp = stage / f".manifest.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.chmod(0o644)
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")  # the user's umask, as every output
     os.replace(tmp, stage / MANIFEST)
     return manifest

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import statistics
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ import onnx
 import torch
 from torch import nn
 
-from edgediag.measure.timing import timed_alternately, torch_threads
+from edgediag.measure.timing import WARMUP, protocol, time_functions
 
 
 # --- tracing ---------------------------------------------------------------------------------
@@ -132,37 +131,37 @@ def ort_runner(session) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
 
 
 # --- latency -----------------------------------------------------------------------------------------
-def graph_latency(graphs: dict[str, onnx.ModelProto], args: list[np.ndarray], threads: int,
-                  runs: int) -> dict[str, float]:
-    """Median ONNX Runtime latency (ms) of each graph on the same batch and threads, runs
-    alternated so every graph sees the same machine load (fp32 against fp16/int8)."""
+def graph_latency(graphs: dict[str, onnx.ModelProto], args: list[np.ndarray], threads: int, runs: int,
+                  warmup: int = WARMUP) -> dict[str, float]:
+    """Median ONNX Runtime latency (ms) of each graph on the same batch and threads, by the
+    timing protocol (edgediag.measure.timing: runs in turn, so every graph sees the same
+    machine load; fp32 against fp16/int8)."""
     sessions = [ort_session(g, threads) for g in graphs.values()]
     calls = []
     for sess in sessions:
         feeds = dict(zip([i.name for i in sess.get_inputs()], args))
         calls.append(lambda sess=sess, feeds=feeds: sess.run(None, feeds))
-    times = timed_alternately(calls, runs)["wall"]
-    return {name: statistics.median(t) for name, t in zip(graphs, times)}
+    stats = time_functions(calls, threads, warmup, runs)
+    return {name: s["wall_p50_ms"] for name, s in zip(graphs, stats)}
 
 
 def latency(module: nn.Module, model_proto: onnx.ModelProto, args: list[np.ndarray], threads: int,
-            runs: int) -> dict[str, Any]:
+            runs: int, warmup: int = WARMUP) -> dict[str, Any]:
     """Median (and min) latency of eager PyTorch (default scan backend: what a PyTorch user
-    runs) and ONNX Runtime on the same batch, both with ``threads`` CPU threads."""
+    runs) and ONNX Runtime on the same batch, both with ``threads`` CPU threads, by the
+    timing protocol (edgediag.measure.timing)."""
     sess = ort_session(model_proto, threads)
     feeds = dict(zip([i.name for i in sess.get_inputs()], args))
     tensors = [torch.from_numpy(a) for a in args]
-    with torch_threads(threads), torch.inference_mode():
-        times = timed_alternately([lambda: sess.run(None, feeds), lambda: module(*tensors)], runs)
-    ort_t, eager_t = times["wall"]
-    ort_ms, eager_ms = statistics.median(ort_t), statistics.median(eager_t)
-    result = {"batch": int(len(args[0])), "runs": runs, "threads": threads, "onnxruntime_ms": ort_ms,
+    ort_s, eager_s = time_functions([lambda: sess.run(None, feeds), lambda: module(*tensors)], threads, warmup, runs)
+    ort_ms, eager_ms = ort_s["wall_p50_ms"], eager_s["wall_p50_ms"]
+    result = {"batch": int(len(args[0])), **protocol(threads, warmup, runs), "onnxruntime_ms": ort_ms,
               "pytorch_eager_ms": eager_ms, "ratio": ort_ms / eager_ms if eager_ms > 0 else None,
-              "onnxruntime_min_ms": min(ort_t), "pytorch_eager_min_ms": min(eager_t)}
+              "onnxruntime_min_ms": ort_s["latency_ms"]["min"], "pytorch_eager_min_ms": eager_s["latency_ms"]["min"]}
     if threads == 1:
         # One thread's CPU time is its latency minus what others took from it: the steadier
         # figure on a shared machine (docs/benchmarks.md). With more threads it is not the latency.
-        ort_cpu, eager_cpu = (statistics.median(t) for t in times["cpu"])
+        ort_cpu, eager_cpu = ort_s["cpu_p50_ms"], eager_s["cpu_p50_ms"]
         result.update(onnxruntime_cpu_ms=ort_cpu, pytorch_eager_cpu_ms=eager_cpu,
                       ratio_cpu=ort_cpu / eager_cpu if eager_cpu > 0 else None)
     # Layers mark themselves (uses_selective_scan) so this stage names no layer class.

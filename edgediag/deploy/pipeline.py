@@ -30,6 +30,7 @@ nothing written; 1 internal error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -47,7 +48,7 @@ import onnx
 import torch
 from torch import nn
 
-from edgediag import __version__
+from edgediag import __version__, cli
 from edgediag.config import from_dict
 from edgediag.deploy import presets as trt_compat
 from edgediag.deploy.board import build_trt_here, trt_here, write_board_files
@@ -80,7 +81,9 @@ from edgediag.deploy.quantize import (
     precision_check,
     quantize_int8,
 )
+from edgediag.deploy.summary import show_summary
 from edgediag.errors import UserError
+from edgediag.measure.timing import protocol
 from edgediag.utils import current_umask
 
 EXIT_OK = 0
@@ -303,13 +306,34 @@ def reduced_graph(model, ckpt, args, cfg, target: Target, graph: onnx.ModelProto
     got = run_chunks(ort_runner(ort_session(reduced, threads)), [padded], static)[0][:n]
     thresholds = model.decision_thresholds(meta.get("section"), meta.get("domain")) if meta else threshold
     check = precision_check(ref, got, thresholds, meta.get("anomaly"), MIN_AGREEMENT)
-    ms = graph_latency({"fp32": graph, cfg.precision: reduced}, [padded[: static or 1]], threads, args.latency_runs)
-    speed = {"batch": static or 1, "threads": threads, "runs": args.latency_runs,
+    ms = graph_latency({"fp32": graph, cfg.precision: reduced}, [padded[: static or 1]], threads, args.latency_runs,
+                       args.warmup)
+    speed = {"batch": static or 1, **protocol(threads, args.warmup, args.latency_runs),
              "fp32_ms": ms["fp32"], f"{cfg.precision}_ms": ms[cfg.precision],
              "speedup": ms["fp32"] / ms[cfg.precision] if ms[cfg.precision] > 0 else None,
              "note": "ONNX Runtime on this CPU (no int8/fp16 speed-up expected without VNNI/fp16 units); "
                      "the board's figure is TensorRT's"}
     return reduced, {**info, "check": {"data": source, **check}, "onnxruntime_latency": speed}
+
+
+def traced_costs(model, target: Target, streaming: bool) -> dict:
+    """Parameters and FLOPs per item of what is traced, counted as bench counts a checkpoint
+    (edgediag.measure.cost.scoring_costs: export_module() on one item; a streaming graph:
+    one step of streaming_module()); recorded in the graph's metadata, so a graph reports
+    the parameter count of the model it was exported from (ONNX folds BatchNorm and stores
+    constant buffers beside the weights: its initializers are not that count)."""
+    from edgediag.measure.cost import PARAMS_DEFINITION, count_flops, scoring_costs, scoring_parameters
+    from edgediag.measure.timing import eval_mode
+
+    if streaming:
+        example = tuple(a.float() for a in target.module.example_inputs(1))
+        with eval_mode(target.module):
+            counted = {"params": scoring_parameters(target.module, *example),
+                       "flops": count_flops(target.module, *example)}
+    else:
+        counted = scoring_costs(model)
+    return {"params": counted["params"], "flops_per_item": int(counted["flops"]["flops"]),
+            "scan_flops_per_item": int(counted["flops"]["scan_flops"]), "params_definition": PARAMS_DEFINITION}
 
 
 def trace_and_check(target: Target, args, decompose: bool, check, stage: Path, model_name: str, warn: list[str]):
@@ -360,7 +384,7 @@ def run(args) -> int:
 
     model, ckpt = load_model(args.checkpoint)
     threshold = float(ckpt.get("threshold", float(model.threshold)))
-    threads = args.threads or torch.get_num_threads()
+    threads = args.threads
     warn: list[str] = []
     if not math.isfinite(threshold):
         warn.append("the checkpoint has no calibrated threshold: decisions are not compared, metadata threshold is nan")
@@ -389,6 +413,8 @@ def run(args) -> int:
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.", suffix=".tmp", dir=cfg.out.parent))
     stage.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would become the output folder's mode
+    logs = contextlib.ExitStack()
+    logs.enter_context(cli.run_log(stage))  # other libraries' warnings: stage/edgediag.log, in the manifest
     try:
         graph, parity, raw_parity, simplified, simplify_note, opset = trace_and_check(
             target, args, cfg.decompose_layernorm, check, stage, model.model_name, warn)
@@ -411,7 +437,8 @@ def run(args) -> int:
             lat_args = [a.float().numpy() for a in target.module.example_inputs(static or 1)]
         else:
             lat_args = [parity_x[: static or 1].numpy()]
-        lat = latency(target.module, graph, lat_args, threads, args.latency_runs)
+        lat = latency(target.module, graph, lat_args, threads, args.latency_runs, args.warmup)
+        counts = traced_costs(model, target, args.streaming)
         compat = {v: trt_compat.report(graph, v, board) for v, board in cfg.trt_versions.items()}
         compat_line = "; ".join(trt_compat.summary_line(trt_compat.check_model(graph, v), v, b)
                                 for v, b in cfg.trt_versions.items())
@@ -421,7 +448,9 @@ def run(args) -> int:
                        "exporter": args.exporter, "torch": str(torch.__version__), "onnx": onnx.__version__,
                        "batch": "dynamic" if args.dynamic_batch else cfg.batch, "streaming": bool(args.streaming),
                        "simplified": simplified, "layernorm": "decomposed" if cfg.decompose_layernorm else "op",
-                       "scan_backend": "chunked", "checkpoint": str(args.checkpoint)}
+                       "scan_backend": "chunked", "checkpoint": str(args.checkpoint),
+                       "params": counts["params"], "flops_per_item": counts["flops_per_item"],
+                       "scan_flops_per_item": counts["scan_flops_per_item"]}
         streaming_info = None
         if args.streaming:
             names, n_out = target.input_names, target.n_out
@@ -501,7 +530,7 @@ def run(args) -> int:
             "parity": {"data": parity_source, **parity},
             "parity_unsimplified": raw_parity if simplified else None,
             "reduced_precision": reduced_info,
-            "latency": lat, "trt_compat": compat, "tensorrt": trt_info, "warnings": warn, "exit_code": exit_code,
+            "counts": counts, "latency": lat, "trt_compat": compat, "tensorrt": trt_info, "warnings": warn, "exit_code": exit_code,
             "exit_codes": EXIT_CODES,
         }
         from edgediag.utils import write_json
@@ -516,12 +545,14 @@ def run(args) -> int:
                          {p: args.trt_tolerance or t for p, t in TRT_TOLERANCE.items()}, parity_source,
                          golden_reduced)
         write_json(stage / "export.json", report)
-        (stage / "export.json").chmod(0o644)
+        logs.close()
         write_manifest(stage)  # last: digests of every file above
         _swap_into_place(stage, cfg.out)
+        cli.run_log_moved(stage, cfg.out)
     finally:
+        logs.close()
         shutil.rmtree(stage, ignore_errors=True)
-    print_summary(report, cfg, parity_source, threads)
+    show_summary(report, cfg.out, cfg.preset, parity_source)
     return exit_code
 
 
@@ -529,46 +560,6 @@ EXIT_CODES = {"0": "all requested artifacts built", "1": "internal error", "2": 
               "3": "--target trt without TensorRT/GPU here: ONNX + build script written, build the engine on the board",
               "4": "parity beyond tolerance (or ONNX Runtime cannot run the graph): nothing written"}
 
-
-
-def print_summary(report: dict, cfg: Settings, parity_source: str, threads: int) -> None:
-    """What happened, in a few lines."""
-    out, lat, onnx_info, parity = cfg.out, report["latency"], report["onnx"], report["parity"]
-    for w in report["warnings"]:
-        print(f"warning: {w}")
-    ratio = f"{lat['ratio']:.2f}x" if lat["ratio"] is not None else "n/a"
-    print(f"onnx: {out / 'model.onnx'} (opset {onnx_info['opset']}, {onnx_info['nodes']} nodes"
-          f"{', simplified' if onnx_info['simplified'] else ''})")
-    print(f"parity vs PyTorch on {parity_source}: {parity_line(parity)}")
-    reduced = report.get("reduced_precision")
-    if reduced:
-        check = reduced["check"]
-        print(f"{cfg.precision}: {out / reduced['file']} ({reduced['tool']}"
-              + (f", {reduced['quantized_nodes']} layers quantized, {reduced['calibration']} ranges from "
-                 f"{reduced['calibration_data']}" if cfg.precision == "int8" else "") + ")")
-        print(f"  vs PyTorch fp32 on {check['data']}: {check_line(check)}")
-        speed = reduced["onnxruntime_latency"]
-        print(f"  ONNX Runtime here, batch {speed['batch']}, {speed['threads']} thread(s): fp32 {speed['fp32_ms']:.2f} ms, "
-              f"{cfg.precision} {speed[cfg.precision + '_ms']:.2f} ms")
-    print(f"latency, batch {lat['batch']}, {threads} thread(s), median (min) of {lat['runs']}: onnxruntime "
-          f"{lat['onnxruntime_ms']:.2f} ({lat['onnxruntime_min_ms']:.2f}) ms, PyTorch eager "
-          f"{lat['pytorch_eager_ms']:.2f} ({lat['pytorch_eager_min_ms']:.2f}) ms: ratio {ratio}")
-    if lat.get("ratio_cpu") is not None:
-        print(f"  on the thread's CPU clock (median): onnxruntime {lat['onnxruntime_cpu_ms']:.2f} ms, PyTorch eager "
-              f"{lat['pytorch_eager_cpu_ms']:.2f} ms: ratio {lat['ratio_cpu']:.2f}x")
-    compat = "; ".join(trt_compat.summary_line([trt_compat.Issue(**i) for i in r["issues"]], v, r["board"] or "")
-                       for v, r in report["trt_compat"].items())
-    print(f"TensorRT parser check (onnx-tensorrt tables, not verified on a device): {compat}")
-    trt_info = report["tensorrt"]
-    if trt_info and trt_info["status"] == "build_on_board":
-        where = f" on the {cfg.preset.board}" if cfg.preset else " on the board"
-        extra = " + calibrate_int8.py + calib_data.npy" if cfg.precision == "int8" else ""
-        print(f"tensorrt: {trt_info['reason']}: wrote model.onnx + build_engine.sh{extra} to {out}; run "
-              f"`bash build_engine.sh` there{where} to build the {cfg.precision} engine (exit code 3)")
-    elif trt_info:
-        print(f"tensorrt: {out / 'model.engine'} ({cfg.precision}, TensorRT {trt_info.get('tensorrt')}), parity: "
-              + (parity_line(trt_info["parity"]) if trt_info.get("parity") else "not checked (streaming)"))
-    print(f"report: {out / 'export.json'}")
 
 
 def _op_counts(graph: onnx.ModelProto) -> dict[str, int]:

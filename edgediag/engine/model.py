@@ -70,6 +70,14 @@ class DiagnosisModel(nn.Module, metaclass=abc.ABCMeta):
         from edgediag.errors import UserError
         raise UserError(f"{type(self).__name__} is inference-only: it has no training_step to train with")
 
+    def cacheable_features(self, batch: dict) -> dict[str, torch.Tensor] | None:
+        """Tensors (B, ...) that ``training_step`` computes from each item by a fixed,
+        parameter-free, non-random transform (a log-mel): the trainer computes them once
+        per training set and adds them to every batch under these names
+        (``train.cache_features``, edgediag.engine.cache); ``training_step`` must give the
+        same result with them as without. Default: None (nothing to cache)."""
+        return None
+
     @torch.no_grad()
     def fit_normal(self, loader) -> None:
         """After training: fit statistics of normal data that scoring needs (kNN bank,

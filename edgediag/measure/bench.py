@@ -1,5 +1,5 @@
 """The bench flow of `python -m edgediag.bench` (the verb parses, :func:`run` measures):
-params, FLOPs, latency and memory against accuracy, as a report.
+params, FLOPs and latency against accuracy, as a report.
 
     python -m edgediag.bench --checkpoint runs/a/best.pt export/a/model.onnx --data DIR --out bench/ \\
         [--backends eager,onnxruntime,tensorrt] [--threads N] [--batch 1,8] [--warmup W --latency-runs I]
@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import os
 import platform
@@ -33,17 +34,19 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from edgediag import __version__, runtime
+from edgediag import __version__, cli, runtime
 from edgediag.data import build_data, labelled_items, resolve_data_config
 from edgediag.deploy.metadata import read_metadata
 from edgediag.engine.checkpoint import load_model
 from edgediag.errors import UserError
 from edgediag.measure.accuracy import accuracy
-from edgediag.measure.cost import count_flops, count_parameters
-from edgediag.measure.memory import peak_rss_mb, reset_peak_rss
-from edgediag.measure.report import markdown, pareto_png
-from edgediag.measure.timing import timed_rounds
+from edgediag.measure.cost import FLOPS_DEFINITION, PARAMS_DEFINITION, scoring_costs
+from edgediag.measure.memory import peak_rss_mb
+from edgediag.measure.report import BENCH_COLUMNS, bench_notes, bench_table_rows, markdown, pareto_png
+from edgediag.measure.timing import latency_stats, protocol, timed_rounds
 from edgediag.utils import atomic_path, write_json
+
+log = logging.getLogger("edgediag.bench")
 
 # Backends by artifact suffix: the runtime's map, with the bench's name for PyTorch ("eager",
 # what --backends and the reports say).
@@ -95,8 +98,9 @@ class Artifact:
     data_config: dict  # the data description recorded with the model (root may be overridden)
     model: Any = None  # eager: the loaded model
     meta: dict = dataclasses.field(default_factory=dict)
-    params: dict | None = None
+    params: dict | None = None  # PARAMS_DEFINITION: the same for a checkpoint and its graph
     flops: dict | None = None
+    graph_numbers: int | None = None  # a graph: every float number it stores (weights after folding + constants)
     group: str = ""
     variant: str = "original"
     note: str = ""
@@ -121,7 +125,6 @@ def load_artifact(path: Path) -> Artifact:
         art = Artifact(path, backend, ckpt["model_name"], dict(ckpt.get("model_config") or {}),
                        float(ckpt.get("threshold", float("nan"))), data.get("kind") or model.data_kind,
                        dict(data.get("config") or {}), model=model, meta=dict(ckpt.get("meta") or {}))
-        art.params = count_parameters(model)
         return art
     graph_path = path if backend == "onnxruntime" else path.with_name("model.onnx")
     meta = read_metadata(graph_path) if graph_path.is_file() else {}
@@ -134,23 +137,33 @@ def load_artifact(path: Path) -> Artifact:
         raise UserError(f"{graph_path}: unreadable model_config/threshold metadata") from None
     art = Artifact(path, backend, meta.get("model_name", path.stem), config, threshold,
                    meta.get("data_kind", ""), {}, meta=meta)
+    try:
+        counted = json.loads(meta.get("export", "{}"))
+    except ValueError:
+        counted = {}
+    if isinstance(counted, dict):  # export counted the module it traced, as attach_costs counts a checkpoint
+        art.params = counted.get("params") if isinstance(counted.get("params"), dict) else None
+        flops = counted.get("flops_per_item")
+        art.flops = {"flops": flops, "macs": flops // 2, "scan_flops": counted.get("scan_flops_per_item")} \
+            if isinstance(flops, int) else None
     if backend == "onnxruntime":
-        art.params = _onnx_parameters(path)
+        art.graph_numbers = _graph_numbers(path)
     return art
 
 
 
 
-def _onnx_parameters(path: Path) -> dict[str, int]:
-    """Parameter counts of a graph: its float initializers (weights and folded constants)."""
+def _graph_numbers(path: Path) -> int:
+    """Every float number a graph stores: its float initializers and Constant nodes (weights
+    with BatchNorm folded in, and constants: filterbanks, DFT matrices, kNN banks). Not its
+    parameter count (PARAMS_DEFINITION), which export records in the metadata."""
     import onnx
-    from onnx import numpy_helper
 
-    graph = onnx.load(str(path))
-    arrays = [numpy_helper.to_array(t) for t in graph.graph.initializer]
-    arrays = [a for a in arrays if a.dtype.kind == "f"]
-    total = int(sum(a.size for a in arrays))
-    return {"total": total, "trainable": total, "nonzero": int(sum(np.count_nonzero(a) for a in arrays))}
+    graph = onnx.load(str(path)).graph
+    tensors = list(graph.initializer) + [a.t for n in graph.node if n.op_type == "Constant"
+                                         for a in n.attribute if a.name == "value"]
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+    return int(sum(int(np.prod(t.dims)) for t in tensors if t.data_type in floats))
 
 
 def link_and_label(arts: list[Artifact]) -> None:
@@ -177,22 +190,31 @@ def link_and_label(arts: list[Artifact]) -> None:
             art.variant = "pruned"
 
 
-def attach_flops(arts: list[Artifact]) -> None:
-    """FLOPs per item, counted at batch 1 on the eager model (a graph borrows its twin's;
-    without one, the architecture rebuilt from the metadata's config is counted)."""
+def attach_costs(arts: list[Artifact]) -> None:
+    """Parameters and FLOPs per item by one definition (edgediag.measure.cost.scoring_costs:
+    ``export_module()`` on one item): a checkpoint counted here; a graph as export counted
+    it (its metadata), else as its twin checkpoint, else as the architecture rebuilt from the
+    metadata's config (parameter totals by shape; non-zero counts unknown)."""
     from edgediag.models import create_model
 
     by_key: dict[str, dict] = {}
     for art in sorted(arts, key=lambda a: a.backend != "eager"):
-        if art.key in by_key:
-            art.flops = by_key[art.key]
+        if art.params is not None and art.flops is not None:
             continue
-        try:
-            model = art.model if art.model is not None else create_model(art.model_name, art.config).eval()
-            art.flops = count_flops(scoring_module(model), model.example_input(1))
-            by_key[art.key] = art.flops
-        except Exception as exc:  # noqa: BLE001 - e.g. a model that needs fitted statistics to run
-            art.note = f"FLOPs not counted: {type(exc).__name__}: {str(exc)[:120]}"
+        if art.model is None and art.key in by_key:
+            counted = by_key[art.key]
+        else:
+            try:
+                model = art.model if art.model is not None else create_model(art.model_name, art.config).eval()
+                counted = scoring_costs(model)
+            except Exception as exc:  # noqa: BLE001 - e.g. a model that needs fitted statistics to run
+                art.note = f"params/FLOPs not counted: {type(exc).__name__}: {str(exc)[:120]}"
+                continue
+            by_key.setdefault(art.key, counted)
+        # a graph counted on other weights (its twin's, or none): its total by shape, non-zeros unknown
+        art.params = art.params or (counted["params"] if art.model is not None
+                                    else {**counted["params"], "nonzero": None})
+        art.flops = art.flops or counted["flops"]
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -266,27 +288,16 @@ def runner(art: Artifact, threads: int, device: torch.device) -> tuple[Callable,
 
 # --- measuring ---------------------------------------------------------------------------------
 def time_runs(run: Callable, x: torch.Tensor, warmup: int, iters: int, cuda: bool, clock: str = "wall") -> dict:
+    """One row's figures by the timing protocol (edgediag.measure.timing), with the GPU's
+    peak memory of the row's calls on CUDA (the process's resident memory is not per row:
+    every artifact lives in this one process)."""
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    rss_method = reset_peak_rss()
     times = timed_rounds([lambda: run(x)], iters, warmup=warmup)[0]
-    out = {**latency_stats(times, len(x), clock), "rss_peak_mb": round(peak_rss_mb(), 1), "rss_method": rss_method}
+    out = latency_stats(times, len(x), clock)
     if cuda:
         out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
-
-
-def latency_stats(times: dict[str, list[float]], batch: int, clock: str = "wall") -> dict:
-    """Percentiles of ``clock`` (``latency_ms``), throughput, and both clocks' p50. The timing
-    thread's CPU time is the whole compute latency only at one thread; ``cpu_share`` (CPU p50
-    / wall p50) under ~0.9 there says the thread waited: preempted, or its virtual CPU stolen."""
-    ms = np.asarray(times[clock]) * 1e3
-    wall_p50, cpu_p50 = (float(np.percentile(np.asarray(times[k]) * 1e3, 50)) for k in ("wall", "cpu"))
-    return {"latency_ms": {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
-                           "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean()),
-                           "min": float(ms.min())},
-            "items_per_s": float(batch * len(ms) / max(ms.sum() / 1e3, 1e-12)),
-            "wall_p50_ms": wall_p50, "cpu_p50_ms": cpu_p50, "cpu_share": cpu_p50 / max(wall_p50, 1e-12)}
 
 
 REFERENCE = "fp32 matmul 384x384x384 (torch, the bench's threads)"
@@ -309,7 +320,6 @@ def time_interleaved(jobs: list[tuple[dict, Callable, torch.Tensor]], warmup: in
     whichever artifact happened to be timed at the time; fills each row's latency fields,
     ``relative_p50`` included (p50 over the reference kernel's p50, timed in the same
     rounds). Returns the reference kernel's figures."""
-    rss_method = reset_peak_rss()
     ref_row: dict = {}
     jobs = [(ref_row, *reference_kernel()), *jobs]
     calls = [lambda run=run, x=x: run(x) for _, run, x in jobs]
@@ -318,11 +328,9 @@ def time_interleaved(jobs: list[tuple[dict, Callable, torch.Tensor]], warmup: in
     samples = timed_rounds(calls, iters, rounds)
     span = {"start": started.isoformat(timespec="milliseconds"),
             "end": datetime.datetime.now().isoformat(timespec="milliseconds"), "interleaved": True}
-    peak = round(peak_rss_mb(), 1)  # the process's peak over all rows: they ran together
     reference = {"what": REFERENCE, **latency_stats(samples[0], 1, clock)["latency_ms"]}
     for (row, _, x), times in zip(jobs[1:], samples[1:]):
-        row.update(latency_stats(times, len(x), clock), rss_peak_mb=peak, rss_method=rss_method, span=span,
-                   rounds=rounds)
+        row.update(latency_stats(times, len(x), clock), span=span, rounds=rounds)
         row["relative_p50"] = row["latency_ms"]["p50"] / reference["p50"]
     return reference
 
@@ -364,9 +372,11 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def _print_row(row: dict, art: Artifact, acc: dict) -> None:
+    """Progress while the bench runs (the table comes at the end)."""
     lat = row["latency_ms"]
-    print(f"{art.model_name} {art.variant} {art.backend} batch {row['batch']}: p50 {lat['p50']:.3f} ms, "
-          f"{row['items_per_s']:.1f} items/s, {acc.get('metric_name')} {acc.get('metric')}")
+    log.info("%s %s %s batch %s: p50 %.3f ms, %.1f items/s, %s %s", art.model_name, art.variant, art.backend,
+             row["batch"], lat["p50"], row["items_per_s"], acc.get("metric_name"),
+             "n/a" if acc.get("metric") is None else f"{acc['metric']:.4f}")
 
 
 def run(args) -> int:
@@ -386,10 +396,11 @@ def run(args) -> int:
     if args.data and not Path(args.data).exists():
         raise UserError(f"data folder not found: {args.data}")
     arts = [load_artifact(Path(p)) for p in args.checkpoint]
+    attach_costs(arts)
     link_and_label(arts)
-    attach_flops(arts)
     out = Path(args.out)
     env = environment(args.threads)
+    timing = protocol(args.threads, args.warmup, args.latency_runs, args.rounds, args.clock)
     device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
     cache: dict = {}
     rows = []
@@ -397,12 +408,14 @@ def run(args) -> int:
     for art in arts:
         base = {"artifact": str(art.path), "model": art.model_name, "model_name": art.model_name,
                 "group": art.group, "variant": art.variant, "backend": art.backend, "threads": args.threads,
-                "clock": args.clock,
+                "clock": args.clock, "warmup": args.warmup, "runs": args.latency_runs,
                 "params_total": (art.params or {}).get("total"), "params_trainable": (art.params or {}).get("trainable"),
                 "params_nonzero": (art.params or {}).get("nonzero"),
                 "flops_per_item": art.flops["flops"] if art.flops else None,
                 "macs_per_item": art.flops["macs"] if art.flops else None,
-                "scan_flops_per_item": art.flops["scan_flops"] if art.flops else None}
+                "scan_flops_per_item": art.flops.get("scan_flops") if art.flops else None}
+        if art.graph_numbers is not None:
+            base["graph_numbers"] = art.graph_numbers
         if art.note:
             base["note"] = art.note
         if art.backend not in backends:
@@ -411,7 +424,7 @@ def run(args) -> int:
             run, static = runner(art, args.threads, device)
         except Skip as exc:
             rows += [{**base, "batch": b, "status": "skipped", "reason": str(exc), "env": env} for b in batches]
-            print(f"skip {art.path} ({art.backend}): {exc}")
+            log.info("skip %s (%s): %s", art.path, art.backend, exc)
             continue
         dataset, data_note = load_dataset(art, args, cache)
         plot_dir = out / "plots" / f"{art.slug}-{art.backend}"
@@ -448,15 +461,26 @@ def run(args) -> int:
             if k in r:
                 r[k] = _finite(r[k])
     power = attach_power(rows, args.tegrastats, args.tegrastats_interval_ms, args.latency_runs) if args.tegrastats else None
+    memory = {"rss_peak_mb": round(peak_rss_mb(), 1),
+              "what": "the bench process's peak resident memory (every artifact, runtime and data in one process)"}
     write_json(out / "report.json", {"edgediag_version": __version__, "env": env,
                                      "settings": {"warmup": args.warmup, "iters": args.latency_runs, "rounds": args.rounds,
                                                   "clock": args.clock,
                                                   "batches": batches,
                                                   "threads": args.threads, "split": args.split,
                                                   "data": args.data, "tegrastats": args.tegrastats},
-                                     "reference": reference, "power": power, "rows": rows})
+                                     "protocol": timing, "definitions": {"params": PARAMS_DEFINITION,
+                                                                         "flops": FLOPS_DEFINITION},
+                                     "memory": memory, "reference": reference, "power": power, "rows": rows})
     with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(markdown(rows, env, reference))
+        tmp.write_text(markdown(rows, env, reference, timing, memory))
     pareto_png(out / "pareto.png", rows)
-    print(f"report: {out / 'report.md'} ({len(rows)} rows), {out / 'report.json'}, {out / 'pareto.png'}")
+    files = {"report_md": str(out / "report.md"), "report_json": str(out / "report.json"),
+             "pareto_png": str(out / "pareto.png")}
+    table = bench_table_rows(rows)
+    text = "\n".join([cli.format_table(table, BENCH_COLUMNS), "", *bench_notes(rows, timing),
+                      f"report: {files['report_md']} ({len(rows)} rows), {files['report_json']}, {files['pareto_png']}"])
+    cli.show(cli.table_report(table, BENCH_COLUMNS, verb="bench", protocol=timing, env=env, files=files,
+                      skipped=[{k: r[k] for k in ("artifact", "backend", "batch", "reason")}
+                               for r in rows if r["status"] != "ok"]), text)
     return 0

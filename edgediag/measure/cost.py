@@ -1,5 +1,12 @@
 """Parameters and FLOPs of a model, with the selective scan counted by its formula.
 
+Every report counts the same thing for a checkpoint and for its exported graph
+(:data:`PARAMS_DEFINITION`, :func:`scoring_costs`): the module export traces
+(``model.export_module()``), on one item. A graph cannot be counted from its own
+initializers: ONNX folds BatchNorm into the convolutions (two vectors of parameters become
+one of bias) and stores constant buffers (mel filterbanks, DFT matrices, kNN banks, fitted
+statistics) beside the weights, so export records these counts in the graph's metadata.
+
 ``torch.utils.flop_counter.FlopCounterMode`` counts matmuls and convolutions, but it
 cannot see the selective scan (a C++ loop, a CUDA kernel or cumsum/exp ops it ignores or
 miscounts). So while counting, the scan's observer hook (:mod:`edgediag.ops.flops`) runs
@@ -16,21 +23,73 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils import _pytree
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.flop_counter import FlopCounterMode
 
 from edgediag.nn.features import stft_method
 from edgediag.ops.flops import SCAN_KEY, observing_scans
 
 OUTSIDE = "(outside modules)"
+PARAMS_DEFINITION = ("parameters of the deployed scoring graph: the trainable parameters one forward of "
+                     "export_module() reads (what export traces); training-only parts (a GAN's generator "
+                     "decoder, auxiliary heads) and constant buffers (mel filterbanks, kNN banks, fitted "
+                     "statistics) are not counted")
+FLOPS_DEFINITION = "FLOPs of one forward of export_module() per item (a multiply-add is 2 FLOPs)"
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Total, trainable and non-zero parameter counts (non-zero shows unstructured sparsity)."""
-    params = list(model.parameters())
+def count_parameters(model: nn.Module, only: set[int] | None = None) -> dict[str, int]:
+    """Total, trainable and non-zero parameter counts (non-zero shows unstructured sparsity);
+    ``only``: just the parameters whose storage (``untyped_storage().data_ptr()``) is in it."""
+    params = [p for p in model.parameters() if only is None or _storage(p) in only]
     return {"total": sum(p.numel() for p in params),
             "trainable": sum(p.numel() for p in params if p.requires_grad),
             "nonzero": int(sum(int(torch.count_nonzero(p.detach())) for p in params))}
+
+
+class _Reads(TorchDispatchMode):
+    """Records the storage of every tensor an op reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in _pytree.tree_leaves((args, kwargs or {})):
+            if isinstance(t, torch.Tensor):
+                self.storages.add(_storage(t))
+        return func(*args, **(kwargs or {}))
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (sparse, functional wrappers)
+        return -1
+
+
+def scoring_parameters(module: nn.Module, *inputs: torch.Tensor) -> dict[str, int]:
+    """:func:`count_parameters` of only the parameters that one forward of ``module`` on
+    ``inputs`` reads, run as export traces it (the exportable scan backend, the factored DFT
+    front end, no grad): what the exported graph of ``module`` holds as weights."""
+    from edgediag.ops import scan_backend
+
+    reads = _Reads()
+    with torch.no_grad(), stft_method("factored"), scan_backend("chunked"), reads:
+        module(*inputs)
+    return count_parameters(module, only={s for s in reads.storages if s > 0})
+
+
+def scoring_costs(model, x: torch.Tensor | None = None) -> dict:
+    """``{"params": scoring_parameters, "flops": count_flops}`` of ``model.export_module()``
+    on ``x`` (default ``model.example_input(1)``; FLOPs are per call: per item at batch 1),
+    in eval mode: the counts every verb reports for a checkpoint and for its graph."""
+    from edgediag.measure.timing import eval_mode
+
+    module = model.export_module()
+    x = model.example_input(1) if x is None else x
+    with eval_mode(model), eval_mode(module):  # the model's own flag restored last
+        return {"params": scoring_parameters(module, x), "flops": count_flops(module, x)}
 
 
 @contextlib.contextmanager

@@ -1,5 +1,7 @@
-"""The bench's human-readable outputs: report.md (one table row per artifact x backend x
-batch), pareto.png (accuracy against median latency) and the demo's headline table."""
+"""Reports: a model's metrics as tables (evaluate, train), and the bench's outputs: report.md
+(one row per artifact x backend x batch), pareto.png (accuracy against median latency) and
+the demo's headline table, in the one table format of :mod:`edgediag.cli` (``Column``,
+``format_table``; ``show`` prints a report, or with ``--json`` its JSON). Torch-free."""
 
 from __future__ import annotations
 
@@ -8,36 +10,79 @@ import json
 import math
 from pathlib import Path
 
+from edgediag.cli import Column, format_table
 from edgediag.utils import atomic_path
 
+METRIC_COLUMNS = (Column("metric"), Column("value"))
 
-def markdown(rows: list[dict], env: dict, reference: dict | None = None) -> str:
-    head = ["model", "variant", "backend", "batch", "params", "MFLOPs/item", "p50 ms", "p90 ms", "items/s",
-            "RSS MB", "metric", "AUC"]
+
+def metric_rows(metrics: dict) -> list[dict]:
+    """The scalar metrics of a model's evaluate() as ``{"metric", "value"}`` rows."""
+    return [{"metric": k, "value": v} for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def metrics_text(metrics: dict) -> str:
+    """A model's evaluate() report as tables: its scalar metrics, then its per-group rows
+    (``metrics["table"]``: section/domain, class...) under the columns they have."""
+    lines = [format_table(metric_rows(metrics), METRIC_COLUMNS)]
+    groups = metrics.get("table") or []
+    if groups:
+        columns = [Column(c) for c in dict.fromkeys(c for r in groups for c in r)]
+        lines += ["", format_table(groups, columns)]
+    return "\n".join(lines)
+
+
+# --- the bench's report -------------------------------------------------------------------------
+BENCH_COLUMNS = (Column("model"), Column("variant"), Column("backend"), Column("batch"), Column("params", fmt=",d"),
+                 Column("mflops_per_item", "MFLOPs/item"), Column("p50_ms", "p50 ms", ".3f"),
+                 Column("p90_ms", "p90 ms", ".3f"), Column("items_per_s", "items/s", ".1f"), Column("metric"),
+                 Column("value", fmt=".4f"), Column("auc", "AUC", ".4f"))
+
+
+def bench_table_rows(rows: list[dict]) -> list[dict]:
+    """The measured rows of report.json as the table shows them (keys of BENCH_COLUMNS)."""
+    out = []
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        flops = r.get("flops_per_item")
+        out.append({"model": r["model"], "variant": r["variant"], "backend": r["backend"], "batch": r["batch"],
+                    "params": r.get("params_total"), "mflops_per_item": None if flops is None else flops / 1e6,
+                    "p50_ms": r["latency_ms"]["p50"], "p90_ms": r["latency_ms"]["p90"],
+                    "items_per_s": r["items_per_s"], "metric": r.get("metric_name") if r.get("metric") is not None
+                    else None, "value": r.get("metric"), "auc": r.get("auc")})
+    return out
+
+
+def bench_notes(rows: list[dict], protocol: dict) -> list[str]:
+    """What the figures of the table are, in sentences (report.md and the printed table)."""
+    from edgediag.measure.cost import FLOPS_DEFINITION, PARAMS_DEFINITION
+    from edgediag.measure.timing import protocol_line
+
+    notes = [f"Latency: one call on a prepared batch; {protocol_line(protocol)}"
+             + (" (preemption and stolen time left out)" if protocol.get("clock") == "cpu" else "") + ".",
+             f"Params: {PARAMS_DEFINITION}; the same count for a checkpoint and its graph (export records it).",
+             f"MFLOPs/item: {FLOPS_DEFINITION}."]
+    skipped = [f"`{r['artifact']}` {r['backend']} batch {r['batch']}: skipped: {r['reason']}"
+               for r in rows if r["status"] != "ok"]
+    if skipped:
+        notes += ["Skipped: " + "; ".join(skipped)]
+    return notes
+
+
+def markdown(rows: list[dict], env: dict, reference: dict | None = None, protocol: dict | None = None,
+             memory: dict | None = None) -> str:
+    protocol = protocol or {"threads": env["threads"], "warmup": 0, "runs": 0}
     lines = ["# edgediag benchmark", "",
              f"Machine: {env['cpu']}, {env['cores']} cores, {env['threads']} threads; torch {env['torch']}, "
              f"onnxruntime {env['onnxruntime']}, numpy {env['numpy']}; load average {env['load_avg_1m']} "
-             "when it started.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    skipped = []
-    for r in rows:
-        if r["status"] != "ok":
-            skipped.append(f"- `{r['artifact']}` {r['backend']} batch {r['batch']}: skipped: {r['reason']}")
-            continue
-        lat = r["latency_ms"]
-        metric = "n/a" if r.get("metric") is None else f"{r['metric_name']} {r['metric']:.4f}"
-        mflops = "n/a" if r.get("flops_per_item") is None else f"{r['flops_per_item'] / 1e6:.2f}"
-        params = "n/a" if r.get("params_total") is None else f"{r['params_total']:,}"
-        lines.append(f"| {r['model']} | {r['variant']} | {r['backend']} | {r['batch']} | {params} | {mflops} | "
-                     f"{lat['p50']:.3f} | {lat['p90']:.3f} | {r['items_per_s']:.1f} | {r['rss_peak_mb']:.0f} | "
-                     f"{metric} | {'n/a' if r.get('auc') is None else format(r['auc'], '.4f')} |")
-    if skipped:
-        lines += ["", "Skipped:", *skipped]
-    clocks = {r.get("clock", "wall") for r in rows if r["status"] == "ok"}
-    what = ("CPU time of the timing thread (one thread; preemption and stolen time left out)" if clocks == {"cpu"}
-            else "wall time")
-    lines += ["", f"Latency: {what} of one call on a prepared batch, after the warm-up; RSS: the process's "
-              "peak resident memory during the timed runs (models, runtime and data included)."]
+             "when it started.", "", format_table(bench_table_rows(rows), BENCH_COLUMNS, markdown=True)]
+    for note in bench_notes(rows, protocol):
+        lines += ["", note]
+    if memory:
+        lines += ["", f"Memory: the bench process peaked at {memory['rss_peak_mb']:.0f} MB resident (every artifact, "
+                      "its runtime and the data in one process: not a per-model figure, so no column)."]
     shares = [(r["cpu_share"], r) for r in rows if r["status"] == "ok" and "cpu_share" in r]
     busy = [(share, r) for share, r in shares if share < 0.9]
     if busy:
@@ -105,7 +150,9 @@ def pareto_png(path: Path, rows: list[dict]) -> None:
     lat = [r["latency_ms"]["p50"] for r in ok]
     if lat and max(lat) > 10 * min(lat):  # latencies over decades: a log axis keeps all visible
         ax.set_xscale("log")
-    ax.set_xlabel(f"median latency, batch {batch} (ms{', log scale' if ax.get_xscale() == 'log' else ''})")
+    threads = sorted({r.get("threads") for r in ok if r.get("threads")})
+    on = f", {threads[0]} thread{'s' if threads[0] != 1 else ''}" if len(threads) == 1 else ""
+    ax.set_xlabel(f"median latency, batch {batch}{on} (ms{', log scale' if ax.get_xscale() == 'log' else ''})")
     ax.set_ylabel("accuracy: " + ", ".join(names))
     ax.set_title("accuracy vs latency (marker size = parameters; dashed: original -> pruned)")
     ax.grid(alpha=0.3)
@@ -135,15 +182,10 @@ def headline_rows(report_json: Path) -> list[dict]:
     return keep
 
 
-def headline_table(rows: list[dict]) -> str:
-    head = (f"{'model':<18} {'variant':<8} {'backend':<11} {'params':>10} {'MFLOPs':>8} {'p50 ms':>8} "
-            f"{'metric':>8} {'value':>6} {'AUC':>6}")
-    lines = [head, "-" * len(head)]
+HEADLINE_COLUMNS = (Column("model"), Column("variant"), Column("backend"), Column("params", fmt=",d"),
+                    Column("mflops", "MFLOPs", ".1f"), Column("p50_ms", "p50 ms", ".2f"), Column("metric"),
+                    Column("value", fmt=".3f"), Column("auc", "AUC", ".3f"))
 
-    def fmt(v, spec):
-        return format(v, spec) if isinstance(v, (int, float)) else "n/a"
-    for r in rows:
-        lines.append(f"{r['model']:<18} {r['variant']:<8} {r['backend']:<11} {fmt(r['params'], ',d'):>10} "
-                     f"{fmt(r['mflops'], '.1f'):>8} {fmt(r['p50_ms'], '.2f'):>8} {str(r['metric']):>8} "
-                     f"{fmt(r['value'], '.3f'):>6} {fmt(r['auc'], '.3f'):>6}")
-    return "\n".join(lines)
+
+def headline_table(rows: list[dict]) -> str:
+    return format_table(rows, HEADLINE_COLUMNS)

@@ -188,6 +188,7 @@ class Health:
 
     def __init__(self, keep: int = 1024):
         self.latencies: collections.deque = collections.deque(maxlen=keep)
+        self.threads: int | None = None  # the inference threads the latencies were taken with (None: the runtime's)
         self.stream_s = 0.0
         self.busy_s = 0.0
         self.windows = 0
@@ -198,7 +199,7 @@ class Health:
         return {"type": "health", "t": round(t, 4), "rtf": round(self.stream_s / max(self.busy_s, 1e-9), 2),
                 "latency_p50": round(float(np.percentile(ms, 50)), 3),
                 "latency_p95": round(float(np.percentile(ms, 95)), 3),
-                "latency_p99": round(float(np.percentile(ms, 99)), 3),
+                "latency_p99": round(float(np.percentile(ms, 99)), 3), "threads": self.threads,
                 "rss_mb": round(rss_mb(), 1), "windows": self.windows, "flags": dict(self.flag_counts)}
 
 
@@ -476,6 +477,7 @@ def run(args) -> int:
                         health_every=args.health_every, audio_levels=audio_levels, source_rate=fps,
                         stream_reset=args.stream_reset)
     mon = Monitor(pred, settings)
+    mon.health.threads = args.threads
     out = events or sys.stdout
     status = sys.stderr.isatty()
     alarms = 0

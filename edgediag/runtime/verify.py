@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -163,15 +162,9 @@ def _engine_precision(folder: Path) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    def cell(v) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.2e}" if math.isfinite(v) else str(v)
-        return str(v)
+    """The checks as an aligned table (edgediag.measure.report: one table format everywhere)."""
+    from edgediag.cli import Column
+    from edgediag.cli import format_table as table
 
-    cells = [list(COLUMNS)] + [[cell(r[c]) for c in COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    errors = ("max abs err", "max rel err", "tolerance")
+    return table(rows, [Column(c, fmt=".2e" if c in errors else "") for c in COLUMNS])

@@ -47,6 +47,9 @@ class ImageClassifierConfig:
     class_counts: list[int] = dataclasses.field(default_factory=list)  # training split
     class_weighting: str = "none"  # none | balanced | sqrt (inverse frequency, or its square root)
     label_smoothing: float = 0.0
+    # Training images also transposed half of the time (with the flips: all 8 right-angle
+    # orientations), for square images whose defects have no preferred direction.
+    augment_transpose: bool = False
     split_digest: str = ""  # of the test split trained with (see edgediag.data.images)
     # Structured pruning (python -m edgediag.prune): module name -> pruned sizes, as
     # edgediag.nn.pruning.record_widths writes them; empty = unpruned.

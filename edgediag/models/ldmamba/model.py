@@ -180,6 +180,11 @@ class AttentionMambaBlock(nn.Module):
 })
 class LDMamba(SequenceClassifier):
     Config = LDMambaConfig
+    # prune's defaults (README.md "Pruning"): at batch 1 its time is mostly per-operator
+    # cost, so one of the two blocks goes, then channels to 80 % of the parameters (widths
+    # multiples of 8: the scan's vector lanes); 20 epochs at half the training lr recover it
+    prune_recipe = {"ratio": 0.8, "round_to": 8, "remove_blocks": 1, "finetune_epochs": 20, "distill": 1.0,
+                    "lr_scale": 0.5}
 
     def __init__(self, config: LDMambaConfig):
         super().__init__(config)

@@ -21,9 +21,12 @@ margin on each label's logits, λ·CE(y_a) + (1-λ)·CE(y_b) on the two margin v
 
 Scores (``score``): ``ce`` - the published one, the cross-entropy of the clip's own class
 with the margin applied (the class comes from the file name; without one, the best class's
-score, i.e. "no known class explains this clip"); ``knn`` - mean cosine distance of the
-embedding to its ``knn_k`` nearest normal training embeddings (bank fitted in
-``fit_normal``); ``auto`` - ``ce`` when there are several classes, else ``knn``.
+score, i.e. "no known class explains this clip"); ``knn`` - mean distance of the clip's
+feature (the unit-norm embedding and, weighted by ``knn_band_weight``, its standardised
+band maxima; ``knn.py``) to its ``knn_k`` nearest normal training clips (bank fitted in
+``fit_normal``); ``auto`` - ``ce`` when there are several classes with at least
+``ce_min_clips_per_class`` training clips each, else ``knn`` (with a few clips per class
+the classifier memorises them, and its score carries nothing about unseen clips).
 
 One normal class (e.g. a fan's ON recordings): a softmax over one class has no gradient,
 so training classifies pseudo-classes instead - the clip played at the rates in
@@ -44,6 +47,7 @@ from edgediag.engine.dcase import ITEM_FIELDS, anomaly_report, report_groups
 from edgediag.engine.model import DiagnosisModel
 from edgediag.errors import UserError
 from edgediag.models import register_model
+from edgediag.models.tastgram_mfn import knn as knn_score
 from edgediag.nn.depth import remove_blocks
 from edgediag.nn.features import LogMel
 from edgediag.nn.pruning import apply_widths, resize_to_loaded
@@ -77,8 +81,16 @@ class TASTgramConfig:
     arc_scale: float = 30.0
     arc_margin: float = 0.7
     mixup_alpha: float = 0.5
-    score: str = "auto"  # ce | knn | auto
+    score: str = "auto"  # ce | knn | auto (ce with >= ce_min_clips_per_class clips per class, else knn)
     knn_k: int = 1
+    # Weight of the standardised band maxima beside the unit-norm embedding in the kNN
+    # feature (knn.py); 0 = the embedding alone (cosine kNN, as before issue 22).
+    knn_band_weight: float = 3.0
+    # Fewer training clips per class than this and the classifier memorises them: its
+    # score says nothing about unseen clips (valve: 6 per class, CE on held-out normals
+    # 11.2 vs 0.02 on the training clips), so `auto` scores with the kNN instead.
+    ce_min_clips_per_class: int = 50
+    clips_per_class: int = 0  # set from the data: the smallest class's training clips; 0 = unknown
     pseudo_rates: list[float] = dataclasses.field(default_factory=lambda: [1.0, 0.85, 1.15])
     time_shift: bool = False  # training augmentation: roll each clip by a random offset
     train_normal_only: bool = True  # read by the audio data builder
@@ -289,8 +301,10 @@ class TASTgramMFN(DiagnosisModel):
                       "schedule": "cosine", "min_lr_ratio": 0.1, "warmup": 0.0, "grad_clip": 0.0,
                       "min_steps": 200}
     primary_metric = "auc"
-    # the demo's recipe: without fine-tuning a fan model fell from AUC 0.82 to 0.36 at ratio 0.5
-    prune_recipe = {"finetune_epochs": 8, "distill": 1.0}
+    # prune's defaults (README.md "Pruning"): one stride-1 bottleneck removed, then channels
+    # to 80 % of the parameters in multiples of 8, is what halves batch-1 latency; 8 epochs
+    # with distillation keep its AUC (without fine-tuning a fan model fell from 0.82 to 0.36)
+    prune_recipe = {"ratio": 0.8, "round_to": 8, "remove_blocks": 1, "finetune_epochs": 8, "distill": 1.0}
 
     def __init__(self, config: TASTgramConfig):
         super().__init__(config)
@@ -318,6 +332,8 @@ class TASTgramMFN(DiagnosisModel):
         # Normal training embeddings for the kNN score (filled by fit_normal). Its row
         # count differs from a fresh model's, so loading resizes it first (below).
         self.register_buffer("knn_bank", torch.zeros(0, c.embedding_dim))
+        self.register_buffer("band_mean", torch.zeros(0))  # band-maximum statistics (fit_normal)
+        self.register_buffer("band_std", torch.zeros(0))
         remove_blocks(self, c.removed_blocks)
         if c.pruned_widths:
             apply_widths(self, c.pruned_widths)
@@ -344,22 +360,28 @@ class TASTgramMFN(DiagnosisModel):
     @classmethod
     def config_for_data(cls, config, bundle):
         info = bundle.info or {}
+        counts = [int(n) for n in (info.get("class_counts") or {}).values()]
         return dataclasses.replace(config, n_classes=max(1, len(bundle.classes)), class_names=list(bundle.classes),
+                                   clips_per_class=min(counts) if counts else 0,
                                    clip_seconds=float(info.get("clip_seconds") or config.clip_seconds),
                                    sample_rate=int(info.get("sample_rate") or config.sample_rate))
 
     @property
     def score_mode(self) -> str:
-        if self.config.score == "auto":
-            return "ce" if self.config.n_classes > 1 else "knn"
-        return self.config.score
+        c = self.config
+        if c.score == "auto":
+            few = 0 < c.clips_per_class < c.ce_min_clips_per_class
+            return "ce" if c.n_classes > 1 and not few else "knn"
+        return c.score
 
     @property
     def score_uses_normal_statistics(self) -> bool:
         return self.score_mode == "knn"  # the CE score is the classifier's alone
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        resize_to_loaded(self, state_dict, prefix, ("knn_bank",))
+        for name in ("band_mean", "band_std"):  # checkpoints from before the band part
+            state_dict.setdefault(prefix + name, torch.zeros(0))
+        resize_to_loaded(self, state_dict, prefix, ("knn_bank", "band_mean", "band_std"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # --- forward -----------------------------------------------------------------------
@@ -376,23 +398,44 @@ class TASTgramMFN(DiagnosisModel):
     def embed(self, wave: torch.Tensor) -> torch.Tensor:
         return self.embed_features(wave, self.logmel(wave))
 
+    def embed_with_mel(self, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mel = self.logmel(wave)
+        return self.embed_features(wave, mel), mel
+
     def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cosine similarity to each class (B, C), embedding (B, D))."""
         emb = self.embed(wave)
         return self.arcface.cosine(emb), emb
 
     # --- training ----------------------------------------------------------------------
+    def cacheable_features(self, batch: dict) -> dict[str, torch.Tensor] | None:
+        """The log-mel the training step would compute: of the clip, or with one class of
+        each pseudo-rate version of it (B, rates, mels, frames). None with random time
+        shifts (a new waveform at every step)."""
+        if self.config.time_shift:
+            return None
+        wave = batch["x"].float()
+        if self.config.n_classes > 1:
+            return {"logmel": self.logmel(wave)}
+        rates = self.pseudo_rate.to(wave.device)
+        return {"logmel_rates": torch.stack([self.logmel(change_rate(wave, rate.expand(len(wave))))
+                                             for rate in rates], dim=1)}
+
     def training_step(self, batch: dict, phase: str = "main") -> dict[str, torch.Tensor]:
         wave, y = batch["x"].float(), batch["y"].long()
+        mel = batch.get("logmel")  # cached by the trainer (cacheable_features), else computed below
         if self.config.n_classes == 1:
             # Pseudo-classes: each clip played at one of the configured rates.
             y = torch.randint(len(self.config.pseudo_rates), (wave.shape[0],), device=wave.device)
             wave = change_rate(wave, self.pseudo_rate.to(wave.device)[y])
+            if "logmel_rates" in batch:
+                mel = batch["logmel_rates"][torch.arange(len(y), device=y.device), y]
         elif bool((y < 0).any()) or bool((y >= self.config.n_classes).any()):
             raise UserError("training clips need a known class (y in 0..n_classes-1)")
         if self.config.time_shift:
-            wave = random_roll(wave)
-        mel = self.logmel(wave)
+            wave, mel = random_roll(wave), None
+        if mel is None:
+            mel = self.logmel(wave)
         if self.config.loss == "arcface":
             cosine = self.arcface.cosine(self.embed_features(wave, mel))
             loss = mixup_loss(self.arcface, cosine, y, y, 1.0, "arcface")
@@ -409,40 +452,43 @@ class TASTgramMFN(DiagnosisModel):
 
     @torch.no_grad()
     def fit_normal(self, loader) -> None:
-        """After training: precise BatchNorm statistics, then the kNN bank (L2-normalised
-        embeddings of the normal training clips)."""
+        """After training: precise BatchNorm statistics, then the kNN bank (knn.py) of the
+        normal training clips: their band-maximum statistics, then their features."""
         self.recalibrate_batchnorm(loader)
         was_training = self.training
         self.eval()
         device = self.threshold.device
-        bank = []
+        embs, mels = [], []
         for batch in loader:
-            emb = F.normalize(self.embed(batch["x"].to(device).float()))
+            emb, mel = self.embed_with_mel(batch["x"].to(device).float())
             if "anomaly" in batch:  # keep only clips not known to be anomalous
-                emb = emb[torch.as_tensor(batch["anomaly"]).to(device) <= 0]
-            bank.append(emb)
-        if bank:
-            self.knn_bank = torch.cat(bank)
+                keep = torch.as_tensor(batch["anomaly"]).to(device) <= 0
+                emb, mel = emb[keep], mel[keep]
+            embs.append(emb)
+            mels.append(mel)
+        if embs:
+            emb, mel = torch.cat(embs), torch.cat(mels)
+            self.band_mean, self.band_std = knn_score.band_statistics(mel.amax(-1))
+            self.knn_bank = self.knn_features(emb, mel)
         self.train(was_training)
 
     # --- inference ---------------------------------------------------------------------
-    def knn_distance(self, emb: torch.Tensor) -> torch.Tensor:
+    def knn_features(self, emb: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
+        return knn_score.knn_features(emb, mel, self.band_mean, self.band_std, self.config.knn_band_weight)
+
+    def knn_distance(self, emb: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
         if self.knn_bank.shape[0] == 0:
             raise RuntimeError("kNN score needs fit_normal() on normal training clips first")
-        dist = 1.0 - F.normalize(emb) @ self.knn_bank.t()
-        # A clip that is itself in the bank (a training clip) skips its own entry, so
-        # its score is a leave-one-out distance: otherwise every training clip scores 0
-        # and a threshold calibrated on them flags everything. Cosine distance <= 2.
-        dist = torch.where(dist < 1e-6, torch.full_like(dist, 2.0), dist)
-        k = min(self.config.knn_k, max(1, self.knn_bank.shape[0] - 1))
-        return dist.topk(k, dim=1, largest=False).values.mean(dim=1)
+        euclidean = self.knn_bank.shape[1] > emb.shape[1]  # a band part: fitted since issue 22
+        feats = self.knn_features(emb, mel) if euclidean else F.normalize(emb)
+        return knn_score.knn_distance(feats, self.knn_bank, self.config.knn_k, euclidean)
 
     def score(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Anomaly score (B,). ``y``: each clip's class (-1 unknown), used by the ``ce``
         score; unknown or absent classes get the best class's score."""
-        emb = self.embed(x.float())
+        emb, mel = self.embed_with_mel(x.float())
         if self.score_mode == "knn":
-            return self.knn_distance(emb)
+            return self.knn_distance(emb, mel)
         scores = self.arcface.class_scores(self.arcface.cosine(emb))
         best = scores.min(dim=1).values
         if y is None:
@@ -474,13 +520,13 @@ class TASTgramMFN(DiagnosisModel):
             x = batch["x"].to(device).float()
             n = x.shape[0]
             cls = self._class_index(batch.get("label"), batch.get("y"))
-            emb = self.embed(x)
+            emb, mel = self.embed_with_mel(x)
             cosine = self.arcface.cosine(emb)
             scores = self.arcface.class_scores(cosine)
             best = scores.min(dim=1).values
             c = cls.to(device) if cls is not None else torch.full((n,), -1, device=device)
             ce = torch.where(c >= 0, scores.gather(1, c.clamp_min(0).unsqueeze(1)).squeeze(1), best)
-            knn = self.knn_distance(emb) if have_bank else torch.full((n,), float("nan"), device=device)
+            knn = self.knn_distance(emb, mel) if have_bank else torch.full((n,), float("nan"), device=device)
             if self.score_mode == "knn":
                 own, dec, other = knn, knn, ce
             else:
@@ -544,7 +590,7 @@ class TASTgramExport(nn.Module):
         self.use_knn = model.score_mode == "knn"
 
     def forward(self, wave: torch.Tensor):
-        emb = self.model.embed(wave)
+        emb, mel = self.model.embed_with_mel(wave)
         class_scores = self.model.arcface.class_scores(self.model.arcface.cosine(emb))
-        score = self.model.knn_distance(emb) if self.use_knn else class_scores.min(dim=1).values
+        score = self.model.knn_distance(emb, mel) if self.use_knn else class_scores.min(dim=1).values
         return score, class_scores, emb
