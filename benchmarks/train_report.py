@@ -98,10 +98,10 @@ class Probe:
         self.feature_seconds = 0.0
 
 
-def build(family: Family, path: str, data_root: Path, threads: int, seed: int):
+def build(family: Family, path: str, data_root: Path, threads: int, seed: int, after_sets=()):
     """Model, training set and train config the train verb would build for this path."""
     data = generate_once(family.dataset, data_root, seed)
-    sets = family.model_sets + (OLD_ENGINE + family.before if path == "before" else [])
+    sets = family.model_sets + (OLD_ENGINE + family.before if path == "before" else list(after_sets))
     argv = ["--model", family.model, "--data", str(data), "--out", "unused", "--seed", str(seed),
             "--threads", str(threads), *[x for s in sets for x in ("--set", s)]]
     _, cls, model_cfg, train_cfg, data_cfg = resolve_configs(train_parser().parse_args(argv))
@@ -116,8 +116,8 @@ def build(family: Family, path: str, data_root: Path, threads: int, seed: int):
     return model, bundle.train, train_cfg
 
 
-def measure(family: Family, path: str, data_root: Path, threads: int, steps: int, seed: int) -> dict:
-    model, train_set, cfg = build(family, path, data_root, threads, seed)
+def measure(family: Family, path: str, data_root: Path, threads: int, steps: int, seed: int, after_sets=()) -> dict:
+    model, train_set, cfg = build(family, path, data_root, threads, seed, after_sets)
     per_epoch = max(1, len(train_set) // cfg.batch_size)
     cfg = dataclasses.replace(cfg, epochs=1 + -(-steps // per_epoch), min_steps=0)
     probe = Probe(model)
@@ -161,6 +161,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="runs of each path, interleaved; the median is shown")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default="export/train_report/data", help="where the synthetic sets are generated")
+    p.add_argument("--after-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a --set override for the after path only, e.g. model.image_size=128 (the engine's gain "
+                        "at the old image size)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     import logging
@@ -172,7 +175,7 @@ def main(argv=None) -> int:
         runs: dict[str, list[dict]] = {path: [] for path in args.paths}
         for _ in range(args.rounds):
             for path in args.paths:
-                r = measure(FAMILIES[name], path, Path(args.data), args.threads, args.steps, args.seed)
+                r = measure(FAMILIES[name], path, Path(args.data), args.threads, args.steps, args.seed, args.after_set)
                 runs[path].append(r)
                 print(f"{name:13s} {path:6s} {r['items_per_s']:8.1f} items/s, {r['items_per_cpu_s']:8.1f} items per "
                       f"CPU-s ({r['steps']} steps, {r['seconds']:.1f} s, load {os.getloadavg()[0]:.1f})", flush=True)

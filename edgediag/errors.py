@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A problem with the user's input; shown as one line, exit code 2."""
+
+
+class NotFittedError(RuntimeError):
+    """A model asked to score before its normal statistics are fitted (``fit_normal``)."""

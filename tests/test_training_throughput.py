@@ -158,3 +158,18 @@ def test_neu_like_classes_differ_from_each_other(tmp_path):
     centres = {k: ((v - mu) / sd).mean(0) for k, v in feats.items()}
     distinct = {tuple(np.round(c, 1)) for c in centres.values()}
     assert len(distinct) == 6
+
+
+def test_transpose_augmentation_adds_the_transposed_orientations_only_when_asked():
+    from edgediag.data.images import ImageDataset
+
+    img = np.zeros((16, 16, 1), np.uint8)
+    img[2:4, 5:12] = 255  # a horizontal bar: flips keep it horizontal, a transpose makes it vertical
+    seen = {}
+    for transpose in (False, True):
+        ds = ImageDataset([img], [0], [0], ["a"], augment=True, max_shift=0.0, transpose=transpose)
+        torch.manual_seed(0)
+        xs = [ds[0]["x"][0] for _ in range(40)]
+        # per-row sums spread more than per-column sums: the bar lies horizontally
+        seen[transpose] = {bool(x.sum(1).std() > x.sum(0).std()) for x in xs}
+    assert seen[False] == {True} and seen[True] == {True, False}

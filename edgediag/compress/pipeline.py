@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from edgediag.cli import Column, format_table, show, table_report
 from edgediag.compress import structured as sp
-from edgediag.compress.budget import Budget, eager_latency_ms, model_params
+from edgediag.compress.budget import Budget, eager_latency_ms
 from edgediag.compress.distill import Distilled
 from edgediag.config import from_dict, load_tree, to_dict
 from edgediag.data import DataConfig, build_data
@@ -26,7 +26,7 @@ from edgediag.engine.checkpoint import load_model
 from edgediag.engine.fit import evaluate_test, finalize, refit, scalars
 from edgediag.engine.trainer import TrainConfig, Trainer
 from edgediag.errors import UserError
-from edgediag.measure.cost import FLOPS_DEFINITION, PARAMS_DEFINITION, scoring_costs
+from edgediag.measure.cost import FLOPS_DEFINITION, PARAMS_DEFINITION, count_parameters, scoring_costs
 from edgediag.measure.timing import THREADS, WARMUP, protocol, protocol_line, time_functions
 from edgediag.models import create_model
 from edgediag.nn.pruning import module_sizes, record_widths
@@ -87,10 +87,20 @@ def paired_latency(before, after, runs: int, threads: int = THREADS, warmup: int
     return out
 
 
+def stage_line(cost: dict, metric: str, metrics: dict) -> str:
+    """One readable line of a stage's figures for the log (the report has the table)."""
+    parts = [f"{cost['params']:,} params", f"{cost['flops'] / 1e6:.1f} MFLOPs"]
+    parts += [f"{k.replace('_ms', '')} {cost[k]:.2f} ms" for k in ("eager_ms", "onnxruntime_ms") if k in cost]
+    value = metrics.get(metric)
+    parts.append(f"{metric} {float(value):.4f}" if value is not None else f"{metric} n/a")
+    return ", ".join(parts)
+
+
 def costs(model, with_latency: bool, args) -> dict:
     """Parameters and FLOPs counted as every verb counts them (edgediag.measure.cost.
-    scoring_costs: the deployed scoring graph), the checkpoint's whole parameter count (what a
-    --ratio/--target-params budget counts: training-only parts included) and the latency."""
+    scoring_costs: the deployed scoring graph; what --ratio and --target-params count), the
+    checkpoint's whole parameter count (training-only parts included, for information) and
+    the latency."""
     model.eval()
     counted = scoring_costs(model)
     fl = counted["flops"]
@@ -98,7 +108,7 @@ def costs(model, with_latency: bool, args) -> dict:
     # dominate the total: report the network's own FLOPs as well.
     front = sum(v for k, v in fl["by_module_total"].items()
                 if k.split(".")[-1] in ("logmel",) and k.count(".") <= 2)
-    out = {"params": counted["params"]["total"], "params_checkpoint": model_params(model), "flops": fl["flops"],
+    out = {"params": counted["params"]["total"], "params_checkpoint": count_parameters(model)["total"], "flops": fl["flops"],
            "flops_network": fl["flops"] - front}
     if with_latency:
         out.update(latency_figures(model, args.latency_runs, timing_threads(args), args.warmup))
@@ -162,24 +172,24 @@ def run(args) -> int:
     before = costs(model, with_lat, args)
     metrics_before = evaluate(model, bundle, train_cfg.batch_size, device)
     widths_before = widths_of(model)
-    log.info("before: %s | %s", before, {k: metrics_before.get(k) for k in (model.primary_metric,)})
+    log.info("before: %s", stage_line(before, model.primary_metric, metrics_before))
 
     # the budget
-    # a budget counts the checkpoint's parameters (model_params), training-only parts included
+    # a budget counts the deployed scoring graph's parameters (model_params), as the reports do
     if args.target_params is not None:
         budget = Budget("params", args.target_params)
-        start = before["params_checkpoint"]
+        start = before["params"]
     elif args.target_latency_ms is not None:
         budget = Budget("latency", args.target_latency_ms)
         start = eager_latency_ms(model)
     else:
         ratio = 0.5 if args.ratio is None else args.ratio
         if args.ratio_metric == "both":
-            budget = Budget("both", 1.0, {"params": (1.0 - ratio) * before["params_checkpoint"],
+            budget = Budget("both", 1.0, {"params": (1.0 - ratio) * before["params"],
                                           "flops": (1.0 - ratio) * before["flops"]})
             start = 1.0 / (1.0 - ratio)
         else:
-            start = before["params_checkpoint" if args.ratio_metric == "params" else args.ratio_metric]
+            start = before[args.ratio_metric]
             budget = Budget(args.ratio_metric, (1.0 - ratio) * start)
     if budget.target >= start:
         raise UserError(f"the target {budget.target:g} {budget.metric} is not smaller than the model's "
@@ -221,7 +231,7 @@ def run(args) -> int:
     refit(model, bundle, train_cfg, device)
     after_prune = costs(model, with_lat, args)
     metrics_pruned = evaluate(model, bundle, train_cfg.batch_size, device)
-    log.info("after pruning: %s | %s", after_prune, {k: metrics_pruned.get(k) for k in (model.primary_metric,)})
+    log.info("after pruning: %s", stage_line(after_prune, model.primary_metric, metrics_pruned))
 
     metrics_tuned = metrics_pruned
     history = []
@@ -249,7 +259,7 @@ def run(args) -> int:
     paired = paired_latency(original, reloaded, args.latency_runs, timing_threads(args), args.warmup) if with_lat else {}
     if paired:
         final.update(eager_ms=paired["after_eager_ms"], onnxruntime_ms=paired["after_onnxruntime_ms"])
-    reached = 1.0 - final["params_checkpoint"] / before["params_checkpoint"]  # what the budget counted
+    reached = 1.0 - final["params"] / before["params"]  # what the budget counted
     asked = args.ratio if args.ratio is not None else (0.5 if args.target_params is None
                                                         and args.target_latency_ms is None else None)
     report = {
@@ -267,8 +277,8 @@ def run(args) -> int:
         "reduction": {k: 1.0 - final[k] / before[k] for k in ("params", "params_checkpoint", "flops", "flops_network")
                       if before.get(k)},
         "ratio_asked": asked, "ratio_reached": reached, "ratio_metric": args.ratio_metric, "finetune_recipe": recipe,
-        "definitions": {"params": PARAMS_DEFINITION, "params_checkpoint": "every parameter of the checkpoint "
-                        "(what --ratio and --target-params count)", "flops": FLOPS_DEFINITION},
+        "definitions": {"params": PARAMS_DEFINITION, "params_checkpoint": "every parameter of the checkpoint, "
+                        "training-only parts included", "flops": FLOPS_DEFINITION},
         "protocol": protocol(timing_threads(args), args.warmup, args.latency_runs) if with_lat else None,
         # speed-ups from one interleaved timing loop of both models (the before/after figures
         # above are separate measurements, minutes apart on a possibly busy machine)
@@ -283,17 +293,19 @@ def run(args) -> int:
     }
     write_json(out_dir / "prune.json", report)
     lines = [format_table(stage_rows(report), STAGE_COLUMNS), "",
-             f"params: {PARAMS_DEFINITION}; checkpoint params: all of the checkpoint's (what --ratio and "
-             "--target-params count)"]
+             f"params: {PARAMS_DEFINITION} (what --ratio and --target-params count); checkpoint params: all of "
+             "the checkpoint's, training-only parts included"]
     if with_lat:
         lines.append(f"latency: batch 1, {protocol_line(report['protocol'])}; after fine-tuning timed beside the "
                      f"original: eager x{report['speedup']['eager_ms']:.2f}, onnxruntime "
                      f"x{report['speedup']['onnxruntime_ms']:.2f}")
+    lines.append(f"removed: {100 * reached:.1f} % of the parameters, {100 * report['reduction']['flops']:.1f} % of "
+                 "the FLOPs" + (f" (--ratio {asked:g} of the {args.ratio_metric})" if asked is not None else ""))
     lines.append(f"checkpoint: {out_dir / 'model.pt'}; report: {out_dir / 'prune.json'}")
     warnings = []
     if asked is not None and args.ratio_metric == "params" and abs(reached - asked) > RATIO_SLACK:
-        warnings.append(f"warning: --ratio {asked:g} asked for {100 * asked:.0f} % of the checkpoint's parameters "
-                        f"removed; reached {100 * reached:.1f} % (channel groups move in steps of --round-to)")
+        warnings.append(f"warning: --ratio {asked:g} asked for {100 * asked:.0f} % of the parameters "
+                        f"removed; reached {100 * reached:.1f} % (whole blocks or --round-to channel steps are too coarse here)")
     if drop > DROP_WARNING:
         warnings.append(f"WARNING: {pm} fell by {drop:.4f} ({metrics_before[pm]:.4f} -> {metrics_tuned[pm]:.4f}): "
                         "fine-tune longer (--finetune-epochs), distil (--distill 1), or prune less; --max-drop makes "

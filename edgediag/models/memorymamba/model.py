@@ -288,7 +288,7 @@ class MemoryMamba(ImageClassifier):
     # thousands of steps (at a tenth of them every model here stayed at always-Free).
     # Batches of 32 (16 until issue 24): at 64 px a step of 32 costs little more than one
     # of 16 on two cores, and lr 1e-3 keeps lr/batch as it was. 100 epochs of the 1,080
-    # NEU-like training images: 3,400 steps, about 5 minutes on 2 idle cores.
+    # NEU-like training images: 3,300 steps, 4 min 15 s on 2 idle cores.
     # README.md has the runs behind these values.
     train_defaults = {"epochs": 100, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05, "optimizer": "adamw",
                       "warmup": 0.05, "schedule": "linear", "grad_clip": 1.0}
