@@ -305,7 +305,6 @@ struct RowScratch {
   std::vector<T> dt, dtu, g;     // delta after softplus; delta * u; dout * silu(z)
   std::vector<T> carry;          // adjoint state between blocks (Np)
   std::vector<T> dBsum, dCsum;   // time-invariant B/C: the row's sums over t (Np)
-  std::vector<vec_t<T>> accA, accB, accY;  // per step of a block
 };
 
 // The elementwise part of the backward for n steps of one row, given the sums
@@ -350,6 +349,63 @@ inline void block_grads(int64_t n, const T* u, const T* delta, const T* z, const
   *dbias += dbs;
 }
 
+// The adjoint recurrence over one block of steps for NV (1 or 2) vector slices
+// of the state starting at lane o0, in registers: the slices advance together
+// step by step, so their recurrences overlap, and the per-step sums over the
+// state go to sA, sB, y (added to) without a round trip through memory per slice.
+template <typename T, int NV>
+inline void adjoint_block(int64_t t0, int64_t tb, int64_t o0, int64_t Np, const T* Ad, const T* H,
+                          const T* E, const T* Brow, int64_t Bs, const T* Crow, int64_t Cs, T* dBrow,
+                          int64_t dBs, T* dCrow, int64_t dCs, const T* dt, const T* dtu, const T* gt,
+                          RowScratch<T>& s, T* dA, T* sA, T* sB, T* y) {
+  using V = vec_t<T>;
+  constexpr int K = Vec<T>::kLanes;
+  Ad += o0, H += o0, E += o0, Brow += o0, Crow += o0, dA += o0;
+  if (dBs) dBrow += o0;
+  if (dCs) dCrow += o0;
+  T* carry = s.carry.data() + o0;
+  T* dBsum = s.dBsum.data() + o0;
+  T* dCsum = s.dCsum.data() + o0;
+  V Aj[NV], x[NV], dAj[NV], dBj[NV], dCj[NV], hp[NV];
+  for (int j = 0; j < NV; ++j) {
+    Aj[j] = load(Ad + j * K);
+    x[j] = load(carry + j * K);  // dA_{t+1} * x_{t+1}
+    dAj[j] = dBj[j] = dCj[j] = splat(T(0));
+    hp[j] = load(H + (t0 + tb - 1) * Np + j * K);
+  }
+  for (int64_t i = tb - 1; i >= 0; --i) {
+    const int64_t t = t0 + i;
+    const V gv = splat(gt[t]), dtv = splat(dt[t]), dtuv = splat(dtu[t]);
+    V accA = splat(T(0)), accB = splat(T(0)), accY = splat(T(0));
+    for (int j = 0; j < NV; ++j) {
+      const int64_t o = j * K;
+      const V Ct = load(Crow + t * Cs + o), Bt = load(Brow + t * Bs + o);
+      const V h = hp[j], e = load(E + t * Np + o);
+      hp[j] = t > 0 ? load(H + (t - 1) * Np + o) : splat(T(0));  // h_{t-1}, the next step's h_t
+      const V xt = x[j] + gv * Ct;  // dLoss/dh_t
+      accY += h * Ct;
+      accB += xt * Bt;
+      const V sv = xt * e * hp[j];  // dLoss/d(dA_t) * dA_t
+      accA += sv * Aj[j];
+      dAj[j] += sv * dtv;
+      const V xdu = xt * dtuv;
+      if (dBs) store(dBrow + t * dBs + o, load(dBrow + t * dBs + o) + xdu); else dBj[j] += xdu;
+      if (dCs) store(dCrow + t * dCs + o, load(dCrow + t * dCs + o) + gv * h); else dCj[j] += gv * h;
+      x[j] = e * xt;
+    }
+    sA[i] += hsum<T>(accA);
+    sB[i] += hsum<T>(accB);
+    y[i] += hsum<T>(accY);
+  }
+  for (int j = 0; j < NV; ++j) {
+    const int64_t o = j * K;
+    store(carry + o, x[j]);
+    store(dA + o, load(dA + o) + dAj[j]);
+    store(dBsum + o, load(dBsum + o) + dBj[j]);
+    store(dCsum + o, load(dCsum + o) + dCj[j]);
+  }
+}
+
 // Backward of one (batch, channel) row: recompute h_t, then run the adjoint
 // recurrence from t = L-1 down to 0, block by block.
 template <typename T>
@@ -382,9 +438,6 @@ void scan_row_bwd(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b, int64_t
   s.carry.assign(Np, T(0));
   s.dBsum.assign(Np, T(0));
   s.dCsum.assign(Np, T(0));
-  s.accA.resize(kBlock);
-  s.accB.resize(kBlock);
-  s.accY.resize(kBlock);
   T *H = s.H.data(), *E = s.E.data(), *dt = s.dt.data(), *dtu = s.dtu.data(), *gt = s.g.data();
 
   // 1. recompute: delta after softplus, decays and states of every step
@@ -416,42 +469,14 @@ void scan_row_bwd(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b, int64_t
   const int64_t last_block = (L - 1) / kBlock * kBlock;
   for (int64_t t0 = last_block; t0 >= 0; t0 -= kBlock) {
     const int64_t tb = std::min(kBlock, L - t0);
-    for (int64_t i = 0; i < tb; ++i) s.accA[i] = s.accB[i] = s.accY[i] = splat(T(0));
-    for (int64_t j = 0; j < nv; ++j) {
-      const int64_t o = j * K;
-      const V Aj = load(Ad + o);
-      V x = load(s.carry.data() + o);  // dA_{t+1} * x_{t+1}
-      V dAj = splat(T(0)), dBj = splat(T(0)), dCj = splat(T(0));
-      V hp = load(H + (t0 + tb - 1) * Np + o);
-      for (int64_t i = tb - 1; i >= 0; --i) {
-        const int64_t t = t0 + i;
-        const V Ct = load(Crow + t * Cs + o), Bt = load(Brow + t * Bs + o);
-        const V h = hp, e = load(E + t * Np + o);
-        hp = t > 0 ? load(H + (t - 1) * Np + o) : splat(T(0));  // h_{t-1}, the next step's h_t
-        const V gv = splat(gt[t]);
-        const V xt = x + gv * Ct;  // dLoss/dh_t
-        s.accY[i] += h * Ct;
-        s.accB[i] += xt * Bt;
-        const V sv = xt * e * hp;  // dLoss/d(dA_t) * dA_t
-        s.accA[i] += sv * Aj;
-        dAj += sv * splat(dt[t]);
-        const V xdu = xt * splat(dtu[t]);
-        if (dBs) store(dBrow + t * dBs + o, load(dBrow + t * dBs + o) + xdu); else dBj += xdu;
-        if (dCs) store(dCrow + t * dCs + o, load(dCrow + t * dCs + o) + gv * h); else dCj += gv * h;
-        x = e * xt;
-      }
-      store(s.carry.data() + o, x);
-      store(dA + o, load(dA + o) + dAj);
-      store(s.dBsum.data() + o, load(s.dBsum.data() + o) + dBj);
-      store(s.dCsum.data() + o, load(s.dCsum.data() + o) + dCj);
+    alignas(64) T sA[kBlock] = {}, sB[kBlock] = {}, y[kBlock] = {};
+    // slices of the state two vectors at a time (the registers hold two: x, h, dA, dB, dC each)
+    for (int64_t j = 0; j < nv; j += 2) {
+      (nv - j >= 2 ? adjoint_block<T, 2> : adjoint_block<T, 1>)(
+          t0, tb, j * K, Np, Ad, H, E, Brow, Bs, Crow, Cs, dBrow, dBs, dCrow, dCs, dt, dtu, gt, s, dA, sA, sB, y);
     }
-    // per step: the sums over N, then the elementwise chain rule vectorised over t
-    alignas(64) T sA[kBlock], sB[kBlock], y[kBlock];
-    for (int64_t i = 0; i < tb; ++i) {
-      sA[i] = hsum<T>(s.accA[i]);
-      sB[i] = hsum<T>(s.accB[i]);
-      y[i] = z ? hsum<T>(s.accY[i]) : T(0);
-    }
+    if (!z) std::fill(y, y + tb, T(0));
+    // per step, the elementwise chain rule vectorised over t
     block_grads<T>(tb, u + t0, delta + t0, z ? z + t0 : nullptr, dout + t0, dt + t0, gt + t0, sA, sB, y,
                    bias, Dd, a.delta_softplus, g.du + row * L + t0, g.ddelta + row * L + t0,
                    z ? g.dz + row * L + t0 : nullptr, &dD, &dbias);
