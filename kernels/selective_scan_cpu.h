@@ -475,8 +475,8 @@ void scan_row_bwd(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b, int64_t
       (nv - j >= 2 ? adjoint_block<T, 2> : adjoint_block<T, 1>)(
           t0, tb, j * K, Np, Ad, H, E, Brow, Bs, Crow, Cs, dBrow, dBs, dCrow, dCs, dt, dtu, gt, s, dA, sA, sB, y);
     }
-    if (!z) std::fill(y, y + tb, T(0));
-    // per step, the elementwise chain rule vectorised over t
+    // per step, the elementwise chain rule vectorised over t (y, the output before the
+    // gate, is read only for dz)
     block_grads<T>(tb, u + t0, delta + t0, z ? z + t0 : nullptr, dout + t0, dt + t0, gt + t0, sA, sB, y,
                    bias, Dd, a.delta_softplus, g.du + row * L + t0, g.ddelta + row * L + t0,
                    z ? g.dz + row * L + t0 : nullptr, &dD, &dbias);

@@ -111,7 +111,7 @@ def test_channel_pruning_after_depth_pruning_rebuilds():
     model = _model("memorymamba")
     x = model.example_input(2)
     prune_depth(model, 1, x)
-    sp.prune_structured(model, budget=Budget("params", 0.7 * model_params(model)), steps=6)
+    model, _ = sp.prune_structured(model, budget=Budget("params", 0.7 * model_params(model)), steps=6)
     reference = create_model("memorymamba", {**to_dict(model.config), "pruned_widths": {}})
     config = {**to_dict(model.config), "pruned_widths": record_widths(model, reference)}
     rebuilt = create_model("memorymamba", config).eval()

@@ -183,7 +183,7 @@ def test_prune_to_a_params_budget_rebuilds_from_config():
     torch.manual_seed(0)
     model = _small_cnn().eval()
     p0 = model_params(model)
-    rec = sp.prune_structured(model, budget=Budget("params", 0.5 * p0), round_to=4)
+    model, rec = sp.prune_structured(model, budget=Budget("params", 0.5 * p0), round_to=4)
     assert rec["met"] and model_params(model) <= 0.5 * p0
     assert model.head[-1].out_features == 3  # the classifier keeps its classes
     sizes = registry.module_sizes(model)
@@ -212,7 +212,7 @@ def test_a_step_that_overshoots_is_redone_to_land_near_the_target(kind):
         shape = _logits(model(x)).shape
     budget = Budget("params", 0.5 * p0)
     if kind == "channels":
-        rec = sp.prune_structured(model, budget=budget, steps=3)
+        model, rec = sp.prune_structured(model, budget=budget, steps=3)
     else:
         model, rec = sp.prune_groups(model, budget, "magnitude", 0.9, 3, None, [])
     assert rec["met"] and rec["steps"][-1].get("refined")
@@ -239,7 +239,7 @@ def test_importances_and_global_latency_aware(importance, backend):
     model = _small_cnn()
     batches = [{"x": torch.rand(4, 1, 32, 32), "y": torch.tensor([0, 1, 2, 0])}]
     p0 = model_params(model)
-    rec = sp.prune_structured(model, budget=Budget("params", 0.6 * p0), importance=importance,
+    model, rec = sp.prune_structured(model, budget=Budget("params", 0.6 * p0), importance=importance,
                               loss_batches=batches, latency_aware=True, latency_backend=backend)
     assert rec["met"] and rec["global"]
     # per-layer times, keyed by the model's module names on both backends
@@ -256,7 +256,7 @@ def test_memorymamba_keeps_its_residual_stream_and_prunes_inside_blocks(stem):
                          stem=stem).eval()
     p0 = model_params(model)
     before = registry.module_sizes(model)
-    sp.prune_structured(model, budget=Budget("params", 0.6 * p0), steps=6)
+    model, _ = sp.prune_structured(model, budget=Budget("params", 0.6 * p0), steps=6)
     after = registry.module_sizes(model)
     assert model_params(model) <= 0.6 * p0
     assert after["stages.0.0.ssm"][:2] == before["stages.0.0.ssm"][:2]  # d_model in/out kept
@@ -281,7 +281,8 @@ def test_audio_models_keep_their_outputs_and_rebuild_from_config(name, kwargs):
     with torch.no_grad():
         shapes = [o.shape for o in _outputs(model, x)]
     p0 = model_params(model)
-    assert sp.prune_structured(model, budget=Budget("params", 0.5 * p0))["met"]
+    model, rec = sp.prune_structured(model, budget=Budget("params", 0.5 * p0))
+    assert rec["met"]
     widths = registry.record_widths(model, create_model(name, **kwargs))
     rebuilt = create_model(name, {**to_dict(model.config), "pruned_widths": widths}).eval()
     rebuilt.load_state_dict(model.state_dict())

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from edgediag.errors import NotFittedError, UserError
-from edgediag.measure.cost import count_flops, count_parameters, scoring_parameters
+from edgediag.measure.cost import count_flops, count_parameters, scoring_parameter_count
 from edgediag.measure.timing import RUNS, THREADS, eval_mode, median_latency_ms
 
 
@@ -20,15 +20,12 @@ def model_params(model: nn.Module) -> int:
     (AEGAN-AD's generator halves, classifier heads a score does not read) are pruned alongside
     but not counted. A plain module, or a model whose score is not fitted yet (no scoring graph
     to deploy): all its parameters."""
-    if not hasattr(model, "export_module"):
-        return int(count_parameters(model)["total"])
-    module = model.export_module()
-    x = model.example_input(1).to(next(model.parameters()).device)
-    try:
-        with eval_mode(model), eval_mode(module):
-            return int(scoring_parameters(module, x)["total"])
-    except NotFittedError:
-        return int(count_parameters(model)["total"])
+    if hasattr(model, "export_module"):
+        try:
+            return scoring_parameter_count(model)
+        except NotFittedError:  # no scoring graph to deploy yet
+            return int(count_parameters(model)["total"])
+    return int(count_parameters(model)["total"])
 
 
 def model_flops(model: nn.Module, x: torch.Tensor | None = None) -> int:

@@ -217,7 +217,7 @@ def run(args) -> int:
         records["dynamic"] = dynamic_history
     if args.method in ("structured", "both") and not budget.met(budget.cost(model)):
         if "pruned_widths" in to_dict(model.config):
-            records["structured"] = sp.prune_structured(
+            model, records["structured"] = sp.prune_structured(
                 model, budget=budget, importance=args.importance, global_pruning=args.global_pruning,
                 round_to=args.round_to, max_ratio=args.max_channel_ratio, steps=args.steps,
                 loss_batches=loss_batches, latency_aware=args.latency_aware, latency_backend=args.latency_backend)

@@ -125,10 +125,11 @@ def _inner_step(model, kind: str, ratio: float, base: dict[str, int], round_to: 
 def prune_structured(model, *, budget: Budget, importance: str = "magnitude", global_pruning: bool = False,
                      round_to: int | None = None, max_ratio: float = 0.9, steps: int = 18,
                      loss_batches: Iterable | None = None, latency_aware: bool = False,
-                     latency_backend: str = "eager", progress: Callable[[dict], None] | None = None) -> dict:
-    """Prune ``model`` in place, step by step, until ``budget`` is met (or ``max_ratio`` of
-    every group's channels is gone). Returns a record: steps taken, channel ratio reached,
-    cost per step, layer latency used for latency-aware ranking."""
+                     latency_backend: str = "eager", progress: Callable[[dict], None] | None = None) -> tuple[Any, dict]:
+    """Prune ``model`` step by step until ``budget`` is met (or ``max_ratio`` of every group's
+    channels is gone). Returns (the pruned model, a record: steps taken, channel ratio reached,
+    cost per step, layer latency used for latency-aware ranking). Steps prune in place; a
+    step redone by refine_step returns a pruned copy."""
     if not 0 < max_ratio < 1:
         raise UserError(f"max ratio must be in (0, 1), not {max_ratio}")
     imp = make_importance(importance)
@@ -150,7 +151,7 @@ def prune_structured(model, *, budget: Budget, importance: str = "magnitude", gl
         raise UserError("taylor importance needs training batches (the model's own loss)")
     cost = budget.cost(model)
     record["cost_start"] = cost
-    # a step that overshoots is redone at a bisected ratio (below); latency-aware ranking
+    # a step that overshoots is redone at a bisected ratio (refine_step); latency-aware ranking
     # holds the original's modules, and a latency budget is too noisy to bisect on
     refine = not latency_aware and budget.metric != "latency"
     previous = 0.0
@@ -158,46 +159,47 @@ def prune_structured(model, *, budget: Budget, importance: str = "magnitude", gl
         if budget.met(cost):
             break
         before_step = copy.deepcopy(model) if refine else None
-        if importance == "taylor":
-            accumulate_loss_grads(model, batches)
-        with eval_mode(model):
-            pruner.step()
         ratio = pruner.per_step_pruning_ratio[min(step, len(pruner.per_step_pruning_ratio) - 1)]
-        _inner_step(model, importance, ratio, base_inner, round_to)
-        model.zero_grad(set_to_none=True)
+        _structured_step(model, pruner, importance, ratio, base_inner, round_to, batches)
         cost = budget.cost(model)
-        rec = {"step": step, "channel_ratio": float(ratio), "cost": cost}
-        record["steps"].append(rec)
-        log.info("structured pruning step %d: channel ratio %.2f, %s %.4g (target %.4g)", step, ratio,
-                 budget.metric, cost, budget.target)
-        if progress:
-            progress(rec)
-        if refine and overshoots(budget, cost):
+        rec = _log_step(record, "structured", step, float(ratio), budget, cost)
+        if refine:
             def trial(r, start=before_step, r0=previous):
                 m = copy.deepcopy(start)
-                if importance == "taylor":
-                    accumulate_loss_grads(m, batches)
                 one = make_pruner(m, make_importance(importance), ratio=1.0 - (1.0 - r) / (1.0 - r0), steps=1,
                                   global_pruning=global_pruning, round_to=round_to)
-                with eval_mode(m):
-                    one.step()
-                _inner_step(m, importance, r, base_inner, round_to)
-                m.zero_grad(set_to_none=True)
+                _structured_step(m, one, importance, r, base_inner, round_to, batches)
                 return m, budget.cost(m)
 
-            best = land_on_target(budget, trial, previous, float(ratio), cost)
-            if best is not None:
-                ratio, found, cost = best
-                model.__dict__.update(found.__dict__)  # in place, as the caller holds `model`
-                rec.update(channel_ratio=float(ratio), cost=cost, refined=True)
-                log.info("structured pruning step %d refined: channel ratio %.3f, %s %.4g (target %.4g)", step,
-                         ratio, budget.metric, cost, budget.target)
-        previous = float(ratio)
+            model, cost = refine_step(budget, rec, "structured", trial, previous, model)
+        if progress:
+            progress(rec)
+        previous = rec["channel_ratio"]
     record["cost_end"] = cost
     record["met"] = budget.met(cost)
     if latency_aware:
         record["layer_latency_ms_after"] = module_latency(model, latency_backend)
-    return record
+    return model, record
+
+
+def _structured_step(model, pruner, importance: str, ratio: float, base_inner: dict[str, int],
+                     round_to: int | None, batches) -> None:
+    """One pruning step in place: torch-pruning's groups by ``pruner``, then the inner groups
+    to ``(1 - ratio)`` of their starting widths."""
+    if importance == "taylor":
+        accumulate_loss_grads(model, batches)
+    with eval_mode(model):
+        pruner.step()
+    _inner_step(model, importance, ratio, base_inner, round_to)
+    model.zero_grad(set_to_none=True)
+
+
+def _log_step(record: dict, kind: str, step: int, ratio: float, budget: Budget, cost: float) -> dict:
+    rec = {"step": step, "channel_ratio": ratio, "cost": cost}
+    record["steps"].append(rec)
+    log.info("%s pruning step %d: channel ratio %.2f, %s %.4g (target %.4g)", kind, step, ratio, budget.metric,
+             cost, budget.target)
+    return rec
 
 
 # A step of the schedule (max_ratio / steps of the channels) can remove far more than the
@@ -233,6 +235,23 @@ def land_on_target(budget: Budget, trial: Callable[[float], tuple[Any, float]], 
     return best
 
 
+def refine_step(budget: Budget, rec: dict, kind: str, trial: Callable[[float], tuple[Any, float]],
+                previous: float, model) -> tuple[Any, float]:
+    """The step recorded in ``rec`` (from channel ratio ``previous`` to rec's) redone by
+    land_on_target if it overshoots the budget; rec updated. Returns (model, cost): the
+    refined copy, or ``model`` and rec's cost as they were."""
+    if not overshoots(budget, rec["cost"]):
+        return model, rec["cost"]
+    best = land_on_target(budget, trial, previous, rec["channel_ratio"], rec["cost"])
+    if best is None:
+        return model, rec["cost"]
+    ratio, model, cost = best
+    rec.update(channel_ratio=float(ratio), cost=cost, refined=True)
+    log.info("%s pruning step %d refined: channel ratio %.3f, %s %.4g (target %.4g)", kind, rec["step"], ratio,
+             budget.metric, cost, budget.target)
+    return model, cost
+
+
 # --- pruning on screening groups (models without pruned_widths: LDMamba) ---------------------------
 def prune_groups(model, budget: Budget, importance: str, max_ratio: float, steps: int, round_to: int | None,
                  batches) -> tuple[object, dict]:
@@ -252,22 +271,14 @@ def prune_groups(model, budget: Budget, importance: str, max_ratio: float, steps
         before_step = copy.deepcopy(model)
         model = _group_step(model, base, r, importance, round_to, batches)
         cost = budget.cost(model)
-        rec = {"step": step, "channel_ratio": r, "cost": cost}
-        record["steps"].append(rec)
-        log.info("group pruning step %d: channel ratio %.2f, %s %.4g (target %.4g)", step, r, budget.metric,
-                 cost, budget.target)
-        if budget.metric != "latency" and overshoots(budget, cost):
+        rec = _log_step(record, "group", step, r, budget, cost)
+        if budget.metric != "latency":
             def trial(x, start=before_step):
                 m = _group_step(copy.deepcopy(start), base, x, importance, round_to, batches)
                 return m, budget.cost(m)
 
-            best = land_on_target(budget, trial, previous, r, cost)
-            if best is not None:
-                r, model, cost = best
-                rec.update(channel_ratio=r, cost=cost, refined=True)
-                log.info("group pruning step %d refined: channel ratio %.3f, %s %.4g (target %.4g)", step, r,
-                         budget.metric, cost, budget.target)
-        previous = r
+            model, cost = refine_step(budget, rec, "group", trial, previous, model)
+        previous = rec["channel_ratio"]
     record["cost_end"], record["met"] = cost, budget.met(cost)
     return model, record
 

@@ -80,16 +80,32 @@ def scoring_parameters(module: nn.Module, *inputs: torch.Tensor) -> dict[str, in
     return count_parameters(module, only={s for s in reads.storages if s > 0})
 
 
+@contextlib.contextmanager
+def _scoring_graph(model, x: torch.Tensor | None) -> Iterator[tuple[nn.Module, torch.Tensor]]:
+    """``model.export_module()`` and its input (default ``model.example_input(1)`` on the
+    model's device), both in eval mode for the duration."""
+    from edgediag.measure.timing import eval_mode
+
+    module = model.export_module()
+    if x is None:
+        x = model.example_input(1).to(next(model.parameters()).device)
+    with eval_mode(model), eval_mode(module):  # the model's own flag restored last
+        yield module, x
+
+
 def scoring_costs(model, x: torch.Tensor | None = None) -> dict:
     """``{"params": scoring_parameters, "flops": count_flops}`` of ``model.export_module()``
     on ``x`` (default ``model.example_input(1)``; FLOPs are per call: per item at batch 1),
     in eval mode: the counts every verb reports for a checkpoint and for its graph."""
-    from edgediag.measure.timing import eval_mode
-
-    module = model.export_module()
-    x = model.example_input(1) if x is None else x
-    with eval_mode(model), eval_mode(module):  # the model's own flag restored last
+    with _scoring_graph(model, x) as (module, x):
         return {"params": scoring_parameters(module, x), "flops": count_flops(module, x)}
+
+
+def scoring_parameter_count(model, x: torch.Tensor | None = None) -> int:
+    """The "params" figure of :func:`scoring_costs` alone (no FLOP count): what prune's
+    budgets measure after every step."""
+    with _scoring_graph(model, x) as (module, x):
+        return int(scoring_parameters(module, x)["total"])
 
 
 @contextlib.contextmanager
