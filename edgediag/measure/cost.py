@@ -88,7 +88,9 @@ def _scoring_graph(model, x: torch.Tensor | None) -> Iterator[tuple[nn.Module, t
 
     module = model.export_module()
     if x is None:
-        x = model.example_input(1).to(next(model.parameters()).device)
+        weight = next(iter(model.parameters()), None)  # a statistics-only model has none
+        x = model.example_input(1)
+        x = x if weight is None else x.to(weight.device)
     with eval_mode(model), eval_mode(module):  # the model's own flag restored last
         yield module, x
 
