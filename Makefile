@@ -12,16 +12,23 @@ STAMP := $(VENV)/.installed
 BOARD_VENV ?= .venv-board
 BOARD_PY ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.8*/bin/python3.8) $(shell command -v python3.8 2>/dev/null) $(shell command -v python3.9 2>/dev/null))
 
-.PHONY: install board-venv demo test test-slow bench lint clean gpu-check arm64-check
+.PHONY: install ort-headers board-venv demo test test-slow bench lint clean gpu-check arm64-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(MAKE) --no-print-directory ort-headers
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# ONNX Runtime's C API header for the edgediag::SelectiveScan custom op (export --scan-op
+# custom): Debian's libonnxruntime-dev, pinned and sha256-checked, into $$EDGEDIAG_CACHE.
+# Best effort: without it that op is unavailable (and its tests skip), nothing else changes.
+ort-headers:
+	-$(BIN)/python -m edgediag.runtime.custom_ops fetch-headers
 
 $(BOARD_VENV)/.installed: pyproject.toml
 	@if [ -z "$(BOARD_PY)" ]; then echo "board-venv: no Python 3.8/3.9 here: skipped"; exit 0; fi; \

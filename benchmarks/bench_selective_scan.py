@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scan_report import ONNX_INPUTS, export_chunked_onnx, make_inputs, ort_session  # beside this file
+from scan_report import ONNX_INPUTS, export_scan_onnx, make_inputs, ort_session  # beside this file
 
 from edgediag.nn import SS2D, MambaMixer
 from edgediag.ops import available_backends, selective_scan, selective_scan_chunked
@@ -58,7 +58,7 @@ def test_scan_chunk_sizes(benchmark, chunk_size):
 def test_scan_onnxruntime(benchmark):
     pytest.importorskip("onnxruntime")
     inputs = make_inputs()
-    sess = ort_session(export_chunked_onnx(inputs), torch.get_num_threads())
+    sess = ort_session(export_scan_onnx(inputs), torch.get_num_threads())
     feeds = {k: inputs[k].numpy() for k in ONNX_INPUTS}
     benchmark.group = "selective_scan b1 d256 n16 L1024"
     benchmark(lambda: sess.run(None, feeds))

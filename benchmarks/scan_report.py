@@ -11,14 +11,16 @@ backward); for d_state <= 4 also 'native padded', the kernel forced to pad the s
 the vector width (the layout every d_state had before the channel-lane path). Speed-ups
 are medians' ratios within one run; grad err is max over u, delta, A, B, C, D, z and
 delta_bias of max|g - g_ref| / max|g_ref|.
-Part 2 (--onnx-seqlens): the exported chunked scan in ONNX Runtime against eager native
-forward at the same size.
+Part 2 (--onnx-seqlens, --onnx-dstates): the exported scan in ONNX Runtime against eager
+native forward at the same size, both ways it is exported: the chunked scan in standard ops
+(``--scan-op graph``, what TensorRT reads) and one edgediag::SelectiveScan node run by the
+fused kernel as an ONNX Runtime custom op (``--scan-op custom``).
 
 Backends run interleaved, one call each per round, so a load change on a
 shared machine hits them alike; the table shows medians. The error column is
 norm-wise: max|out - out_ref| / max|out_ref| (outputs), and the same for the
-last state. The ONNX row is the 'chunked' scan exported with the TorchScript
-exporter (opset 17) and run in ONNX Runtime with as many threads as torch.
+last state. The ONNX rows are exported with the TorchScript exporter (opset 17) and run in
+ONNX Runtime with as many threads as torch.
 """
 
 from __future__ import annotations
@@ -40,11 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from edgediag.ops import (  # noqa: E402
     _cpu_ext,
     available_backends,
+    scan_backend,
     selective_scan,
     selective_scan_chunked,
     selective_scan_cpu,
     selective_scan_ref,
 )
+from edgediag.runtime import custom_ops  # noqa: E402
 
 GOALS = ("goals (issue 24): f+b native >= 10x chunked at d_state 16; d_state 1 forward >= 4x padded; "
          "grad err <= 1e-4; 1 -> 2 threads >= 1.7x at L >= 1024; ORT no slower than eager native")
@@ -68,31 +72,37 @@ def make_inputs(batch=1, dim=256, dstate=16, seqlen=1024, seed=0, device="cpu"):
     return {k: v.to(device) for k, v in inputs.items()}
 
 
-class ChunkedScan(torch.nn.Module):
-    """The scan as a module with A, D, delta_bias as weights, for export."""
+class ScanModule(torch.nn.Module):
+    """The scan as a module with A, D, delta_bias as weights, for export: the chunked scan
+    (chunk ``chunk_size``) in standard ops, or (``custom_op``) the dispatcher under the
+    ``onnx_op`` backend, one edgediag::SelectiveScan node."""
 
-    def __init__(self, inputs, chunk_size=32):
+    def __init__(self, inputs, chunk_size=32, custom_op=False):
         super().__init__()
         self.A = torch.nn.Parameter(inputs["A"].clone())
         self.D = torch.nn.Parameter(inputs["D"].clone())
         self.delta_bias = torch.nn.Parameter(inputs["delta_bias"].clone())
-        self.chunk_size = chunk_size
+        self.chunk_size, self.custom_op = chunk_size, custom_op
 
     def forward(self, u, delta, B, C, z):
+        if self.custom_op:
+            return selective_scan(u, delta, self.A, B, C, self.D, z, self.delta_bias, delta_softplus=True)
         return selective_scan_chunked(u, delta, self.A, B, C, self.D, z, self.delta_bias, delta_softplus=True,
-                                      return_last_state=True, chunk_size=self.chunk_size)
+                                      chunk_size=self.chunk_size)
 
 
 ONNX_INPUTS = ("u", "delta", "B", "C", "z")
 
 
-def export_chunked_onnx(inputs, chunk_size=32) -> bytes:
+def export_scan_onnx(inputs, chunk_size=32, custom_op=False) -> bytes:
+    """The scan exported as standard ops (chunked, ``chunk_size``) or as the custom op."""
     f = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), scan_backend("onnx_op" if custom_op else "chunked"):
         warnings.simplefilter("ignore")
-        torch.onnx.export(ChunkedScan(inputs, chunk_size).eval(), tuple(inputs[k] for k in ONNX_INPUTS), f,
-                          dynamo=False, opset_version=17, input_names=list(ONNX_INPUTS),
-                          output_names=["y", "last_state"])
+        torch.onnx.export(ScanModule(inputs, chunk_size, custom_op).eval(),
+                          tuple(inputs[k] for k in ONNX_INPUTS), f, dynamo=False, opset_version=17,
+                          input_names=list(ONNX_INPUTS), output_names=["y"],
+                          custom_opsets={"edgediag": 1} if custom_op else None)
     return f.getvalue()
 
 
@@ -102,7 +112,10 @@ def ort_session(proto: bytes, threads: int):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    return ort.InferenceSession(proto, opts, providers=["CPUExecutionProvider"])
+    # ONNX Runtime's pool spins after each call by default; interleaved with torch's OpenMP
+    # pool (which spins too) on two cores, each would steal the other's next call's time
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return custom_ops.open_session(proto, opts)
 
 
 def rel_err(a, b) -> float:
@@ -208,43 +221,65 @@ def print_matrix(rows) -> None:
         print("\nnative forward, 1 -> 2 threads: " + ", ".join(lines))
 
 
-def _onnx_runners(inputs, sess, chunk):
-    feeds = {k: inputs[k].numpy() for k in ONNX_INPUTS}
-    native = "cpu" if "cpu" in available_backends() else "chunked"
-    return {"native": lambda: selective_scan(**inputs, delta_softplus=True, return_last_state=True, backend=native),
-            "chunked": lambda: selective_scan_chunked(**inputs, delta_softplus=True, return_last_state=True,
-                                                      chunk_size=chunk),
-            "ort": lambda: sess.run(None, feeds)}
+def _bound_run(session, feeds, out_shape):
+    """A call of ``session`` that writes y into a buffer allocated once (I/O binding): the
+    copy of a 1-4 MB output into a new numpy array at every run() is not the scan's time."""
+    import numpy as np
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, value)
+    y = np.empty(out_shape, dtype=np.float32)
+    binding.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_numpy(y))
+
+    def run():
+        session.run_with_iobinding(binding)
+        return y
+    return run
 
 
-def onnx_table(seqlens, dstate, rounds, threads, chunk, clock) -> None:
-    """Part 2: the exported chunked scan in ONNX Runtime vs eager native, forward."""
+def onnx_table(seqlens, dstates, rounds, threads, chunk, clock) -> None:
+    """Part 2: the exported scan (standard ops; the custom op) in ONNX Runtime vs eager, forward."""
     import onnx
 
     torch.set_num_threads(threads)
-    print(f"\nPart 2: exported scan (chunked, chunk {chunk}) in ONNX Runtime vs eager, N={dstate}, "
-          f"threads={threads}, forward medians in ms\n")
-    header = f"{'L':>5} {'eager native':>12} {'eager chunked':>13} {'ORT':>8} {'ORT / native':>12} {'err ORT':>9} {'nodes':>6}"
+    custom = custom_ops.available()
+    print(f"\nPart 2: the exported scan in ONNX Runtime vs eager, threads={threads}, forward medians in ms; "
+          f"graph: the chunked scan (chunk {chunk}) in standard ops; op: one edgediag::SelectiveScan node "
+          f"(custom op: {'built' if custom is None else custom})\n")
+    header = (f"{'L':>5} {'N':>3} | {'eager native':>12} {'eager chunked':>13} | {'ORT graph':>9} {'/ native':>8} "
+              f"{'nodes':>6} | {'ORT op':>7} {'/ native':>8} | {'err graph':>9} {'err op':>8}")
     print(header)
     print("-" * len(header))
+    native = "cpu" if "cpu" in available_backends() else "chunked"
     for L in seqlens:
-        inputs = make_inputs(1, 256, dstate, L)
-        proto = export_chunked_onnx(inputs, chunk)
-        sess = ort_session(proto, threads)
-        runners = _onnx_runners(inputs, sess, chunk)
-        with torch.no_grad():
-            outs = {k: f() for k, f in runners.items()}
-            times = {k: [] for k in runners}
-            for _ in range(rounds):
-                for k, f in runners.items():
-                    t0 = clock()
-                    f()
-                    times[k].append(clock() - t0)
-        ms = {k: _median_ms(v) for k, v in times.items()}
-        ref = selective_scan_ref(**inputs, delta_softplus=True)
-        print(f"{L:>5} {ms['native']:>12.2f} {ms['chunked']:>13.2f} {ms['ort']:>8.2f} "
-              f"{ms['ort'] / ms['native']:>11.1f}x {rel_err(outs['ort'][0], ref):>9.1e} "
-              f"{len(onnx.load_from_string(proto).graph.node):>6}")
+        for n in dstates:
+            inputs = make_inputs(1, 256, n, L)
+            feeds = {k: inputs[k].numpy() for k in ONNX_INPUTS}
+            graph = export_scan_onnx(inputs, chunk)
+            sessions = {"ort graph": ort_session(graph, threads)}
+            if custom is None:
+                sessions["ort op"] = ort_session(export_scan_onnx(inputs, custom_op=True), threads)
+            runners = {"native": lambda x=inputs: selective_scan(**x, delta_softplus=True, backend=native),
+                       "chunked": lambda x=inputs: selective_scan_chunked(**x, delta_softplus=True, chunk_size=chunk),
+                       **{k: _bound_run(s, feeds, (1, 256, L)) for k, s in sessions.items()}}
+            with torch.no_grad():
+                outs = {k: f() for k, f in runners.items()}
+                times = {k: [] for k in runners}
+                for _ in range(rounds):
+                    for k, f in runners.items():
+                        t0 = clock()
+                        f()
+                        times[k].append(clock() - t0)
+            ms = {k: _median_ms(v) for k, v in times.items()}
+            ref = selective_scan_ref(**inputs, delta_softplus=True)
+            op = (f"{ms['ort op']:>7.2f} {ms['ort op'] / ms['native']:>7.2f}x" if "ort op" in ms
+                  else f"{'-':>7} {'-':>8}")
+            op_err = f"{rel_err(outs['ort op'], ref):>8.1e}" if "ort op" in outs else f"{'-':>8}"
+            print(f"{L:>5} {n:>3} | {ms['native']:>12.2f} {ms['chunked']:>13.2f} | {ms['ort graph']:>9.2f} "
+                  f"{ms['ort graph'] / ms['native']:>7.1f}x {len(onnx.load_from_string(graph).graph.node):>6} | "
+                  f"{op} | {rel_err(outs['ort graph'], ref):>9.1e} {op_err}")
 
 
 def main(argv=None) -> int:
@@ -256,6 +291,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=10, help="timed calls per backend (ref: a fifth of them)")
     p.add_argument("--onnx-seqlens", type=ints, default=[1024, 4096],
                    help="comma-separated L values of part 2 (ONNX Runtime vs eager); 0 skips part 2")
+    p.add_argument("--onnx-dstates", type=ints, default=[16, 1], help="comma-separated d_state values of part 2")
     p.add_argument("--chunk", type=int, default=32, help="chunk size of the exported scan in part 2")
     args = p.parse_args(argv)
     clock = time.perf_counter  # wall: a 2-thread run's time is not one thread's CPU time
@@ -265,7 +301,7 @@ def main(argv=None) -> int:
         print("load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + "\n")
     print_matrix(scan_matrix(args.seqlens, args.dstates, args.threads, args.rounds, clock))
     if args.onnx_seqlens != [0]:
-        onnx_table(args.onnx_seqlens, 16, args.rounds, max(args.threads), args.chunk, clock)
+        onnx_table(args.onnx_seqlens, args.onnx_dstates, args.rounds, max(args.threads), args.chunk, clock)
     print("\n" + GOALS)
     return 0
 

@@ -62,6 +62,11 @@ def parser():
                    help="the same for a TensorRT engine (default by precision: fp32 1e-3, fp16 5e-2, int8 2e-1)")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                    help="torch.onnx exporter (default torchscript: dynamo=True lands on opset 18 for these models)")
+    p.add_argument("--scan-op", choices=["graph", "custom"], default="graph",
+                   help="the selective scan of LDMamba/MemoryMamba as standard ONNX ops that every runtime reads "
+                        "(graph, default) or as one edgediag::SelectiveScan node that ONNX Runtime runs with the "
+                        "fused CPU kernel (custom: fp32, --target onnx, torchscript exporter; the runtime loads "
+                        "the library built by python -m edgediag.runtime.custom_ops build)")
     p.add_argument("--layernorm", choices=["auto", "op", "decompose"], default="auto",
                    help="LayerNormalization as one ONNX op or decomposed into reductions "
                         "(auto: decompose when the target TensorRT is older than 8.6)")

@@ -94,10 +94,11 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     try:
         if onnx is not None:
             return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401 - the ImportError below names the extra
 
-        return dict(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-                    .get_modelmeta().custom_metadata_map)
+        from edgediag.runtime.custom_ops import open_session
+
+        return dict(open_session(path).get_modelmeta().custom_metadata_map)
     except ImportError:
         raise UserError("reading ONNX metadata needs onnx or onnxruntime (pip install 'edgediag[runtime]')") from None
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad input file

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from edgediag.measure.timing import WARMUP, protocol, time_functions
+from edgediag.ops.scan_onnx_op import OPSET as SCAN_OPSET
+from edgediag.runtime.custom_ops import open_session
 
 
 # --- tracing ---------------------------------------------------------------------------------
@@ -36,15 +38,19 @@ def _layer_norm_decomposed(input, normalized_shape, weight=None, bias=None, eps=
     return out
 
 
+SCAN_OPS = {"graph": "chunked", "custom": "onnx_op"}  # --scan-op -> the scan backend traced
+
+
 @contextlib.contextmanager
-def tracing_context(decompose_layernorm: bool = False):
-    """What every export runs under: the exportable scan backend, no autograd, tracer
-    warnings silenced (they flag shapes baked in, which static export wants), and
-    optionally LayerNorm decomposed (nn.LayerNorm calls F.layer_norm at run time)."""
+def tracing_context(decompose_layernorm: bool = False, scan_op: str = "graph"):
+    """What every export runs under: an exportable scan backend (``graph``: the chunked scan
+    in standard ops; ``custom``: one edgediag::SelectiveScan node for ONNX Runtime), no
+    autograd, tracer warnings silenced (they flag shapes baked in, which static export
+    wants), and optionally LayerNorm decomposed (nn.LayerNorm calls F.layer_norm at run time)."""
     from edgediag.ops import scan_backend
 
     original = torch.nn.functional.layer_norm
-    with scan_backend("chunked"), torch.no_grad(), warnings.catch_warnings():
+    with scan_backend(SCAN_OPS[scan_op]), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if decompose_layernorm:
             torch.nn.functional.layer_norm = _layer_norm_decomposed
@@ -74,12 +80,14 @@ def _plain_state_dict(module: nn.Module):
 def export_graph(module: nn.Module, args: tuple, path: Path, input_names: Sequence[str],
                  output_names: Sequence[str], opset: int, dynamic_batch: bool, exporter: str) -> None:
     """torch.onnx.export with the project's settings (see the module docstring)."""
+    from edgediag.ops import forced_backend
     dynamic_axes = {n: {0: "batch"} for n in (*input_names, *output_names)} if dynamic_batch else None
     with _plain_state_dict(module):
         if exporter == "torchscript":
             torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
                               input_names=list(input_names), output_names=list(output_names),
-                              dynamic_axes=dynamic_axes, do_constant_folding=True)
+                              dynamic_axes=dynamic_axes, do_constant_folding=True,
+                              custom_opsets=SCAN_OPSET if forced_backend() == "onnx_op" else None)
         else:  # its passes log and print progress: keep the verb's output to its own lines
             logging.disable(logging.WARNING)
             try:
@@ -97,6 +105,7 @@ def as_tuple(out) -> tuple:
 
 # --- ONNX Runtime --------------------------------------------------------------------------------
 def ort_session(model: onnx.ModelProto | bytes | str, threads: int = 0):
+    """A CPU session (with the edgediag::SelectiveScan library when the graph uses it)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -105,7 +114,7 @@ def ort_session(model: onnx.ModelProto | bytes | str, threads: int = 0):
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     payload = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(payload, sess_options=opts, providers=["CPUExecutionProvider"])
+    return open_session(payload, opts)
 
 
 def run_chunks(fn: Callable[[list[np.ndarray]], list[np.ndarray]], inputs: list[np.ndarray], batch: int | None):

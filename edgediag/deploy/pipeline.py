@@ -55,6 +55,7 @@ from edgediag.deploy.board import build_trt_here, trt_here, write_board_files
 from edgediag.deploy.bundle import write_golden, write_manifest
 from edgediag.deploy.metadata import build_metadata, graph_io, set_metadata
 from edgediag.deploy.onnx import (
+    SCAN_OPS,
     as_tuple,
     export_graph,
     graph_latency,
@@ -191,6 +192,8 @@ def resolve_settings(args) -> Settings:
     if args.streaming and precision == "int8":
         raise UserError("--precision int8 with --streaming: INT8 calibration of streaming graphs (several inputs) "
                         "is not supported")
+    if args.scan_op == "custom":
+        _check_custom_scan_op(args, precision)
     batch = args.batch or (preset.batch if preset else 1)
     if batch < 1 or args.max_batch < batch:
         raise UserError("--batch must be >= 1 and --max-batch >= the batch")
@@ -207,6 +210,18 @@ def resolve_settings(args) -> Settings:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "export.json").exists())):
         raise UserError(f"--out {out} exists and is not an earlier export folder: choose a new or empty folder")
     return Settings(preset, preset_path, precision, batch, dla_core, trt_versions, decompose, out)
+
+
+def _check_custom_scan_op(args, precision: str) -> None:
+    """--scan-op custom: a graph for ONNX Runtime with the edgediag library, built here to be checked."""
+    if args.target != "onnx" or precision != "fp32" or args.exporter != "torchscript":
+        raise UserError("--scan-op custom needs --target onnx, --precision fp32 and the torchscript exporter "
+                        "(TensorRT and the fp16/int8 converters do not read the edgediag::SelectiveScan node)")
+    from edgediag.runtime import custom_ops
+
+    reason = custom_ops.available()
+    if reason is not None:
+        raise UserError(f"--scan-op custom: {reason}")
 
 
 @dataclasses.dataclass
@@ -340,7 +355,7 @@ def trace_and_check(target: Target, args, decompose: bool, check, stage: Path, m
     """Trace, onnx.checker, parity, onnxslim, parity again. Returns (graph, parity of the
     graph kept, parity of the unsimplified graph, simplified?, note, opset)."""
     raw_path = stage / "raw.onnx"
-    with tracing_context(decompose):
+    with tracing_context(decompose, args.scan_op):
         try:
             export_graph(target.module, target.example, raw_path, target.input_names, target.output_names,
                          args.opset, args.dynamic_batch, args.exporter)
@@ -349,6 +364,11 @@ def trace_and_check(target: Target, args, decompose: bool, check, stage: Path, m
                                 f"{first_line(exc)}") from None
     raw = onnx.load(str(raw_path))
     raw_path.unlink()
+    if args.scan_op == "custom":
+        custom = sum(n.domain == "edgediag" for n in raw.graph.node)
+        warn.append(f"model.onnx holds {custom} edgediag::SelectiveScan node(s): ONNX Runtime runs it with the library "
+                    "of python -m edgediag.runtime.custom_ops build (on the board too); TensorRT cannot read it"
+                    if custom else f"{model_name} has no selective scan: --scan-op custom changed nothing")
     try:
         onnx.checker.check_model(raw, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
@@ -448,7 +468,7 @@ def run(args) -> int:
                        "exporter": args.exporter, "torch": str(torch.__version__), "onnx": onnx.__version__,
                        "batch": "dynamic" if args.dynamic_batch else cfg.batch, "streaming": bool(args.streaming),
                        "simplified": simplified, "layernorm": "decomposed" if cfg.decompose_layernorm else "op",
-                       "scan_backend": "chunked", "checkpoint": str(args.checkpoint),
+                       "scan_backend": SCAN_OPS[args.scan_op], "checkpoint": str(args.checkpoint),
                        "params": counts["params"], "flops_per_item": counts["flops_per_item"],
                        "scan_flops_per_item": counts["scan_flops_per_item"]}
         streaming_info = None

@@ -20,6 +20,8 @@ Backends (``available_backends()`` lists the usable ones):
 ``chunked``  pure PyTorch, differentiable, ONNX-exportable (``selective_scan_chunked``).
 ``cpu``      native C++ kernel, fused forward and backward (``selective_scan_cpu``).
 ``cuda``     mamba-ssm's CUDA kernel when importable (``selective_scan_cuda``).
+``onnx_op``  export only: one ``edgediag::SelectiveScan`` node, ONNX Runtime's custom op
+             (``edgediag.ops.scan_onnx_op``; values computed by ``chunked``).
 
 ``backend="auto"`` picks: ``chunked`` while tracing/exporting; ``cuda`` for CUDA
 tensors when mamba-ssm is installed; ``cpu`` for CPU tensors when the extension builds;
@@ -46,9 +48,10 @@ from torch import Tensor
 
 from edgediag.ops import _cpu_ext
 from edgediag.ops.flops import observed_scan
+from edgediag.ops.scan_onnx_op import selective_scan_onnx_op
 from edgediag.utils import context_value
 
-BACKENDS = ("ref", "chunked", "cpu", "cuda")
+BACKENDS = ("ref", "chunked", "cpu", "cuda", "onnx_op")
 DEFAULT_CHUNK_SIZE = 32
 
 _forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("edgediag_scan_backend", default=None)
@@ -529,6 +532,7 @@ _FUNCTIONS = {
     "chunked": selective_scan_chunked,
     "cpu": selective_scan_cpu,
     "cuda": selective_scan_cuda,
+    "onnx_op": functools.partial(selective_scan_onnx_op, selective_scan_chunked),
 }
 
 
