@@ -48,6 +48,7 @@ from edgediag.ops import (  # noqa: E402
     selective_scan_cpu,
     selective_scan_ref,
 )
+from edgediag.ops.scan_onnx_op import OPSET as SCAN_OPSET  # noqa: E402
 from edgediag.runtime import custom_ops  # noqa: E402
 
 GOALS = ("goals (issue 24): f+b native >= 10x chunked at d_state 16; d_state 1 forward >= 4x padded; "
@@ -102,7 +103,7 @@ def export_scan_onnx(inputs, chunk_size=32, custom_op=False) -> bytes:
         torch.onnx.export(ScanModule(inputs, chunk_size, custom_op).eval(),
                           tuple(inputs[k] for k in ONNX_INPUTS), f, dynamo=False, opset_version=17,
                           input_names=list(ONNX_INPUTS), output_names=["y"],
-                          custom_opsets={"edgediag": 1} if custom_op else None)
+                          custom_opsets=SCAN_OPSET if custom_op else None)
     return f.getvalue()
 
 
@@ -142,14 +143,17 @@ def _runners(inputs, g, dstate, ext):
         "ref": lambda: selective_scan_ref(**inputs, delta_softplus=True),
         "chunked": lambda: selective_scan_chunked(**inputs, delta_softplus=True),
     }
+    # the same leaf tensors for every call (autograd.grad accumulates nothing into them):
+    # copying 1-3 MB of inputs per call is not the scan's time
+    leaves = _grad_inputs(inputs)
     fb = {
-        "ref": lambda: _fwd_bwd(selective_scan_ref, _grad_inputs(inputs), g),
-        "chunked": lambda: _fwd_bwd(selective_scan_chunked, _grad_inputs(inputs), g),
+        "ref": lambda: _fwd_bwd(selective_scan_ref, leaves, g),
+        "chunked": lambda: _fwd_bwd(selective_scan_chunked, leaves, g),
     }
     if ext is not None:
         args = list(inputs.values())
         fwd["native"] = lambda: selective_scan_cpu(**inputs, delta_softplus=True)
-        fb["native"] = lambda: _fwd_bwd(selective_scan_cpu, _grad_inputs(inputs), g)
+        fb["native"] = lambda: _fwd_bwd(selective_scan_cpu, leaves, g)
         if dstate <= 4:
             fwd["native padded"] = lambda: ext.fwd(*args, True, False, False)
             # the kernel's own passes, without autograd: its gradients come back in the inputs' order

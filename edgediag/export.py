@@ -11,6 +11,7 @@ The flow (tracing, parity, metadata, TensorRT or the board's build script) is
 from __future__ import annotations
 
 from edgediag import cli
+from edgediag.deploy.onnx import SCAN_OPS
 from edgediag.deploy.pipeline import run
 from edgediag.deploy.presets import PRECISIONS
 from edgediag.deploy.quantize import CALIBRATION_METHODS
@@ -62,7 +63,7 @@ def parser():
                    help="the same for a TensorRT engine (default by precision: fp32 1e-3, fp16 5e-2, int8 2e-1)")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                    help="torch.onnx exporter (default torchscript: dynamo=True lands on opset 18 for these models)")
-    p.add_argument("--scan-op", choices=["graph", "custom"], default="graph",
+    p.add_argument("--scan-op", choices=list(SCAN_OPS), default="graph",
                    help="the selective scan of LDMamba/MemoryMamba as standard ONNX ops that every runtime reads "
                         "(graph, default) or as one edgediag::SelectiveScan node that ONNX Runtime runs with the "
                         "fused CPU kernel (custom: fp32, --target onnx, torchscript exporter; the runtime loads "

@@ -112,3 +112,19 @@ def select_device(name: str = "auto"):
         log.warning("CUDA requested but not available: using the CPU")
         return torch.device("cpu")
     return device
+
+
+def native_vector_flags() -> list[str]:
+    """Compiler flags of the native kernels: -mavx2 -mfma where this x86 CPU has both (the
+    build runs on the machine that uses it; aarch64 gets NEON without a flag). No
+    -march=native, so a cached build stays valid on any CPU with the same flags."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []

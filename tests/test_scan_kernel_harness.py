@@ -59,6 +59,23 @@ def test_harness_with_the_older_gcc_shuffle(tmp_path):
     _build_and_run(tmp_path, _host_compiler(), ["-DEDGEDIAG_GCC_SHUFFLE"])
 
 
+def test_onnx_runtime_op_builds_for_aarch64(tmp_path):
+    """kernels/selective_scan_ort.cpp cross-compiled for the board: it reaches ONNX Runtime only
+    through the C API's function table, so it links without an aarch64 onnxruntime."""
+    from edgediag.runtime import custom_ops
+
+    cross, headers = shutil.which("aarch64-linux-gnu-g++"), custom_ops.include_dir()
+    if cross is None or headers is None:
+        pytest.skip("needs aarch64-linux-gnu-g++ and the ONNX Runtime headers (make install fetches them)")
+    lib = tmp_path / "libedgediag_ort_ops.so"
+    build = subprocess.run([cross, "-std=c++17", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{headers}",
+                            f"-I{custom_ops.KERNELS}", str(custom_ops.SOURCE), "-o", str(lib)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    symbols = subprocess.run(["readelf", "--dyn-syms", "-h", str(lib)], capture_output=True, text=True).stdout
+    assert "AArch64" in symbols and " RegisterCustomOps" in symbols
+
+
 def test_harness_on_aarch64_under_qemu(tmp_path):
     cross, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
     if cross is None or qemu is None:

@@ -81,6 +81,7 @@ def export_graph(module: nn.Module, args: tuple, path: Path, input_names: Sequen
                  output_names: Sequence[str], opset: int, dynamic_batch: bool, exporter: str) -> None:
     """torch.onnx.export with the project's settings (see the module docstring)."""
     from edgediag.ops import forced_backend
+
     dynamic_axes = {n: {0: "batch"} for n in (*input_names, *output_names)} if dynamic_batch else None
     with _plain_state_dict(module):
         if exporter == "torchscript":

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from edgediag.utils import native_vector_flags
+
 logger = logging.getLogger(__name__)
 
 KERNEL_SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "selective_scan_cpu.cpp"
@@ -36,25 +38,9 @@ _error: str | None = None
 _warned = False
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def compile_flags() -> list[str]:
-    """-O3 plus AVX2/FMA when this x86 CPU has them (the build runs on the
-    machine that uses it; aarch64 gets NEON by default). No -march=native,
-    so a cached build stays valid on any CPU with the same flag set."""
-    flags = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP inline code in headers
-    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
-        flags += ["-mavx2", "-mfma"]
-    return flags
+    """-O3 plus AVX2/FMA when this x86 CPU has them (edgediag.utils.native_vector_flags)."""
+    return ["-O3", "-fopenmp", *native_vector_flags()]  # at::parallel_for is OpenMP inline code in headers
 
 
 def build_directory(flags: list[str]) -> Path:

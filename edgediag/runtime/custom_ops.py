@@ -30,6 +30,8 @@ import threading
 import urllib.request
 from pathlib import Path
 
+from edgediag.utils import native_vector_flags
+
 DOMAIN = "edgediag"
 OP = "SelectiveScan"
 KERNELS = Path(__file__).resolve().parents[2] / "kernels"
@@ -90,7 +92,8 @@ def fetch_headers(timeout: float = 60.0) -> Path:
         return found
     target = cache_root() / "onnxruntime-headers" / HEADERS_VERSION
     try:
-        with urllib.request.urlopen(HEADERS_DEB, timeout=timeout) as response:  # noqa: S310 - pinned https-less Debian archive, checked by sha256
+        # plain http, as apt uses the archive: the pinned sha256 below is the integrity check
+        with urllib.request.urlopen(HEADERS_DEB, timeout=timeout) as response:
             deb = response.read()
     except OSError as exc:
         raise CustomOpsUnavailable(f"cannot download {HEADERS_DEB} ({exc})") from None
@@ -115,20 +118,6 @@ def fetch_headers(timeout: float = 60.0) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def vector_flags() -> list[str]:
-    """-mavx2 -mfma where this x86 CPU has both (the build runs on the machine that uses it;
-    aarch64 gets NEON without a flag). No -march=native: a cached build stays valid on any
-    CPU with the same flags."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return []
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
 
 
 @contextlib.contextmanager
@@ -158,7 +147,7 @@ def _build() -> Path:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise CustomOpsUnavailable("no C++ compiler (c++) on PATH")
-    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", *vector_flags()]
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", *native_vector_flags()]
     key = hashlib.sha1(b"".join([SOURCE.read_bytes(), KERNEL_HEADER.read_bytes(),
                                  (headers / C_API_HEADER).read_bytes(),
                                  " ".join([compiler, platform.machine(), *flags]).encode()])).hexdigest()[:12]
