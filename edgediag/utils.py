@@ -128,3 +128,25 @@ def native_vector_flags() -> list[str]:
     except OSError:
         flags = []
     return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
+
+
+def cache_root() -> Path:
+    """Where native builds and fetched headers are cached: $EDGEDIAG_CACHE, else ~/.cache/edgediag."""
+    return Path(os.environ.get("EDGEDIAG_CACHE", Path.home() / ".cache" / "edgediag"))
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path) -> Iterator[None]:
+    """An OS lock on ``folder`` for one build at a time; the OS releases it even when its
+    holder is killed (a lock *file* would outlive a killed build and block every later one)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(Path(folder) / "edgediag.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

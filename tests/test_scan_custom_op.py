@@ -148,6 +148,14 @@ def test_export_with_the_custom_scan_op_verifies_and_predicts(family, tmp_path, 
     with torch.no_grad():
         expected = float(model.export_module().eval()(torch.from_numpy(x))[0])
     assert load(out / "model.onnx").score(x)[0] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    # where the library cannot be built, loading the graph is one error line and exit 2
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(custom_ops, "include_dir", lambda: None)
+        mp.setattr(custom_ops, "_library", None)
+        capsys.readouterr()
+        assert cli.run(verify.main, [str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "uses the edgediag::SelectiveScan op, which cannot be loaded here" in err[0]
 
 
 @pytest.mark.parametrize("extra", [["--target", "trt"], ["--precision", "fp16"], ["--exporter", "dynamo"]])

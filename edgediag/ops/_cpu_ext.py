@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from edgediag.utils import native_vector_flags
+from edgediag.utils import build_lock, cache_root, native_vector_flags
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +44,8 @@ def compile_flags() -> list[str]:
 
 
 def build_directory(flags: list[str]) -> Path:
-    root = Path(os.environ.get("EDGEDIAG_CACHE", Path.home() / ".cache" / "edgediag"))
     key = hashlib.sha1(" ".join([torch.__version__, platform.machine(), *flags]).encode()).hexdigest()[:10]
-    return root / "torch_extensions" / f"selective_scan_cpu_{key}"
+    return cache_root() / "torch_extensions" / f"selective_scan_cpu_{key}"
 
 
 def _ensure_ninja_on_path() -> None:
@@ -65,23 +64,14 @@ def _ensure_ninja_on_path() -> None:
 
 @contextlib.contextmanager
 def _exclusive(build_dir: Path):
-    """Hold an OS lock on ``build_dir`` (released even if this process is killed); then any
-    torch lock file there belongs to a dead build and is removed."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: torch's own lock file only
-        yield
-        return
-    with open(build_dir / "edgediag.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    """The build lock (edgediag.utils.build_lock); holding it, any torch lock file there
+    belongs to a dead build and is removed."""
+    with build_lock(build_dir):
         stale = build_dir / "lock"  # torch.utils.file_baton's file
         if stale.exists():
             logger.warning("removing %s, left by a build that did not finish", stale)
             stale.unlink(missing_ok=True)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        yield
 
 
 def _build(verbose: bool):

@@ -16,7 +16,6 @@ and loads it the same way.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
@@ -30,7 +29,8 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from edgediag.utils import native_vector_flags
+from edgediag.errors import UserError
+from edgediag.utils import build_lock, cache_root, native_vector_flags
 
 DOMAIN = "edgediag"
 OP = "SelectiveScan"
@@ -50,12 +50,9 @@ _lock = threading.Lock()
 _library: Path | None = None
 
 
-class CustomOpsUnavailable(RuntimeError):
-    """The custom-op library cannot be built or loaded here (the message says why)."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("EDGEDIAG_CACHE", Path.home() / ".cache" / "edgediag"))
+class CustomOpsUnavailable(UserError):
+    """The custom-op library cannot be built or loaded here (the message says why): a
+    one-line error, exit 2, wherever it reaches a verb."""
 
 
 def include_dir() -> Path | None:
@@ -120,22 +117,6 @@ def fetch_headers(timeout: float = 60.0) -> Path:
     return target
 
 
-@contextlib.contextmanager
-def exclusive(folder: Path):
-    """An OS lock on ``folder`` (released even if the holder is killed): one build at a time."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
-    with open(folder / "edgediag.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _build() -> Path:
     headers = include_dir()
     if headers is None:
@@ -154,7 +135,7 @@ def _build() -> Path:
     folder = cache_root() / "ort_ops" / key
     library = folder / "libedgediag_ort_ops.so"
     folder.mkdir(parents=True, exist_ok=True)
-    with exclusive(folder):
+    with build_lock(folder):
         if library.is_file():
             return library
         partial = folder / f".{library.name}.{os.getpid()}"
@@ -203,7 +184,12 @@ def open_session(model, options=None, providers=("CPUExecutionProvider",)):
     except Exception as exc:  # noqa: BLE001 - only an unregistered edgediag op is handled here
         if not _needs_library(exc):
             raise
-    options.register_custom_ops_library(str(library_path()))
+    try:
+        library = library_path()
+    except CustomOpsUnavailable as exc:
+        name = f"{model} uses" if isinstance(model, (str, Path)) else "the graph uses"
+        raise CustomOpsUnavailable(f"{name} the {DOMAIN}::{OP} op, which cannot be loaded here: {exc}") from None
+    options.register_custom_ops_library(str(library))
     return ort.InferenceSession(payload, options, providers=list(providers))
 
 

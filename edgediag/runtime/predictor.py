@@ -30,7 +30,7 @@ import numpy as np
 
 from edgediag.deploy.metadata import parse_metadata, read_metadata
 from edgediag.errors import UserError
-from edgediag.runtime.custom_ops import CustomOpsUnavailable, open_session
+from edgediag.runtime.custom_ops import open_session
 from edgediag.utils import group_key, group_thresholds
 
 # The one map from artifact suffix to backend (bench derives its names from it).
@@ -312,8 +312,8 @@ class _OrtPredictor(Predictor):
             providers.insert(0, "CUDAExecutionProvider")
         try:
             self.session = open_session(path, opts, providers)
-        except CustomOpsUnavailable as exc:
-            raise UserError(f"{path} uses the edgediag::SelectiveScan op, which cannot be loaded here: {exc}") from None
+        except UserError:  # the graph needs the scan's custom-op library and it cannot be built here
+            raise
         except Exception as exc:  # noqa: BLE001 - any load failure is a bad input file
             raise UserError(f"{path} is not a loadable ONNX graph ({str(exc).splitlines()[0][:160]})") from None
         meta = parse_metadata(self.session.get_modelmeta().custom_metadata_map, path)

@@ -15,7 +15,7 @@ import numpy as np
 
 from edgediag.deploy.bundle import GOLDEN, MANIFEST, VERIFY, sha256
 from edgediag.errors import UserError
-from edgediag.runtime.custom_ops import CustomOpsUnavailable, open_session
+from edgediag.runtime.custom_ops import open_session
 
 EXIT_OK, EXIT_MISMATCH, EXIT_NO_TENSORRT = 0, 1, 3
 COLUMNS = ("check", "artifact", "max abs err", "max rel err", "tolerance", "decisions agree", "status")
@@ -95,10 +95,7 @@ def run_onnx(path: Path, x: np.ndarray, input_name: str, batch: int | None, thre
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    try:
-        sess = open_session(path, opts)
-    except CustomOpsUnavailable as exc:
-        raise UserError(f"{path.name} uses the edgediag::SelectiveScan op, which cannot be loaded here: {exc}") from None
+    sess = open_session(path, opts)
     names = [o.name for o in sess.get_outputs()]
     parts = [sess.run(None, {input_name: c}) for c in _chunks(x, batch)]
     return {n: np.concatenate([p[i] for p in parts]) for i, n in enumerate(names)}
