@@ -64,7 +64,8 @@ FAMILIES = {
                            ["train.batch_size=16"]),
     "aegan_ad": Family("aegan_ad_small", "machine_sound", ["model.clip_seconds=4.5"], ["train.batch_size=8"]),
     "ldmamba": Family("ldmamba_small", "furnace", [], ["train.batch_size=32"]),
-    "memorymamba": Family("memorymamba_nano", "neu_like", [], ["train.batch_size=16", "model.image_size=128"]),
+    "memorymamba": Family("memorymamba_nano", "neu_like", [], ["train.batch_size=16", "model.image_size=128",
+                                                                "model.stem_blocks=0", "model.stem_width=0"]),
 }
 PARTS = ("data", "features", "forward", "backward", "optimizer", "other")
 

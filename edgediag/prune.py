@@ -65,7 +65,7 @@ def parser():
                    help="--latency-aware: time the layers in eager PyTorch or ONNX Runtime (default eager)")
     p.add_argument("--remove-blocks", type=int, default=None, metavar="N",
                    help="depth pruning first: remove the N residual blocks that change their input least "
-                        "(default: the model's recipe without a budget flag, e.g. 3 for memorymamba; else 0)")
+                        "(default: the model's recipe without a budget flag, e.g. 4 for memorymamba; else 0)")
     p.add_argument("--max-channel-ratio", type=float, default=0.9, help="never remove more than this per group")
     p.add_argument("--steps", type=int, default=18, help="pruning steps up to the max channel ratio")
     p.add_argument("--finetune-epochs", type=int, default=None,

@@ -191,15 +191,25 @@ def test_bad_configs_are_user_errors():
         small(depths=[1, 1])
     with pytest.raises(UserError, match="power of two"):
         small(stem="convbn", patch_size=6, image_size=48)
+    with pytest.raises(UserError, match="stem_blocks and stem_width are for stem 'convbn'"):
+        small(stem_blocks=1)
 
 
 @pytest.mark.parametrize("patch", [2, 4, 8])
-def test_convbn_stem_reaches_the_patch_grid(patch):
+@pytest.mark.parametrize("blocks", [0, 1])
+def test_convbn_stem_reaches_the_patch_grid(patch, blocks):
     """The BatchNorm conv stem downsamples by the patch size in log2(patch) stride-2 convs,
-    so the token grid (and everything after it) is the patch stem's."""
-    model = small(stem="convbn", patch_size=patch, image_size=8 * patch).eval()
+    so the token grid (and everything after it) is the patch stem's. Its residual blocks sit
+    after every strided conv but the first, at the width of that conv."""
+    from edgediag.models.image_cnn.model import BasicBlock
+
+    model = small(stem="convbn", patch_size=patch, image_size=8 * patch, stem_blocks=blocks, stem_width=12).eval()
     convs = [m for m in model.patch_embed if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == int(math.log2(patch)) and convs[-1].out_channels == SMALL["dims"][0]
+    assert [c.out_channels for c in convs[:-1]] == [12] * (len(convs) - 1)
+    residual = [m for m in model.patch_embed if isinstance(m, BasicBlock)]
+    assert len(residual) == blocks * (len(convs) - 1)
+    assert [b.conv2.out_channels for b in residual] == [c.out_channels for c in convs[1:]][:len(residual)]
     h = model.patch_embed(model.example_input(2))
     assert h.shape == (2, SMALL["dims"][0], 8, 8)
     assert model(model.example_input(2)).shape == (2, 3)
@@ -227,9 +237,9 @@ def test_onnx_export_matches_pytorch(tmp_path, name):
     if name == "memorymamba":
         model = small().eval()
     elif name == "memorymamba_convbn":
-        model = open_residuals(small(stem="convbn")).eval()
+        model = open_residuals(small(stem="convbn", stem_blocks=1)).eval()
         with torch.no_grad():  # trained-looking BatchNorm statistics, which the export folds
-            for bn in (m for m in model.patch_embed if isinstance(m, torch.nn.BatchNorm2d)):
+            for bn in (m for m in model.patch_embed.modules() if isinstance(m, torch.nn.BatchNorm2d)):
                 bn.running_mean.uniform_(-0.5, 0.5)
                 bn.running_var.uniform_(0.5, 2.0)
     else:
