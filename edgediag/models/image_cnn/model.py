@@ -247,7 +247,7 @@ class ImageClassifierExport(nn.Module):
 @dataclasses.dataclass
 class ImageCNNConfig(ImageClassifierConfig):
     image_size: int = 128
-    # 1.92 M parameters with 6 grey classes: the size of memorymamba_nano (1.90 M).
+    # 1.92 M parameters with 6 grey classes: the size of memorymamba_nano (1.97 M).
     widths: list[int] = dataclasses.field(default_factory=lambda: [40, 80, 160, 320])
     depths: list[int] = dataclasses.field(default_factory=lambda: [1, 1, 1, 1])  # BasicBlocks per stage
     dropout: float = 0.1
