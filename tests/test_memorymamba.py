@@ -230,6 +230,23 @@ def test_checkpoint_round_trip_keeps_normalisation_and_threshold(tmp_path, synth
     assert float(loaded.threshold) == 0.25 and torch.equal(loaded.pixel_std, model.pixel_std)
 
 
+def test_a_checkpoint_from_before_the_stem_blocks_still_loads(tmp_path):
+    """memorymamba_nano turned its stem blocks on after checkpoints were written without the
+    stem_blocks / stem_width fields: such a checkpoint rebuilds the plain stem it was trained
+    with (a checkpoint names the family, whose defaults fill new fields, not the variant)."""
+    torch.manual_seed(0)
+    model = create_model("memorymamba_nano", in_chans=1, n_classes=3, stem_blocks=0, stem_width=0).eval()
+    payload = make_checkpoint(model)
+    for key in ("stem_blocks", "stem_width"):
+        del payload["model_config"][key]
+    save_checkpoint(tmp_path / "old.pt", payload)
+    loaded, _ = load_model(tmp_path / "old.pt")
+    assert loaded.config.stem_blocks == 0 and n_params(loaded) == n_params(model)
+    x = model.example_input(2)
+    assert torch.allclose(loaded(x), model(x), atol=1e-6)
+    assert create_model("memorymamba_nano", in_chans=1, n_classes=3).config.stem_blocks == 1  # the variant's own
+
+
 @pytest.mark.parametrize("name", ["memorymamba", "memorymamba_convbn", "image_cnn"])
 def test_onnx_export_matches_pytorch(tmp_path, name):
     import onnxruntime as ort
