@@ -30,7 +30,6 @@ import numpy as np
 
 from edgediag.deploy.metadata import parse_metadata, read_metadata
 from edgediag.errors import UserError
-from edgediag.runtime.custom_ops import open_session
 from edgediag.utils import group_key, group_thresholds
 
 # The one map from artifact suffix to backend (bench derives its names from it).
@@ -303,6 +302,10 @@ class _OrtPredictor(Predictor):
             import onnxruntime as ort
         except ImportError:
             raise UserError("onnxruntime is not installed (pip install 'edgediag[runtime]')") from None
+        # imported here: edgediag.runtime must not load custom_ops, which also runs as
+        # `python -m edgediag.runtime.custom_ops` (runpy warns about a module imported twice)
+        from edgediag.runtime.custom_ops import open_session
+
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = int(threads)
