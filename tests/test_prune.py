@@ -443,18 +443,29 @@ def test_max_drop_refuses_a_pruned_model_that_lost_accuracy(accurate_cnn, tmp_pa
 
 
 def test_every_pruner_with_inner_groups_implements_the_whole_interface():
-    """ChannelPruner's inner-group methods raise NotImplementedError by design (the interface);
-    every registered pruner that lists inner groups must override all four of them."""
+    """A layer with inner groups registers an InnerGroupPruner, whose inner-group methods are
+    abstract: every registered pruner that lists inner groups implements all of them, and one
+    that leaves one out cannot be instantiated."""
     import edgediag.models  # noqa: F401 - registers the families' pruners
-    from edgediag.nn.pruning import ChannelPruner, customized_pruners
+    from edgediag.nn.pruning import ChannelPruner, InnerGroupPruner, customized_pruners
 
     methods = ("inner_channels", "inner_tensors", "prune_inner_channels", "inner_hooks")
     with_groups = [p for p in customized_pruners().values()
                    if isinstance(p, ChannelPruner) and type(p).inner_names is not ChannelPruner.inner_names]
     assert len(with_groups) >= 3  # Mamba mixer, MemoryMamba memory network, TASTgram Tgram
     for pruner in with_groups:
-        missing = [m for m in methods if getattr(type(pruner), m) is getattr(ChannelPruner, m)]
+        assert isinstance(pruner, InnerGroupPruner), type(pruner).__name__
+        missing = [m for m in methods if getattr(getattr(type(pruner), m), "__isabstractmethod__", False)]
         assert not missing, f"{type(pruner).__name__} lists inner groups but leaves {missing} unimplemented"
+
+    class Partial(InnerGroupPruner):  # the torch-pruning half and inner_names, no inner methods
+        prune_out_channels = prune_in_channels = get_out_channels = get_in_channels = None
+
+        def inner_names(self, layer):
+            return ["hidden"]
+
+    with pytest.raises(TypeError, match="abstract"):
+        Partial()
 
 
 # --- the families' prune recipes (issue 24.5: the default ratio halves batch-1 latency) -------

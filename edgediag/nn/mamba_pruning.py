@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from edgediag.nn.mamba import SS2D, BiMambaMixer, MambaMixer, inner_channel_tensors
-from edgediag.nn.pruning import ChannelPruner, _keep, _sliced, register_pruner, slice_parameter
+from edgediag.nn.pruning import InnerGroupPruner, _keep, _sliced, register_pruner, slice_parameter
 
 
 def _resync(layer: nn.Module, n: int) -> None:
@@ -29,7 +29,7 @@ def _resync(layer: nn.Module, n: int) -> None:
     layer.d_inner = n
 
 
-class _MixerPruner(ChannelPruner):
+class _MixerPruner(InnerGroupPruner):
     """MambaMixer / BiMambaMixer / SS2D: ``in_proj`` columns are the module's input
     channels, ``out_proj`` rows its output channels; one inner group, d_inner."""
 

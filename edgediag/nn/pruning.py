@@ -12,7 +12,8 @@ A registered pruner answers:
   ``pruned_widths``; ``root``: it may root a dependency-graph group;
 * ``inner_names`` / ``inner_channels`` / ``inner_tensors`` / ``prune_inner_channels``: channel
   groups internal to the module that no graph group reaches (a mixer's d_inner, Tgram's hidden
-  convs, a memory network's hidden units), and ``inner_hooks``: where screening gates mask one;
+  convs, a memory network's hidden units), and ``inner_hooks``: where screening gates mask one
+  (a layer with inner groups registers an :class:`InnerGroupPruner`, which must have all five);
 * ``dep_slices``: the state-dict tensors (key, dim, chunks) holding a graph group's channels
   in this module, which dynamic pruning's gates cost channels by;
 * ``size_slots`` / ``sizes`` / ``resize``: the record-and-rebuild of pruned widths.
@@ -24,6 +25,7 @@ A registered pruner answers:
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 
 import torch
@@ -80,25 +82,9 @@ class ChannelPruner(BasePruningFunc):
     leaf = False  # sizes recorded whole; its children are not prunable modules of their own
     root = False  # may root a dependency-graph group
 
-    # Inner groups: a pruner whose ``inner_names`` lists groups implements the four methods
-    # after it; with the default (no inner groups) nothing calls them.
+    # Inner groups: none by default; a layer that has them uses InnerGroupPruner.
     def inner_names(self, layer) -> list[str]:
         return []
-
-    def inner_channels(self, layer, group: str) -> int:
-        raise NotImplementedError(f"{type(self).__name__} lists inner group {group!r} but not its channel count")
-
-    def inner_tensors(self, layer, group: str) -> list[tuple[torch.Tensor, int, int]]:
-        raise NotImplementedError(f"{type(self).__name__} lists inner group {group!r} but not its tensors")
-
-    def prune_inner_channels(self, layer, idxs, group: str):
-        raise NotImplementedError(f"{type(self).__name__} lists inner group {group!r} but cannot prune it")
-
-    def inner_hooks(self, layer, group: str) -> list[tuple[nn.Module, str, int]]:
-        """[(module, "out" | "in" | "norm", dim)]: every place a screening gate masks the inner
-        group so that removing a closed channel is exact (where the channels enter anything
-        that mixes them, and where they leave)."""
-        raise NotImplementedError(f"{type(self).__name__} lists inner group {group!r} but not where to gate it")
 
     def dep_slices(self, name: str, layer, out: bool) -> list[tuple[str, int, int]]:
         return []
@@ -122,6 +108,30 @@ class ChannelPruner(BasePruningFunc):
                     prune[slot](layer, _tail(h, s))
                 else:
                     self.prune_inner_channels(layer, _tail(h, s), slot)
+
+
+class InnerGroupPruner(ChannelPruner):
+    """A ChannelPruner for a layer with inner channel groups (module docstring): the five
+    methods below are abstract, so a pruner that leaves one out cannot be instantiated
+    (registration fails at import instead of a call failing mid-prune)."""
+
+    @abc.abstractmethod
+    def inner_names(self, layer) -> list[str]: ...
+
+    @abc.abstractmethod
+    def inner_channels(self, layer, group: str) -> int: ...
+
+    @abc.abstractmethod
+    def inner_tensors(self, layer, group: str) -> list[tuple[torch.Tensor, int, int]]: ...
+
+    @abc.abstractmethod
+    def prune_inner_channels(self, layer, idxs, group: str): ...
+
+    @abc.abstractmethod
+    def inner_hooks(self, layer, group: str) -> list[tuple[nn.Module, str, int]]:
+        """[(module, "out" | "in" | "norm", dim)]: every place a screening gate masks the inner
+        group so that removing a closed channel is exact (where the channels enter anything
+        that mixes them, and where they leave)."""
 
 
 def register_pruner(*module_types: type, pruner: BasePruningFunc | type | None = None):
@@ -313,6 +323,6 @@ def resize_to_loaded(module: nn.Module, state_dict: dict, prefix: str, names: Se
             setattr(module, name, torch.zeros(loaded.shape, dtype=current.dtype, device=current.device))
 
 
-__all__ = ["ChannelPruner", "ChannelLayerNormPruner", "register_pruner", "customized_pruners", "pruner_for",
+__all__ = ["ChannelPruner", "InnerGroupPruner", "ChannelLayerNormPruner", "register_pruner", "customized_pruners", "pruner_for",
            "root_module_types", "leaf_module_types", "dep_slices", "layer_sizes", "module_sizes",
            "record_widths", "apply_widths", "resize_to_loaded", "slice_channels", "slice_parameter"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch_pruning as tp
 
 from edgediag.models.memorymamba.model import MemoryNetwork, PatchMerging
-from edgediag.nn.pruning import ChannelPruner, _keep, _sliced, register_pruner
+from edgediag.nn.pruning import ChannelPruner, InnerGroupPruner, _keep, _sliced, register_pruner
 
 
 @register_pruner(PatchMerging)
@@ -37,7 +37,7 @@ class PatchMergingPruner(ChannelPruner):
 
 
 @register_pruner(MemoryNetwork)
-class MemoryNetworkPruner(ChannelPruner):
+class MemoryNetworkPruner(InnerGroupPruner):
     """MemoryMamba's memory network: depthwise conv (in = out = C) -> query MLP (C -> hidden
     -> key_dim) -> softmax over ``keys`` (slots, key_dim) -> ``values`` (slots, C). Its keys
     and values are bare Parameters used by matmul, which the graph cannot map, so it is a

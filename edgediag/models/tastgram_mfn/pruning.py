@@ -8,11 +8,11 @@ from torch import nn
 
 from edgediag.errors import UserError
 from edgediag.models.tastgram_mfn.model import ArcMarginProduct, TgramNet
-from edgediag.nn.pruning import ChannelPruner, _keep, _sliced, register_pruner
+from edgediag.nn.pruning import ChannelPruner, InnerGroupPruner, _keep, _sliced, register_pruner
 
 
 @register_pruner(TgramNet)
-class TgramPruner(ChannelPruner):
+class TgramPruner(InnerGroupPruner):
     """TASTgram's learned front end (``TgramNet``) as one leaf: its input is the waveform
     (1 channel) and its output channels are mel bins stacked with the log-mel - both fixed.
     Its LayerNorms normalise over *frames*, not channels (torch-pruning's LayerNorm
