@@ -104,6 +104,30 @@ inline vfloat vexp(vfloat x) {
   return res;
 }
 
+// 2^x, for the decays: exp(delta * A) = 2^(delta * A log2(e)) with A log2(e)
+// taken once per row, so the reduction x = n + r (|r| <= 1/2) is exact and
+// needs no Cody-Waite split; 2^r is SLEEF's degree-6 exp2f polynomial (~1 ulp),
+// doubled and scaled by 2^(n-1) as in vexp. About 16 vector operations
+// against vexp's 23: the decays are N exps per step, the other exps (softplus,
+// silu) one each. x < -125.5 gives 0, x >= 128 +inf; NaN stays NaN (the
+// clamps' comparisons are false for it).
+inline vfloat vexp2(vfloat x) {
+  x = x < splat(-126.f) ? splat(-126.f) : x;
+  x = x > splat(128.f) ? splat(128.f) : x;
+  const vfloat kMagic = splat(12582912.0f);  // round to nearest, as in vexp
+  const vfloat n = (x + kMagic) - kMagic;
+  const vfloat r = x - n;
+  vfloat p = splat(2.f * 1.535920892e-4f);
+  p = p * r + splat(2.f * 1.339262701e-3f);
+  p = p * r + splat(2.f * 9.618384764e-3f);
+  p = p * r + splat(2.f * 5.550347269e-2f);
+  p = p * r + splat(2.f * 2.402264476e-1f);
+  p = p * r + splat(2.f * 6.931471825e-1f);
+  p = p * r + splat(2.f);
+  const vint ni = __builtin_convertvector(n, vint);
+  return p * (vfloat)((ni + 126) << 23);
+}
+
 // log1p(y) for y in [0, 1], Cephes logf polynomial. The reduced argument f
 // (log1p(y) = e*ln2 + log1p(f)) is exact in both branches: f = y, or
 // f = (1 + y)/2 - 1 = (y - 1)/2 for y > sqrt(2) - 1, so small y keep their
@@ -146,14 +170,34 @@ inline vec_t<double> lanewise(vec_t<double> x, F f) {
   return x;
 }
 inline vec_t<double> vexp(vec_t<double> x) { return lanewise(x, [](double v) { return std::exp(v); }); }
+inline vec_t<double> vexp2(vec_t<double> x) { return lanewise(x, [](double v) { return std::exp2(v); }); }
 inline vec_t<double> vsoftplus(vec_t<double> x) {
   return lanewise(x, [](double v) { return softplus_scalar(v); });
 }
+
+// log2(e): A log2(e) turns the decays into vexp2 arguments.
+template <typename T>
+constexpr T kLog2e = T(1.44269504088896340736);
 
 template <typename T>
 inline vec_t<T> vsigmoid(vec_t<T> x) { return splat(T(1)) / (splat(T(1)) + vexp(-x)); }
 template <typename T>
 inline T sigmoid_scalar(T x) { return T(1) / (T(1) + std::exp(-x)); }
+
+// softplus(x) (as vsoftplus) and its derivative sigmoid(x) from the same
+// w = exp(-|x|): sigmoid(x) = (x > 0 ? 1 : w) / (1 + w).
+inline void vsoftplus_grad(vfloat x, vfloat* sp, vfloat* dsp) {
+  const vfloat ax = x < splat(0.f) ? -x : x;
+  const vfloat pos = x > splat(0.f) ? x : splat(0.f);
+  const vfloat w = vexp(-ax);
+  const vfloat res = pos + vlog1p_unit(w);
+  *sp = x != x ? x : res;
+  *dsp = (x > splat(0.f) ? splat(1.f) : w) / (splat(1.f) + w);
+}
+inline void vsoftplus_grad(vec_t<double> x, vec_t<double>* sp, vec_t<double>* dsp) {
+  *sp = vsoftplus(x);
+  *dsp = vsigmoid<double>(x);
+}
 
 template <typename T>
 struct ScanArgs {
@@ -210,18 +254,27 @@ inline T* grad_bc_row(T* base, int64_t per_thread, bool variable, int64_t groups
   return row;
 }
 
-// delta + bias, then softplus, for n steps.
+// delta + bias, then softplus, for n steps; with dsp (backward, softplus on),
+// also softplus' = sigmoid at each step.
 template <typename T>
-inline void delta_steps(const T* delta, T bias, bool softplus, int64_t n, T* dt) {
+inline void delta_steps(const T* delta, T bias, bool softplus, int64_t n, T* dt, T* dsp = nullptr) {
   constexpr int K = Vec<T>::kLanes;
   int64_t i = 0;
   for (; i + K <= n; i += K) {
     const vec_t<T> v = load(delta + i) + splat(bias);
-    store(dt + i, softplus ? vsoftplus(v) : v);
+    if (softplus && dsp) {
+      vec_t<T> sp, d;
+      vsoftplus_grad(v, &sp, &d);
+      store(dt + i, sp);
+      store(dsp + i, d);
+    } else {
+      store(dt + i, softplus ? vsoftplus(v) : v);
+    }
   }
   for (; i < n; ++i) {
     const T v = delta[i] + bias;
     dt[i] = softplus ? softplus_scalar(v) : v;
+    if (softplus && dsp) dsp[i] = sigmoid_scalar(v);
   }
 }
 
@@ -249,249 +302,6 @@ inline void finish_row(const ScanArgs<T>& a, int64_t row, int64_t d) {
     y[t] = v;
   }
 }
-
-// ------------------------------------------------------------------ wide layout
-
-// Forward of one (batch, channel) row.
-template <typename T>
-void scan_row(const ScanArgs<T>& a, int64_t b, int64_t d) {
-  using V = vec_t<T>;
-  constexpr int K = Vec<T>::kLanes;
-  const int64_t nv = a.Np / K;
-  const int64_t row = b * a.dim + d;
-  const T* u = a.u + row * a.L;
-  const T* delta = a.delta + row * a.L;
-  const T bias = a.delta_bias ? a.delta_bias[d] : T(0);
-  const T* Ad = a.A + d * a.Np;
-  T* y = a.out + row * a.L;
-  const T *Brow, *Crow;
-  int64_t Bs, Cs;
-  bc_row(a.B, a.B_variable, a.GB, a, b, d, &Brow, &Bs);
-  bc_row(a.C, a.C_variable, a.GC, a, b, d, &Crow, &Cs);
-
-  std::vector<T> state(a.Np, T(0));  // h between blocks
-  alignas(64) T dtb[kBlock];         // delta after bias and softplus
-  T du[kBlock];                      // delta * u
-  V acc[kBlock];                     // per step: lanes of <h_t, C_t>
-  static_assert(kBlock % 8 == 0, "blocks are whole vectors");
-  for (int64_t t0 = 0; t0 < a.L; t0 += kBlock) {
-    const int64_t tb = std::min(kBlock, a.L - t0);
-    delta_steps(delta + t0, bias, a.delta_softplus, tb, dtb);
-    for (int64_t i = 0; i < tb; ++i) {
-      du[i] = dtb[i] * u[t0 + i];
-      acc[i] = splat(T(0));
-    }
-    for (int64_t j = 0; j < nv; ++j) {
-      const V Aj = load(Ad + j * K);
-      const T* Bj = Brow + t0 * Bs + j * K;
-      const T* Cj = Crow + t0 * Cs + j * K;
-      V h = load(state.data() + j * K);
-      for (int64_t t = 0; t < tb; ++t) {
-        h = vexp(splat(dtb[t]) * Aj) * h + splat(du[t]) * load(Bj + t * Bs);
-        acc[t] += h * load(Cj + t * Cs);
-      }
-      store(state.data() + j * K, h);
-    }
-    for (int64_t t = 0; t < tb; ++t) y[t0 + t] = hsum<T>(acc[t]);
-  }
-  if (a.last_state) std::memcpy(a.last_state + row * a.N, state.data(), a.N * sizeof(T));
-  finish_row(a, row, d);
-}
-
-// Per-thread scratch of the backward, reused across the rows of a task.
-template <typename T>
-struct RowScratch {
-  std::vector<T> H, E;           // states h_t and decays dA_t of the row (L x Np)
-  std::vector<T> dt, dtu, g;     // delta after softplus; delta * u; dout * silu(z)
-  std::vector<T> carry;          // adjoint state between blocks (Np)
-  std::vector<T> dBsum, dCsum;   // time-invariant B/C: the row's sums over t (Np)
-};
-
-// The elementwise part of the backward for n steps of one row, given the sums
-// over the state of x_t*e_t*h_{t-1}*A (sA), x_t*B_t (sB) and h_t*C_t (y):
-// ddelta_t = (sA + u_t sB) * softplus'(delta_t + bias), du_t = delta_t sB + D g_t,
-// dz_t = dout_t (y_t + D u_t) silu'(z_t); dD and dbias summed.
-template <typename T>
-inline void block_grads(int64_t n, const T* u, const T* delta, const T* z, const T* dout, const T* dt,
-                        const T* gt, const T* sA, const T* sB, const T* y, T bias, T Dd, bool softplus,
-                        T* du, T* ddelta, T* dz, T* dD, T* dbias) {
-  using V = vec_t<T>;
-  constexpr int K = Vec<T>::kLanes;
-  V dDv = splat(T(0)), dbv = splat(T(0));
-  int64_t i = 0;
-  for (; i + K <= n; i += K) {
-    const V uv = load(u + i), sBv = load(sB + i), gv = load(gt + i);
-    const V ddt = load(sA + i) + uv * sBv;
-    store(du + i, load(dt + i) * sBv + splat(Dd) * gv);
-    dDv += gv * uv;
-    if (z) {
-      const V zv = load(z + i), sig = vsigmoid<T>(zv);
-      store(dz + i, load(dout + i) * (load(y + i) + splat(Dd) * uv) * sig * (splat(T(1)) + zv * (splat(T(1)) - sig)));
-    }
-    const V dd = softplus ? ddt * vsigmoid<T>(load(delta + i) + splat(bias)) : ddt;
-    store(ddelta + i, dd);
-    dbv += dd;
-  }
-  T dDs = hsum<T>(dDv), dbs = hsum<T>(dbv);
-  for (; i < n; ++i) {
-    const T ddt = sA[i] + u[i] * sB[i];
-    du[i] = dt[i] * sB[i] + Dd * gt[i];
-    dDs += gt[i] * u[i];
-    if (z) {
-      const T sig = sigmoid_scalar(z[i]);
-      dz[i] = dout[i] * (y[i] + Dd * u[i]) * sig * (T(1) + z[i] * (T(1) - sig));
-    }
-    const T dd = softplus ? ddt * sigmoid_scalar(delta[i] + bias) : ddt;
-    ddelta[i] = dd;
-    dbs += dd;
-  }
-  *dD += dDs;
-  *dbias += dbs;
-}
-
-// The adjoint recurrence over one block of steps for NV (1 or 2) vector slices
-// of the state starting at lane o0, in registers: the slices advance together
-// step by step, so their recurrences overlap, and the per-step sums over the
-// state go to sA, sB, y (added to) without a round trip through memory per slice.
-template <typename T, int NV>
-inline void adjoint_block(int64_t t0, int64_t tb, int64_t o0, int64_t Np, const T* Ad, const T* H,
-                          const T* E, const T* Brow, int64_t Bs, const T* Crow, int64_t Cs, T* dBrow,
-                          int64_t dBs, T* dCrow, int64_t dCs, const T* dt, const T* dtu, const T* gt,
-                          RowScratch<T>& s, T* dA, T* sA, T* sB, T* y) {
-  using V = vec_t<T>;
-  constexpr int K = Vec<T>::kLanes;
-  Ad += o0, H += o0, E += o0, Brow += o0, Crow += o0, dA += o0;
-  if (dBs) dBrow += o0;
-  if (dCs) dCrow += o0;
-  T* carry = s.carry.data() + o0;
-  T* dBsum = s.dBsum.data() + o0;
-  T* dCsum = s.dCsum.data() + o0;
-  V Aj[NV], x[NV], dAj[NV], dBj[NV], dCj[NV], hp[NV];
-  for (int j = 0; j < NV; ++j) {
-    Aj[j] = load(Ad + j * K);
-    x[j] = load(carry + j * K);  // dA_{t+1} * x_{t+1}
-    dAj[j] = dBj[j] = dCj[j] = splat(T(0));
-    hp[j] = load(H + (t0 + tb - 1) * Np + j * K);
-  }
-  for (int64_t i = tb - 1; i >= 0; --i) {
-    const int64_t t = t0 + i;
-    const V gv = splat(gt[t]), dtv = splat(dt[t]), dtuv = splat(dtu[t]);
-    V accA = splat(T(0)), accB = splat(T(0)), accY = splat(T(0));
-    for (int j = 0; j < NV; ++j) {
-      const int64_t o = j * K;
-      const V Ct = load(Crow + t * Cs + o), Bt = load(Brow + t * Bs + o);
-      const V h = hp[j], e = load(E + t * Np + o);
-      hp[j] = t > 0 ? load(H + (t - 1) * Np + o) : splat(T(0));  // h_{t-1}, the next step's h_t
-      const V xt = x[j] + gv * Ct;  // dLoss/dh_t
-      accY += h * Ct;
-      accB += xt * Bt;
-      const V sv = xt * e * hp[j];  // dLoss/d(dA_t) * dA_t
-      accA += sv * Aj[j];
-      dAj[j] += sv * dtv;
-      const V xdu = xt * dtuv;
-      if (dBs) store(dBrow + t * dBs + o, load(dBrow + t * dBs + o) + xdu); else dBj[j] += xdu;
-      if (dCs) store(dCrow + t * dCs + o, load(dCrow + t * dCs + o) + gv * h); else dCj[j] += gv * h;
-      x[j] = e * xt;
-    }
-    sA[i] += hsum<T>(accA);
-    sB[i] += hsum<T>(accB);
-    y[i] += hsum<T>(accY);
-  }
-  for (int j = 0; j < NV; ++j) {
-    const int64_t o = j * K;
-    store(carry + o, x[j]);
-    store(dA + o, load(dA + o) + dAj[j]);
-    store(dBsum + o, load(dBsum + o) + dBj[j]);
-    store(dCsum + o, load(dCsum + o) + dCj[j]);
-  }
-}
-
-// Backward of one (batch, channel) row: recompute h_t, then run the adjoint
-// recurrence from t = L-1 down to 0, block by block.
-template <typename T>
-void scan_row_bwd(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b, int64_t d, int tid,
-                  RowScratch<T>& s) {
-  using V = vec_t<T>;
-  constexpr int K = Vec<T>::kLanes;
-  const int64_t L = a.L, Np = a.Np, nv = Np / K;
-  const int64_t row = b * a.dim + d;
-  const T* u = a.u + row * L;
-  const T* delta = a.delta + row * L;
-  const T* z = a.z ? a.z + row * L : nullptr;
-  const T* dout = g.dout + row * L;
-  const T bias = a.delta_bias ? a.delta_bias[d] : T(0);
-  const T Dd = a.D ? a.D[d] : T(0);
-  const T* Ad = a.A + d * Np;
-  const T *Brow, *Crow;
-  int64_t Bs, Cs, dBs, dCs;
-  bc_row(a.B, a.B_variable, a.GB, a, b, d, &Brow, &Bs);
-  bc_row(a.C, a.C_variable, a.GC, a, b, d, &Crow, &Cs);
-  T* dBrow = grad_bc_row(g.dB, g.dB_per_thread, a.B_variable, a.GB, a, tid, b, d, &dBs);
-  T* dCrow = grad_bc_row(g.dC, g.dC_per_thread, a.C_variable, a.GC, a, tid, b, d, &dCs);
-  T* dA = g.dA + (tid * a.dim + d) * Np;
-
-  s.H.resize(L * Np);
-  s.E.resize(L * Np);
-  s.dt.resize(L);
-  s.dtu.resize(L);
-  s.g.resize(L);
-  s.carry.assign(Np, T(0));
-  s.dBsum.assign(Np, T(0));
-  s.dCsum.assign(Np, T(0));
-  T *H = s.H.data(), *E = s.E.data(), *dt = s.dt.data(), *dtu = s.dtu.data(), *gt = s.g.data();
-
-  // 1. recompute: delta after softplus, decays and states of every step
-  delta_steps(delta, bias, a.delta_softplus, L, dt);
-  for (int64_t t = 0; t < L; ++t) dtu[t] = dt[t] * u[t];
-  for (int64_t j = 0; j < nv; ++j) {
-    const V Aj = load(Ad + j * K);
-    V h = splat(T(0));
-    for (int64_t t = 0; t < L; ++t) {
-      const V e = vexp(splat(dt[t]) * Aj);
-      h = e * h + splat(dtu[t]) * load(Brow + t * Bs + j * K);
-      store(E + t * Np + j * K, e);
-      store(H + t * Np + j * K, h);
-    }
-  }
-  {
-    int64_t t = 0;
-    if (z) {
-      for (; t + K <= L; t += K) {
-        const V zv = load(z + t);
-        store(gt + t, load(dout + t) * zv * vsigmoid<T>(zv));
-      }
-    }
-    for (; t < L; ++t) gt[t] = z ? dout[t] * z[t] * sigmoid_scalar(z[t]) : dout[t];
-  }
-
-  // 2. adjoint recurrence, blocks from the last
-  T dD = 0, dbias = 0;
-  const int64_t last_block = (L - 1) / kBlock * kBlock;
-  for (int64_t t0 = last_block; t0 >= 0; t0 -= kBlock) {
-    const int64_t tb = std::min(kBlock, L - t0);
-    alignas(64) T sA[kBlock] = {}, sB[kBlock] = {}, y[kBlock] = {};
-    // slices of the state two vectors at a time (the registers hold two: x, h, dA, dB, dC each)
-    for (int64_t j = 0; j < nv; j += 2) {
-      (nv - j >= 2 ? adjoint_block<T, 2> : adjoint_block<T, 1>)(
-          t0, tb, j * K, Np, Ad, H, E, Brow, Bs, Crow, Cs, dBrow, dBs, dCrow, dCs, dt, dtu, gt, s, dA, sA, sB, y);
-    }
-    // per step, the elementwise chain rule vectorised over t (y, the output before the
-    // gate, is read only for dz)
-    block_grads<T>(tb, u + t0, delta + t0, z ? z + t0 : nullptr, dout + t0, dt + t0, gt + t0, sA, sB, y,
-                   bias, Dd, a.delta_softplus, g.du + row * L + t0, g.ddelta + row * L + t0,
-                   z ? g.dz + row * L + t0 : nullptr, &dD, &dbias);
-  }
-  if (!dBs) for (int64_t n = 0; n < Np; ++n) dBrow[n] += s.dBsum[n];
-  if (!dCs) for (int64_t n = 0; n < Np; ++n) dCrow[n] += s.dCsum[n];
-  g.dD[tid * a.dim + d] += dD;
-  g.dbias[tid * a.dim + d] += dbias;
-}
-
-// ---------------------------------------------------------------- narrow layout
-// kLanes channels d0..d0+K-1 of one batch item, all in the same B/C group (or
-// B/C time-invariant), lanes across channels, N <= kMaxNarrowN states each.
-
-constexpr int64_t kMaxNarrowN = 4;
 
 // In-register transpose of K float vectors (AVX 8x8, SSE/NEON 4x4): the
 // unpack / shuffle / 128-bit-permute ladder, as shuffles of the vector
@@ -538,6 +348,314 @@ inline void transpose(vec_t<double>* r) {
   for (int i = 0; i < K; ++i)
     for (int j = i + 1; j < K; ++j) std::swap(r[i][j], r[j][i]);
 }
+
+// Lane i of the result: the sum of r[i]'s lanes, for K vectors, by pairwise
+// horizontal adds (K - 1 adds, 2(K - 1) shuffles: 21 operations for eight sums
+// with AVX, against 31 for a transpose and seven adds).
+inline vfloat hsums(const vfloat* r) {
+#if defined(__AVX__)
+  auto hadd = [](vfloat a, vfloat b) {  // [a01 a23 b01 b23 | a45 a67 b45 b67]
+    return EDGEDIAG_SHUFFLE(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + EDGEDIAG_SHUFFLE(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+  };
+  const vfloat lo = hadd(hadd(r[0], r[1]), hadd(r[2], r[3]));  // halves of r0..r3's sums
+  const vfloat hi = hadd(hadd(r[4], r[5]), hadd(r[6], r[7]));
+  return EDGEDIAG_SHUFFLE(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) + EDGEDIAG_SHUFFLE(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
+#else
+  auto hadd = [](vfloat a, vfloat b) {  // [a01 a23 b01 b23]
+    return EDGEDIAG_SHUFFLE(a, b, 0, 2, 4, 6) + EDGEDIAG_SHUFFLE(a, b, 1, 3, 5, 7);
+  };
+  return hadd(hadd(r[0], r[1]), hadd(r[2], r[3]));
+#endif
+}
+// fp64 is for gradcheck, not speed.
+inline vec_t<double> hsums(const vec_t<double>* r) {
+  vec_t<double> s;
+  for (int i = 0; i < Vec<double>::kLanes; ++i) s[i] = hsum<double>(r[i]);
+  return s;
+}
+
+// out[i] += hsum(acc[i]) for i < n, K sums at a time.
+template <typename T>
+inline void add_hsums(const vec_t<T>* acc, int64_t n, T* out) {
+  constexpr int K = Vec<T>::kLanes;
+  int64_t i = 0;
+  for (; i + K <= n; i += K) store(out + i, load(out + i) + hsums(acc + i));
+  for (; i < n; ++i) out[i] += hsum<T>(acc[i]);
+}
+
+// ------------------------------------------------------------------ wide layout
+
+// Forward of one (batch, channel) row.
+template <typename T>
+void scan_row(const ScanArgs<T>& a, int64_t b, int64_t d) {
+  using V = vec_t<T>;
+  constexpr int K = Vec<T>::kLanes;
+  const int64_t nv = a.Np / K;
+  const int64_t row = b * a.dim + d;
+  const T* u = a.u + row * a.L;
+  const T* delta = a.delta + row * a.L;
+  const T bias = a.delta_bias ? a.delta_bias[d] : T(0);
+  const T* Ad = a.A + d * a.Np;
+  T* y = a.out + row * a.L;
+  const T *Brow, *Crow;
+  int64_t Bs, Cs;
+  bc_row(a.B, a.B_variable, a.GB, a, b, d, &Brow, &Bs);
+  bc_row(a.C, a.C_variable, a.GC, a, b, d, &Crow, &Cs);
+
+  std::vector<T> state(a.Np, T(0));  // h between blocks
+  alignas(64) T dtb[kBlock];         // delta after bias and softplus
+  T du[kBlock];                      // delta * u
+  V acc[kBlock];                     // per step: lanes of <h_t, C_t>
+  static_assert(kBlock % 8 == 0, "blocks are whole vectors");
+  for (int64_t t0 = 0; t0 < a.L; t0 += kBlock) {
+    const int64_t tb = std::min(kBlock, a.L - t0);
+    delta_steps(delta + t0, bias, a.delta_softplus, tb, dtb);
+    for (int64_t i = 0; i < tb; ++i) {
+      du[i] = dtb[i] * u[t0 + i];
+      acc[i] = splat(T(0));
+    }
+    for (int64_t j = 0; j < nv; ++j) {
+      const V A2 = load(Ad + j * K) * splat(kLog2e<T>);
+      const T* Bj = Brow + t0 * Bs + j * K;
+      const T* Cj = Crow + t0 * Cs + j * K;
+      V h = load(state.data() + j * K);
+      for (int64_t t = 0; t < tb; ++t) {
+        h = vexp2(splat(dtb[t]) * A2) * h + splat(du[t]) * load(Bj + t * Bs);
+        acc[t] += h * load(Cj + t * Cs);
+      }
+      store(state.data() + j * K, h);
+    }
+    int64_t t = 0;
+    for (; t + K <= tb; t += K) store(y + t0 + t, hsums(acc + t));
+    for (; t < tb; ++t) y[t0 + t] = hsum<T>(acc[t]);
+  }
+  if (a.last_state) std::memcpy(a.last_state + row * a.N, state.data(), a.N * sizeof(T));
+  finish_row(a, row, d);
+}
+
+// Per-thread scratch of the backward, reused across the rows of a task.
+template <typename T>
+struct RowScratch {
+  std::vector<T> H, E;           // states h_t and decays dA_t of the row (L x Np)
+  std::vector<T> dt, dtu, g;     // delta after softplus; delta * u; dout * silu(z)
+  std::vector<T> dsp, sigz;      // softplus'(delta + bias); sigmoid(z)
+  std::vector<T> carry;          // adjoint state between blocks (Np)
+  std::vector<T> dBsum, dCsum;   // time-invariant B/C: the row's sums over t (Np)
+};
+
+// The elementwise part of the backward for n steps of one row, given the sums
+// over the state of x_t*e_t*h_{t-1}*A (sA), x_t*B_t (sB) and h_t*C_t (y):
+// ddelta_t = (sA + u_t sB) * softplus'(delta_t + bias), du_t = delta_t sB + D g_t,
+// dz_t = dout_t (y_t + D u_t) silu'(z_t); dD and dbias summed. dsp (softplus')
+// and sigz (sigmoid(z)) come from the recompute; nullptr without softplus / z.
+template <typename T>
+inline void block_grads(int64_t n, const T* u, const T* z, const T* sigz, const T* dout, const T* dt,
+                        const T* dsp, const T* gt, const T* sA, const T* sB, const T* y, T Dd, T* du,
+                        T* ddelta, T* dz, T* dD, T* dbias) {
+  using V = vec_t<T>;
+  constexpr int K = Vec<T>::kLanes;
+  V dDv = splat(T(0)), dbv = splat(T(0));
+  int64_t i = 0;
+  for (; i + K <= n; i += K) {
+    const V uv = load(u + i), sBv = load(sB + i), gv = load(gt + i);
+    const V ddt = load(sA + i) + uv * sBv;
+    store(du + i, load(dt + i) * sBv + splat(Dd) * gv);
+    dDv += gv * uv;
+    if (z) {
+      const V zv = load(z + i), sig = load(sigz + i);
+      store(dz + i, load(dout + i) * (load(y + i) + splat(Dd) * uv) * sig * (splat(T(1)) + zv * (splat(T(1)) - sig)));
+    }
+    const V dd = dsp ? ddt * load(dsp + i) : ddt;
+    store(ddelta + i, dd);
+    dbv += dd;
+  }
+  T dDs = hsum<T>(dDv), dbs = hsum<T>(dbv);
+  for (; i < n; ++i) {
+    const T ddt = sA[i] + u[i] * sB[i];
+    du[i] = dt[i] * sB[i] + Dd * gt[i];
+    dDs += gt[i] * u[i];
+    if (z) dz[i] = dout[i] * (y[i] + Dd * u[i]) * sigz[i] * (T(1) + z[i] * (T(1) - sigz[i]));
+    const T dd = dsp ? ddt * dsp[i] : ddt;
+    ddelta[i] = dd;
+    dbs += dd;
+  }
+  *dD += dDs;
+  *dbias += dbs;
+}
+
+// The adjoint recurrence over one block of steps for NV (1 or 2) vector slices
+// of the state starting at lane o0, in registers: the slices advance together
+// step by step, so their recurrences overlap. The per-step partial sums over the
+// state go to accA, accB, accY (set by the first slice, added to by the others)
+// and are reduced across lanes once per block (add_hsums), not once per step.
+// BVAR / CVAR: B / C vary in time, so dB / dC are per step (read-modify-write
+// of the group's rows) rather than summed in registers.
+template <typename T, int NV, bool BVAR, bool CVAR>
+inline void adjoint_block(int64_t t0, int64_t tb, int64_t o0, int64_t Np, const T* Ad, const T* H,
+                          const T* E, const T* Brow, int64_t Bs, const T* Crow, int64_t Cs, T* dBrow,
+                          int64_t dBs, T* dCrow, int64_t dCs, const T* dt, const T* dtu, const T* gt,
+                          RowScratch<T>& s, T* dA, bool first, vec_t<T>* accA, vec_t<T>* accB,
+                          vec_t<T>* accY) {
+  using V = vec_t<T>;
+  constexpr int K = Vec<T>::kLanes;
+  Ad += o0, H += o0, E += o0, Brow += o0, Crow += o0, dA += o0;
+  if (BVAR) dBrow += o0;
+  if (CVAR) dCrow += o0;
+  T* carry = s.carry.data() + o0;
+  T* dBsum = s.dBsum.data() + o0;
+  T* dCsum = s.dCsum.data() + o0;
+  V Aj[NV], x[NV], dAj[NV], dBj[NV], dCj[NV], hp[NV];
+  for (int j = 0; j < NV; ++j) {
+    Aj[j] = load(Ad + j * K);
+    x[j] = load(carry + j * K);  // dA_{t+1} * x_{t+1}
+    dAj[j] = dBj[j] = dCj[j] = splat(T(0));
+    hp[j] = load(H + (t0 + tb - 1) * Np + j * K);
+  }
+  for (int64_t i = tb - 1; i >= 0; --i) {
+    const int64_t t = t0 + i;
+    const V gv = splat(gt[t]), dtv = splat(dt[t]), dtuv = splat(dtu[t]);
+    V sA = splat(T(0)), sB = splat(T(0)), sY = splat(T(0));
+    for (int j = 0; j < NV; ++j) {
+      const int64_t o = j * K;
+      const V Ct = load(Crow + t * Cs + o), Bt = load(Brow + t * Bs + o);
+      const V h = hp[j], e = load(E + t * Np + o);
+      hp[j] = t > 0 ? load(H + (t - 1) * Np + o) : splat(T(0));  // h_{t-1}, the next step's h_t
+      const V xt = x[j] + gv * Ct;  // dLoss/dh_t
+      sY += h * Ct;
+      sB += xt * Bt;
+      const V sv = xt * e * hp[j];  // dLoss/d(dA_t) * dA_t
+      sA += sv * Aj[j];
+      dAj[j] += sv * dtv;
+      const V xdu = xt * dtuv;
+      if (BVAR) store(dBrow + t * dBs + o, load(dBrow + t * dBs + o) + xdu); else dBj[j] += xdu;
+      if (CVAR) store(dCrow + t * dCs + o, load(dCrow + t * dCs + o) + gv * h); else dCj[j] += gv * h;
+      x[j] = e * xt;
+    }
+    accA[i] = first ? sA : accA[i] + sA;
+    accB[i] = first ? sB : accB[i] + sB;
+    accY[i] = first ? sY : accY[i] + sY;
+  }
+  for (int j = 0; j < NV; ++j) {
+    const int64_t o = j * K;
+    store(carry + o, x[j]);
+    store(dA + o, load(dA + o) + dAj[j]);
+    if (!BVAR) store(dBsum + o, load(dBsum + o) + dBj[j]);
+    if (!CVAR) store(dCsum + o, load(dCsum + o) + dCj[j]);
+  }
+}
+
+// The adjoint over one block for every slice of the state, two vectors at a
+// time (the registers hold two: x, h, dA, dB, dC each).
+template <typename T, bool BVAR, bool CVAR>
+inline void adjoint_slices(int64_t t0, int64_t tb, int64_t nv, int64_t Np, const T* Ad, const T* H,
+                           const T* E, const T* Brow, int64_t Bs, const T* Crow, int64_t Cs, T* dBrow,
+                           int64_t dBs, T* dCrow, int64_t dCs, const T* dt, const T* dtu, const T* gt,
+                           RowScratch<T>& s, T* dA, vec_t<T>* accA, vec_t<T>* accB, vec_t<T>* accY) {
+  constexpr int K = Vec<T>::kLanes;
+  for (int64_t j = 0; j < nv; j += 2) {
+    (nv - j >= 2 ? adjoint_block<T, 2, BVAR, CVAR> : adjoint_block<T, 1, BVAR, CVAR>)(
+        t0, tb, j * K, Np, Ad, H, E, Brow, Bs, Crow, Cs, dBrow, dBs, dCrow, dCs, dt, dtu, gt, s, dA, j == 0,
+        accA, accB, accY);
+  }
+}
+
+// Backward of one (batch, channel) row: recompute h_t, then run the adjoint
+// recurrence from t = L-1 down to 0, block by block.
+template <typename T>
+void scan_row_bwd(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b, int64_t d, int tid,
+                  RowScratch<T>& s) {
+  using V = vec_t<T>;
+  constexpr int K = Vec<T>::kLanes;
+  const int64_t L = a.L, Np = a.Np, nv = Np / K;
+  const int64_t row = b * a.dim + d;
+  const T* u = a.u + row * L;
+  const T* delta = a.delta + row * L;
+  const T* z = a.z ? a.z + row * L : nullptr;
+  const T* dout = g.dout + row * L;
+  const T bias = a.delta_bias ? a.delta_bias[d] : T(0);
+  const T Dd = a.D ? a.D[d] : T(0);
+  const T* Ad = a.A + d * Np;
+  const T *Brow, *Crow;
+  int64_t Bs, Cs, dBs, dCs;
+  bc_row(a.B, a.B_variable, a.GB, a, b, d, &Brow, &Bs);
+  bc_row(a.C, a.C_variable, a.GC, a, b, d, &Crow, &Cs);
+  T* dBrow = grad_bc_row(g.dB, g.dB_per_thread, a.B_variable, a.GB, a, tid, b, d, &dBs);
+  T* dCrow = grad_bc_row(g.dC, g.dC_per_thread, a.C_variable, a.GC, a, tid, b, d, &dCs);
+  T* dA = g.dA + (tid * a.dim + d) * Np;
+
+  s.H.resize(L * Np);
+  s.E.resize(L * Np);
+  s.dt.resize(L);
+  s.dtu.resize(L);
+  s.g.resize(L);
+  if (a.delta_softplus) s.dsp.resize(L);
+  if (z) s.sigz.resize(L);
+  s.carry.assign(Np, T(0));
+  s.dBsum.assign(Np, T(0));
+  s.dCsum.assign(Np, T(0));
+  T *H = s.H.data(), *E = s.E.data(), *dt = s.dt.data(), *dtu = s.dtu.data(), *gt = s.g.data();
+  T* dsp = a.delta_softplus ? s.dsp.data() : nullptr;
+  T* sigz = z ? s.sigz.data() : nullptr;
+
+  // 1. recompute: delta after softplus, decays and states of every step
+  delta_steps(delta, bias, a.delta_softplus, L, dt, dsp);
+  for (int64_t t = 0; t < L; ++t) dtu[t] = dt[t] * u[t];
+  for (int64_t j = 0; j < nv; ++j) {
+    const V A2 = load(Ad + j * K) * splat(kLog2e<T>);
+    V h = splat(T(0));
+    for (int64_t t = 0; t < L; ++t) {
+      const V e = vexp2(splat(dt[t]) * A2);
+      h = e * h + splat(dtu[t]) * load(Brow + t * Bs + j * K);
+      store(E + t * Np + j * K, e);
+      store(H + t * Np + j * K, h);
+    }
+  }
+  {
+    int64_t t = 0;
+    if (z) {
+      for (; t + K <= L; t += K) {
+        const V zv = load(z + t), sig = vsigmoid<T>(zv);
+        store(sigz + t, sig);
+        store(gt + t, load(dout + t) * zv * sig);
+      }
+    }
+    for (; t < L; ++t) {
+      if (z) sigz[t] = sigmoid_scalar(z[t]);
+      gt[t] = z ? dout[t] * z[t] * sigz[t] : dout[t];
+    }
+  }
+
+  // 2. adjoint recurrence, blocks from the last
+  T dD = 0, dbias = 0;
+  const int64_t last_block = (L - 1) / kBlock * kBlock;
+  for (int64_t t0 = last_block; t0 >= 0; t0 -= kBlock) {
+    const int64_t tb = std::min(kBlock, L - t0);
+    alignas(64) T sA[kBlock] = {}, sB[kBlock] = {}, y[kBlock] = {};
+    alignas(64) V accA[kBlock], accB[kBlock], accY[kBlock];
+    auto adjoint = dBs ? (dCs ? adjoint_slices<T, true, true> : adjoint_slices<T, true, false>)
+                       : (dCs ? adjoint_slices<T, false, true> : adjoint_slices<T, false, false>);
+    adjoint(t0, tb, nv, Np, Ad, H, E, Brow, Bs, Crow, Cs, dBrow, dBs, dCrow, dCs, dt, dtu, gt, s, dA, accA,
+            accB, accY);
+    add_hsums<T>(accA, tb, sA);
+    add_hsums<T>(accB, tb, sB);
+    add_hsums<T>(accY, tb, y);
+    // per step, the elementwise chain rule vectorised over t (y, the output before the
+    // gate, is read only for dz)
+    block_grads<T>(tb, u + t0, z ? z + t0 : nullptr, z ? sigz + t0 : nullptr, dout + t0, dt + t0,
+                   dsp ? dsp + t0 : nullptr, gt + t0, sA, sB, y, Dd, g.du + row * L + t0,
+                   g.ddelta + row * L + t0, z ? g.dz + row * L + t0 : nullptr, &dD, &dbias);
+  }
+  if (!dBs) for (int64_t n = 0; n < Np; ++n) dBrow[n] += s.dBsum[n];
+  if (!dCs) for (int64_t n = 0; n < Np; ++n) dCrow[n] += s.dCsum[n];
+  g.dD[tid * a.dim + d] += dD;
+  g.dbias[tid * a.dim + d] += dbias;
+}
+
+// ---------------------------------------------------------------- narrow layout
+// kLanes channels d0..d0+K-1 of one batch item, all in the same B/C group (or
+// B/C time-invariant), lanes across channels, N <= kMaxNarrowN states each.
+
+constexpr int64_t kMaxNarrowN = 4;
 
 // (K rows of length L, row stride ld) <-> time-major (L, K), K steps at a time.
 template <typename T>
@@ -628,6 +746,8 @@ void scan_narrow(const ScanArgs<T>& a, int64_t b, int64_t d0, NarrowScratch<T>& 
   const int64_t L = a.L, N = a.N, row0 = b * a.dim + d0;
   V An[kMaxNarrowN], Dv, bv;
   narrow_params(a, d0, An, &Dv, &bv);
+  V A2n[kMaxNarrowN];
+  for (int64_t n = 0; n < a.N; ++n) A2n[n] = An[n] * splat(kLog2e<T>);
   const NarrowBC<T> Bc = narrow_bc(a.B, a.B_variable, a.GB, a, b, d0);
   const NarrowBC<T> Cc = narrow_bc(a.C, a.C_variable, a.GC, a, b, d0);
   const T* u = a.u + row0 * L;
@@ -672,7 +792,7 @@ void scan_narrow(const ScanArgs<T>& a, int64_t b, int64_t d0, NarrowScratch<T>& 
       const V du = dtt[i] * ut[i];
       V y = Dv * ut[i];
       for (int64_t n = 0; n < N; ++n) {
-        h[n] = vexp(dtt[i] * An[n]) * h[n] + du * Bc.at(t0 + i, n);
+        h[n] = vexp2(dtt[i] * A2n[n]) * h[n] + du * Bc.at(t0 + i, n);
         y += h[n] * Cc.at(t0 + i, n);
       }
       ut[i] = y;
@@ -716,6 +836,8 @@ void scan_narrow_bwd(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b, int6
   }
   V An[kMaxNarrowN], Dv, bv;
   narrow_params(a, d0, An, &Dv, &bv);
+  V A2n[kMaxNarrowN];
+  for (int64_t n = 0; n < a.N; ++n) A2n[n] = An[n] * splat(kLog2e<T>);
   std::copy(s.delta.begin(), s.delta.end(), s.dt.begin());
   narrow_delta(s.dt.data(), L, bv, a.delta_softplus);
   const NarrowBC<T> Bc = narrow_bc(a.B, a.B_variable, a.GB, a, b, d0);
@@ -732,7 +854,7 @@ void scan_narrow_bwd(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b, int6
       const V dt = load(s.dt.data() + t * K);
       const V du = dt * load(s.u.data() + t * K);
       for (int64_t n = 0; n < N; ++n) {
-        const V e = vexp(dt * An[n]);
+        const V e = vexp2(dt * A2n[n]);
         h[n] = e * h[n] + du * Bc.at(t, n);
         s.E[t * N + n] = e;
         s.H[t * N + n] = h[n];
