@@ -3,7 +3,8 @@
     python benchmarks/train_report.py                          # all families, both paths
     python benchmarks/train_report.py --families memorymamba --threads 2 --steps 40
 
-Each family trains its demo variant on its demo data through the real engine (Trainer.fit,
+Each measurement runs in a fresh process (the allocator settings of ``train.keep_freed_memory``
+are process-wide and would carry over from one path to the other). Each family trains its demo variant on its demo data through the real engine (Trainer.fit,
 as the train verb builds it), for one warm-up epoch and then whole epochs until at least
 --steps optimiser steps are measured. Two paths, interleaved round by round so a change of
 load on a shared machine hits both alike:
@@ -30,6 +31,7 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,7 +60,7 @@ class Family:
 
 
 # The engine's switches that did not exist before: off in the "before" path.
-OLD_ENGINE = ["train.cache_features=false", "train.fused_optimizer=false"]
+OLD_ENGINE = ["train.cache_features=false", "train.fused_optimizer=false", "train.keep_freed_memory=false"]
 FAMILIES = {
     "tastgram_mfn": Family("tastgram_mfn_small", "machine_sound", ["model.clip_seconds=4.5"],
                            ["train.batch_size=16"]),
@@ -138,6 +140,20 @@ def measure(family: Family, path: str, data_root: Path, threads: int, steps: int
             "share": {k: v / total["seconds"] for k, v in split.items()}}
 
 
+def measure_isolated(family: str, path: str, args) -> dict:
+    """measure() in a fresh Python process."""
+    cmd = [sys.executable, __file__, "--one", family, path, "--data", args.data, "--threads", str(args.threads),
+           "--steps", str(args.steps), "--seed", str(args.seed), *[x for s in args.after_set for x in ("--after-set", s)]]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith(RESULT)]
+    if out.returncode or not lines:
+        raise SystemExit(f"{family} {path}: the measuring process failed:\n{out.stderr[-2000:]}")
+    return json.loads(lines[-1][len(RESULT):])
+
+
+RESULT = "RESULT "
+
+
 def table(results: dict) -> str:
     head = (f"| family | path | batch | items/s | x | items per CPU-s | x | cache s | "
             f"{' | '.join(PARTS)} |")
@@ -166,9 +182,15 @@ def main(argv=None) -> int:
                    help="a --set override for the after path only, e.g. model.image_size=128 (the engine's gain "
                         "at the old image size)")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--one", nargs=2, metavar=("FAMILY", "PATH"), help=argparse.SUPPRESS)  # measure_isolated's child
     args = p.parse_args(argv)
     import logging
     logging.basicConfig(level=logging.WARNING)
+    if args.one:
+        r = measure(FAMILIES[args.one[0]], args.one[1], Path(args.data), args.threads, args.steps, args.seed,
+                    args.after_set)
+        print(RESULT + json.dumps(r), flush=True)
+        return 0
     print(f"# training throughput: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, {args.threads} thread(s), load average {os.getloadavg()[0]:.2f}", flush=True)
     results: dict[str, dict] = {}
@@ -176,7 +198,7 @@ def main(argv=None) -> int:
         runs: dict[str, list[dict]] = {path: [] for path in args.paths}
         for _ in range(args.rounds):
             for path in args.paths:
-                r = measure(FAMILIES[name], path, Path(args.data), args.threads, args.steps, args.seed, args.after_set)
+                r = measure_isolated(name, path, args)
                 runs[path].append(r)
                 print(f"{name:13s} {path:6s} {r['items_per_s']:8.1f} items/s, {r['items_per_cpu_s']:8.1f} items per "
                       f"CPU-s ({r['steps']} steps, {r['seconds']:.1f} s, load {os.getloadavg()[0]:.1f})", flush=True)

@@ -1,9 +1,10 @@
-"""Issue 24 item 4: the training engine's feature cache, fused optimiser and per-part
-timings, and the NEU-like synthetic set (no timed assertions: the timings are only checked
+"""Issue 24 item 4: the training engine's feature cache, fused optimiser, allocator settings
+and per-part timings, and the NEU-like synthetic set (no timed assertions: the timings are only checked
 to be recorded)."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 
 import numpy as np
@@ -18,6 +19,7 @@ from edgediag.engine.cache import CachedFeatures, cache_features
 from edgediag.engine.trainer import TrainConfig, Trainer
 from edgediag.models.aegan_ad import AEGANAD, AEGANConfig
 from edgediag.models.tastgram_mfn.model import TASTgramConfig, TASTgramMFN
+from edgediag.utils import keep_freed_memory
 
 SR = 16000
 TAST_TINY = dict(clip_seconds=1.0, n_fft=512, hop=256, n_mels=32, tgram_win=512, stem_channels=16,
@@ -173,3 +175,35 @@ def test_transpose_augmentation_adds_the_transposed_orientations_only_when_asked
         # per-row sums spread more than per-column sums: the bar lies horizontally
         seen[transpose] = {bool(x.sum(1).std() > x.sum(0).std()) for x in xs}
     assert seen[False] == {True} and seen[True] == {True, False}
+
+
+class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (malloc.h)
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallinfo2") else None
+
+
+@pytest.mark.skipif(_glibc() is None, reason="needs glibc >= 2.33 (mallinfo2)")
+def test_keep_freed_memory_serves_big_blocks_from_the_heap_and_keeps_them_after_free():
+    libc = _glibc()
+    libc.mallinfo2.restype = _MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    assert keep_freed_memory() and keep_freed_memory()  # applied, and idempotent
+    size = 24 << 20  # a step's worth of activations: above glibc's default mmap threshold
+    before = libc.mallinfo2()
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    during = libc.mallinfo2()
+    libc.free(block)
+    after = libc.mallinfo2()
+    assert during.hblkhd == before.hblkhd  # not a fresh mapping (faulted in page by page)
+    assert during.arena >= before.arena  # but heap
+    assert after.arena == during.arena  # and not trimmed back to the OS when freed
