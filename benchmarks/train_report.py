@@ -3,15 +3,18 @@
     python benchmarks/train_report.py                          # all families, both paths
     python benchmarks/train_report.py --families memorymamba --threads 2 --steps 40
 
-Each measurement runs in a fresh process (the allocator settings of ``train.keep_freed_memory``
-are process-wide and would carry over from one path to the other). Each family trains its demo variant on its demo data through the real engine (Trainer.fit,
+Each family trains its demo variant on its demo data through the real engine (Trainer.fit,
 as the train verb builds it), for one warm-up epoch and then whole epochs until at least
---steps optimiser steps are measured. Two paths, interleaved round by round so a change of
+--steps optimiser steps are measured, each measurement in a fresh process (the allocator
+settings of ``train.keep_freed_memory`` are process-wide and would carry over from one path
+to the next). Two paths, interleaved round by round so a change of
 load on a shared machine hits both alike:
 
 * ``before``: the recipe and engine as they were (the old batch size and image size, log-mel
-  recomputed every step, the unfused optimiser, autograd through the chunked scan);
-* ``after``: today's defaults (``train_defaults``, feature cache, fused optimiser, and
+  recomputed every step, the unfused optimiser, glibc's default allocator behaviour, autograd
+  through the chunked scan);
+* ``after``: today's defaults (``train_defaults``, feature cache, fused optimiser, freed memory
+  kept in the process, and
   whatever scan backend ``auto`` picks for CPU training).
 
 Columns: items/s (clips, images or sequences per wall-clock second of the measured epochs),
@@ -140,6 +143,9 @@ def measure(family: Family, path: str, data_root: Path, threads: int, steps: int
             "share": {k: v / total["seconds"] for k, v in split.items()}}
 
 
+RESULT = "RESULT "  # the child's result line on stdout
+
+
 def measure_isolated(family: str, path: str, args) -> dict:
     """measure() in a fresh Python process."""
     cmd = [sys.executable, __file__, "--one", family, path, "--data", args.data, "--threads", str(args.threads),
@@ -149,9 +155,6 @@ def measure_isolated(family: str, path: str, args) -> dict:
     if out.returncode or not lines:
         raise SystemExit(f"{family} {path}: the measuring process failed:\n{out.stderr[-2000:]}")
     return json.loads(lines[-1][len(RESULT):])
-
-
-RESULT = "RESULT "
 
 
 def table(results: dict) -> str:
