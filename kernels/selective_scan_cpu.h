@@ -69,6 +69,14 @@ inline T hsum(vec_t<T> v) {
   return s[0];
 }
 
+// c0 r^k + c1 r^(k-1) + ... + ck by Horner's rule, coefficients highest first
+// (one multiply-add each, in this order: the polynomials below are written once).
+inline vfloat horner_from(vfloat, vfloat p) { return p; }
+template <typename... Cs>
+inline vfloat horner_from(vfloat r, vfloat p, float c, Cs... cs) { return horner_from(r, p * r + splat(c), cs...); }
+template <typename... Cs>
+inline vfloat horner(vfloat r, float c0, Cs... cs) { return horner_from(r, splat(c0), cs...); }
+
 // exp(x) = 2^n * exp(r), x = n*ln2 + r, |r| <= ln2/2 (Cody-Waite split of ln2),
 // exp(r) from Cephes' expf polynomial (max error ~1 ulp). The polynomial is
 // evaluated as 2*exp(r) and scaled by 2^(n-1), so every n reached below
@@ -88,12 +96,8 @@ inline vfloat vexp(vfloat x) {
   r = r - n * splat(-2.12194440e-4f);
 
   // 2 * (1 + r + r^2 * P(r)), P: Cephes expf coefficients, doubled
-  vfloat q = splat(2.f * 1.9875691500e-4f);
-  q = q * r + splat(2.f * 1.3981999507e-3f);
-  q = q * r + splat(2.f * 8.3334519073e-3f);
-  q = q * r + splat(2.f * 4.1665795894e-2f);
-  q = q * r + splat(2.f * 1.6666665459e-1f);
-  q = q * r + splat(2.f * 5.0000001201e-1f);
+  const vfloat q = horner(r, 2.f * 1.9875691500e-4f, 2.f * 1.3981999507e-3f, 2.f * 8.3334519073e-3f,
+                          2.f * 4.1665795894e-2f, 2.f * 1.6666665459e-1f, 2.f * 5.0000001201e-1f);
   const vfloat p = q * (r * r) + (r * splat(2.f) + splat(2.f));
 
   const vint ni = __builtin_convertvector(n, vint);
@@ -117,13 +121,8 @@ inline vfloat vexp2(vfloat x) {
   const vfloat kMagic = splat(12582912.0f);  // round to nearest, as in vexp
   const vfloat n = (x + kMagic) - kMagic;
   const vfloat r = x - n;
-  vfloat p = splat(2.f * 1.535920892e-4f);
-  p = p * r + splat(2.f * 1.339262701e-3f);
-  p = p * r + splat(2.f * 9.618384764e-3f);
-  p = p * r + splat(2.f * 5.550347269e-2f);
-  p = p * r + splat(2.f * 2.402264476e-1f);
-  p = p * r + splat(2.f * 6.931471825e-1f);
-  p = p * r + splat(2.f);
+  const vfloat p = horner(r, 2.f * 1.535920892e-4f, 2.f * 1.339262701e-3f, 2.f * 9.618384764e-3f,
+                          2.f * 5.550347269e-2f, 2.f * 2.402264476e-1f, 2.f * 6.931471825e-1f, 2.f);
   const vint ni = __builtin_convertvector(n, vint);
   return p * (vfloat)((ni + 126) << 23);
 }
@@ -137,15 +136,9 @@ inline vfloat vlog1p_unit(vfloat y) {
   const vfloat f = big ? (y - splat(1.f)) * splat(0.5f) : y;
   const vfloat e = big ? splat(1.f) : splat(0.f);
   const vfloat z = f * f;
-  vfloat p = splat(7.0376836292e-2f);
-  p = p * f + splat(-1.1514610310e-1f);
-  p = p * f + splat(1.1676998740e-1f);
-  p = p * f + splat(-1.2420140846e-1f);
-  p = p * f + splat(1.4249322787e-1f);
-  p = p * f + splat(-1.6668057665e-1f);
-  p = p * f + splat(2.0000714765e-1f);
-  p = p * f + splat(-2.4999993993e-1f);
-  p = p * f + splat(3.3333331174e-1f);
+  const vfloat p = horner(f, 7.0376836292e-2f, -1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f,
+                          1.4249322787e-1f, -1.6668057665e-1f, 2.0000714765e-1f, -2.4999993993e-1f,
+                          3.3333331174e-1f);
   vfloat r = p * f * z + e * splat(-2.12194440e-4f) - splat(0.5f) * z + f;
   return r + e * splat(0.693359375f);
 }

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edgediag import bench, cli, export
-from edgediag.measure.cost import count_flops, count_parameters
+from edgediag.measure.cost import _storage, count_flops, count_parameters
 from edgediag.models import create_model
 from edgediag.nn.mamba import MambaMixer
 from edgediag.ops.flops import scan_flops
@@ -235,3 +235,14 @@ def test_unknown_labels_are_left_out_and_every_row_sees_the_same_items(toy_artif
                               "--set", "train.lr=1"])
     assert rc == cli.EXIT_USAGE and "data.KEY=VALUE" in capsys.readouterr().err
     assert not (tmp_path / "b2" / "report.json").exists()
+
+
+def test_storage_key_of_a_tensor_without_storage_is_minus_one_and_does_not_raise():
+    # torch raises NotImplementedError for the storage of a sparse tensor; the parameter
+    # counter's storage keys map such tensors to -1 instead of failing the count
+    sparse = torch.eye(3).to_sparse()
+    with pytest.raises(NotImplementedError):
+        sparse.untyped_storage()
+    assert _storage(sparse) == -1
+    dense = torch.ones(4)
+    assert _storage(dense) == _storage(dense[1:].view(3)) == dense.untyped_storage().data_ptr() > 0
