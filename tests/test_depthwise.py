@@ -36,17 +36,21 @@ def test_dense_form_matches_conv(k, hw, bias):
 
 
 def test_conv_kept_where_the_dense_form_does_not_apply():
-    """Evaluation, no-grad, large maps and convs that are not stride-1 'same' depthwise ones
-    run the Conv itself: the same numbers as calling it."""
+    """Strided and non-depthwise convs, evaluation, no-grad and maps as large as the kernel
+    run the Conv itself: its shapes and its numbers."""
     torch.manual_seed(1)
     x = torch.randn(2, 2, 2, 4)
-    convs = [nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4),   # strided: output 1 x 1
-             nn.Conv2d(4, 8, 3, padding=1, groups=4),             # not depthwise
-             nn.Conv2d(4, 4, 3, padding=0, groups=4)]             # no padding: output 0 x 0 would fail densely
-    for conv in convs[:2]:
-        assert depthwise_conv_cl(conv, x).shape[1:3] == conv(x.permute(0, 3, 1, 2)).shape[2:]
-    with pytest.raises(RuntimeError):
-        depthwise_conv_cl(convs[2], x)  # the Conv's own error: the kernel exceeds the padded input
-    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4).eval()
-    torch.testing.assert_close(depthwise_conv_cl(conv, x), conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1),
-                               rtol=0, atol=0)
+    for conv in (nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4),  # output 1 x 1
+                 nn.Conv2d(4, 8, 3, padding=1, groups=4)):           # 8 channels out
+        assert depthwise_conv_cl(conv, x).shape == conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).shape
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+
+    def as_conv(t):
+        return conv(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    big = torch.randn(2, 3, 3, 4)
+    torch.testing.assert_close(depthwise_conv_cl(conv, big), as_conv(big), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(depthwise_conv_cl(conv, x), as_conv(x), rtol=0, atol=0)
+    conv.eval()
+    torch.testing.assert_close(depthwise_conv_cl(conv, x), as_conv(x), rtol=0, atol=0)

@@ -3,7 +3,7 @@ than the kernel (the last stages of a small image model: 2 x 2 and 1 x 1 tokens)
 
 oneDNN's depthwise backward is slow on such maps on a CPU: at batch 32 with 3 x 3 kernels,
 forward + backward took 6.5 ms on 2 x 2 x 256 and 13 ms on 1 x 1 x 512 (memorymamba_nano's
-last two stages, six such convs a step) against 1.0 and 0.7 ms as a dense per-channel
+last two stages, nine such convs a step) against 1.0 and 0.7 ms as a dense per-channel
 product (issue 24). Where the map is smaller than the kernel every output sees every
 input, so the dense form wastes no work. Evaluation and exports keep the Conv.
 """
