@@ -244,5 +244,6 @@ def test_storage_key_of_a_tensor_without_storage_is_minus_one_and_does_not_raise
     with pytest.raises(NotImplementedError):
         sparse.untyped_storage()
     assert _storage(sparse) == -1
+    assert _storage(torch.eye(3).to_sparse_csr()) == _storage(torch.eye(3).to_mkldnn()) == -1
     dense = torch.ones(4)
     assert _storage(dense) == _storage(dense[1:].view(3)) == dense.untyped_storage().data_ptr() > 0

@@ -62,9 +62,12 @@ class _Reads(TorchDispatchMode):
 
 
 def _storage(t: torch.Tensor) -> int:
+    """The address of ``t``'s storage (views share it), or -1 for a tensor without one."""
+    if t.layout is not torch.strided:  # sparse, mkldnn, jagged: torch has no storage to give
+        return -1
     try:
         return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # a tensor without storage (sparse, functional wrappers)
+    except RuntimeError:  # tensor subclasses that wrap another (functional tensors in tracing)
         return -1
 
 

@@ -10,12 +10,15 @@ input, so the dense form wastes no work. Evaluation and exports keep the Conv.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
 __all__ = ["depthwise_conv_cl", "depthwise_conv_dense"]
 
 
+@functools.lru_cache(maxsize=64)  # a few map sizes per model, every training step
 def _taps(H: int, W: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """For a k x k kernel (k odd, padding k // 2) on an H x W map: the tap linking each output
     position to each input position (H*W, H*W), and a mask of the pairs within its reach."""
