@@ -50,6 +50,7 @@ from edgediag.ops import (  # noqa: E402
 )
 from edgediag.ops.scan_onnx_op import OPSET as SCAN_OPSET  # noqa: E402
 from edgediag.runtime import custom_ops  # noqa: E402
+from edgediag.utils import keep_freed_memory  # noqa: E402
 
 GOALS = ("goals (issue 24): f+b native >= 10x chunked at d_state 16; d_state 1 forward >= 4x padded; "
          "grad err <= 1e-4; 1 -> 2 threads >= 1.7x at L >= 1024; ORT no slower than eager native")
@@ -297,10 +298,17 @@ def main(argv=None) -> int:
                    help="comma-separated L values of part 2 (ONNX Runtime vs eager); 0 skips part 2")
     p.add_argument("--onnx-dstates", type=ints, default=[16, 1], help="comma-separated d_state values of part 2")
     p.add_argument("--chunk", type=int, default=32, help="chunk size of the exported scan in part 2")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc as it is instead of keeping freed memory, as training does")
     args = p.parse_args(argv)
+    # Training keeps freed memory (TrainConfig.keep_freed_memory): measure the scans under the same
+    # allocator. Without it, a call that follows a large free (chunked, ref) page-faults its outputs in
+    # again, and which backend pays depends on the interleaving order.
+    malloc = "glibc default" if args.default_malloc or not keep_freed_memory() else "freed memory kept, as in training"
     clock = time.perf_counter  # wall: a 2-thread run's time is not one thread's CPU time
     print(f"selective scan, b=1 d=256 fp32, {platform.machine()}, torch {torch.__version__}, "
-          f"native kernel: {'built' if _cpu_ext.load_extension() is not None else _cpu_ext.build_error()}")
+          f"native kernel: {'built' if _cpu_ext.load_extension() is not None else _cpu_ext.build_error()}, "
+          f"malloc: {malloc}")
     if hasattr(os, "getloadavg"):
         print("load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + "\n")
     print_matrix(scan_matrix(args.seqlens, args.dstates, args.threads, args.rounds, clock))

@@ -77,6 +77,15 @@ inline vfloat horner_from(vfloat r, vfloat p, float c, Cs... cs) { return horner
 template <typename... Cs>
 inline vfloat horner(vfloat r, float c0, Cs... cs) { return horner_from(r, splat(c0), cs...); }
 
+// Rounding to an integer n by adding 1.5 * 2^23 (exact for |n| < 2^22): the sum's
+// low mantissa bits are then n itself, in two's complement.
+constexpr float kRoundMagic = 12582912.0f;
+constexpr int32_t kRoundMagicBits = 0x4B400000;
+
+// 2^(n-1) from fx = n + kRoundMagic: n read from fx's bits, no float-to-int
+// conversion; exponent field n - 1 + 127. Same-size vector cast = bit cast.
+inline vfloat pow2_minus1(vfloat fx) { return (vfloat)(((vint)fx + (126 - kRoundMagicBits)) << 23); }
+
 // exp(x) = 2^n * exp(r), x = n*ln2 + r, |r| <= ln2/2 (Cody-Waite split of ln2),
 // exp(r) from Cephes' expf polynomial (max error ~1 ulp). The polynomial is
 // evaluated as 2*exp(r) and scaled by 2^(n-1), so every n reached below
@@ -89,9 +98,8 @@ inline vfloat vexp(vfloat x) {
   const vfloat kMinX = splat(-86.64339757f);       // -125 * ln2
   // round(x / ln2) with the 1.5 * 2^23 trick: exact for |x / ln2| < 2^22;
   // out-of-range lanes are overwritten by the masks at the end.
-  const vfloat kMagic = splat(12582912.0f);
-  const vfloat fx = x * splat(1.44269504088896341f) + kMagic;
-  const vfloat n = fx - kMagic;
+  const vfloat fx = x * splat(1.44269504088896341f) + splat(kRoundMagic);
+  const vfloat n = fx - splat(kRoundMagic);
   vfloat r = x - n * splat(0.693359375f);
   r = r - n * splat(-2.12194440e-4f);
 
@@ -100,31 +108,39 @@ inline vfloat vexp(vfloat x) {
                           2.f * 4.1665795894e-2f, 2.f * 1.6666665459e-1f, 2.f * 5.0000001201e-1f);
   const vfloat p = q * (r * r) + (r * splat(2.f) + splat(2.f));
 
-  const vint ni = __builtin_convertvector(n, vint);
-  const vfloat pow2 = (vfloat)((ni + 126) << 23);  // 2^(n-1); same-size vector cast = bit cast
-  vfloat res = p * pow2;
+  vfloat res = p * pow2_minus1(fx);
   res = x < kMinX ? splat(0.f) : res;
   res = x > kMaxX ? splat(std::numeric_limits<float>::infinity()) : res;
   return res;
 }
 
+// min(max(x, lo), hi) with NaN kept: one max and one min on x86 (GCC writes the
+// same ternaries against a constant as a compare and a blend each).
+inline vfloat vclamp(vfloat x, float lo, float hi) {
+#if defined(__AVX__)
+  return __builtin_ia32_minps256(splat(hi), __builtin_ia32_maxps256(splat(lo), x));  // NaN: the 2nd operand
+#elif defined(__SSE__)
+  return __builtin_ia32_minps(splat(hi), __builtin_ia32_maxps(splat(lo), x));
+#else
+  x = x < splat(lo) ? splat(lo) : x;
+  return x > splat(hi) ? splat(hi) : x;
+#endif
+}
+
 // 2^x, for the decays: exp(delta * A) = 2^(delta * A log2(e)) with A log2(e)
 // taken once per row, so the reduction x = n + r (|r| <= 1/2) is exact and
 // needs no Cody-Waite split; 2^r is SLEEF's degree-6 exp2f polynomial (~1 ulp),
-// doubled and scaled by 2^(n-1) as in vexp. 19 vector instructions against
-// vexp's 26 (AVX2, GCC 12): the decays are N exps per step, the other exps
-// (softplus, silu) one each. x < -125.5 gives 0, x >= 128 +inf; NaN stays NaN (the
-// clamps' comparisons are false for it).
+// doubled and scaled by 2^(n-1) as in vexp. 14 vector operations against vexp's
+// 19 (AVX2, GCC 12, not counting the constants' broadcasts, which loops hoist):
+// the decays are N exps per step, the other exps (softplus, silu) one each.
+// x < -125.5 gives 0, x >= 128 +inf; NaN stays NaN (vclamp keeps it).
 inline vfloat vexp2(vfloat x) {
-  x = x < splat(-126.f) ? splat(-126.f) : x;
-  x = x > splat(128.f) ? splat(128.f) : x;
-  const vfloat kMagic = splat(12582912.0f);  // round to nearest, as in vexp
-  const vfloat n = (x + kMagic) - kMagic;
-  const vfloat r = x - n;
+  x = vclamp(x, -126.f, 128.f);
+  const vfloat fx = x + splat(kRoundMagic);  // round to nearest, as in vexp
+  const vfloat r = x - (fx - splat(kRoundMagic));
   const vfloat p = horner(r, 2.f * 1.535920892e-4f, 2.f * 1.339262701e-3f, 2.f * 9.618384764e-3f,
                           2.f * 5.550347269e-2f, 2.f * 2.402264476e-1f, 2.f * 6.931471825e-1f, 2.f);
-  const vint ni = __builtin_convertvector(n, vint);
-  return p * (vfloat)((ni + 126) << 23);
+  return p * pow2_minus1(fx);
 }
 
 // log1p(y) for y in [0, 1], Cephes logf polynomial. The reduced argument f
@@ -367,16 +383,42 @@ inline vec_t<double> hsums(const vec_t<double>* r) {
   return s;
 }
 
-// out[i] += hsum(acc[i]) for i < n, K sums at a time.
+// out[i] = hsum(acc[i]) for i < n, K sums at a time.
 template <typename T>
-inline void add_hsums(const vec_t<T>* acc, int64_t n, T* out) {
+inline void store_hsums(const vec_t<T>* acc, int64_t n, T* out) {
   constexpr int K = Vec<T>::kLanes;
   int64_t i = 0;
-  for (; i + K <= n; i += K) store(out + i, load(out + i) + hsums(acc + i));
-  for (; i < n; ++i) out[i] += hsum<T>(acc[i]);
+  for (; i + K <= n; i += K) store(out + i, hsums(acc + i));
+  for (; i < n; ++i) out[i] = hsum<T>(acc[i]);
 }
 
 // ------------------------------------------------------------------ wide layout
+
+// The recurrence over one block for NV (1 or 2) vector slices of the state, in
+// registers: the slices' chains advance together (two independent multiply-adds
+// per step), and each step's partial <h_t, C_t> is summed over them before it
+// touches the block's buffer (written by the first slices, added to by the rest).
+template <typename T, int NV>
+inline void scan_slices(int64_t tb, const T* Ad, const T* Bj, int64_t Bs, const T* Cj, int64_t Cs,
+                        const T* dtb, const T* du, T* state, vec_t<T>* acc, bool first) {
+  using V = vec_t<T>;
+  constexpr int K = Vec<T>::kLanes;
+  V A2[NV], h[NV];
+  for (int j = 0; j < NV; ++j) {
+    A2[j] = load(Ad + j * K) * splat(kLog2e<T>);
+    h[j] = load(state + j * K);
+  }
+  for (int64_t t = 0; t < tb; ++t) {
+    const V dtv = splat(dtb[t]), duv = splat(du[t]);
+    V y = splat(T(0));
+    for (int j = 0; j < NV; ++j) {
+      h[j] = vexp2(dtv * A2[j]) * h[j] + duv * load(Bj + t * Bs + j * K);
+      y += h[j] * load(Cj + t * Cs + j * K);
+    }
+    acc[t] = first ? y : acc[t] + y;
+  }
+  for (int j = 0; j < NV; ++j) store(state + j * K, h[j]);
+}
 
 // Forward of one (batch, channel) row.
 template <typename T>
@@ -403,24 +445,12 @@ void scan_row(const ScanArgs<T>& a, int64_t b, int64_t d) {
   for (int64_t t0 = 0; t0 < a.L; t0 += kBlock) {
     const int64_t tb = std::min(kBlock, a.L - t0);
     delta_steps(delta + t0, bias, a.delta_softplus, tb, dtb);
-    for (int64_t i = 0; i < tb; ++i) {
-      du[i] = dtb[i] * u[t0 + i];
-      acc[i] = splat(T(0));
-    }
-    for (int64_t j = 0; j < nv; ++j) {
-      const V A2 = load(Ad + j * K) * splat(kLog2e<T>);
-      const T* Bj = Brow + t0 * Bs + j * K;
-      const T* Cj = Crow + t0 * Cs + j * K;
-      V h = load(state.data() + j * K);
-      for (int64_t t = 0; t < tb; ++t) {
-        h = vexp2(splat(dtb[t]) * A2) * h + splat(du[t]) * load(Bj + t * Bs);
-        acc[t] += h * load(Cj + t * Cs);
-      }
-      store(state.data() + j * K, h);
-    }
-    int64_t t = 0;
-    for (; t + K <= tb; t += K) store(y + t0 + t, hsums(acc + t));
-    for (; t < tb; ++t) y[t0 + t] = hsum<T>(acc[t]);
+    for (int64_t i = 0; i < tb; ++i) du[i] = dtb[i] * u[t0 + i];
+    for (int64_t j = 0; j < nv; j += 2)
+      (nv - j >= 2 ? scan_slices<T, 2> : scan_slices<T, 1>)(tb, Ad + j * K, Brow + t0 * Bs + j * K, Bs,
+                                                          Crow + t0 * Cs + j * K, Cs, dtb, du,
+                                                          state.data() + j * K, acc, j == 0);
+    store_hsums<T>(acc, tb, y + t0);
   }
   if (a.last_state) std::memcpy(a.last_state + row * a.N, state.data(), a.N * sizeof(T));
   finish_row(a, row, d);
@@ -480,7 +510,7 @@ inline void block_grads(int64_t n, const T* u, const T* z, const T* sigz, const 
 // of the state starting at lane o0, in registers: the slices advance together
 // step by step, so their recurrences overlap. The per-step partial sums over the
 // state go to accA, accB, accY (set by the first slice, added to by the others)
-// and are reduced across lanes once per block (add_hsums), not once per step.
+// and are reduced across lanes once per block (store_hsums), not once per step.
 // BVAR / CVAR: B / C vary in time, so dB / dC are per step (read-modify-write
 // of the group's rows) rather than summed in registers.
 template <typename T, int NV, bool BVAR, bool CVAR>
@@ -625,13 +655,13 @@ void scan_row_bwd(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b, int64_t
                      : (dCs ? adjoint_slices<T, false, true> : adjoint_slices<T, false, false>);
   for (int64_t t0 = last_block; t0 >= 0; t0 -= kBlock) {
     const int64_t tb = std::min(kBlock, L - t0);
-    alignas(64) T sA[kBlock] = {}, sB[kBlock] = {}, y[kBlock] = {};
+    alignas(64) T sA[kBlock], sB[kBlock], y[kBlock];
     alignas(64) V accA[kBlock], accB[kBlock], accY[kBlock];  // per step, lanes of the three sums
     adjoint(t0, tb, nv, Np, Ad, H, E, Brow, Bs, Crow, Cs, dBrow, dBs, dCrow, dCs, dt, dtu, gt, s, dA, accA,
             accB, accY);
-    add_hsums<T>(accA, tb, sA);
-    add_hsums<T>(accB, tb, sB);
-    add_hsums<T>(accY, tb, y);
+    store_hsums<T>(accA, tb, sA);
+    store_hsums<T>(accB, tb, sB);
+    store_hsums<T>(accY, tb, y);
     // per step, the elementwise chain rule vectorised over t (y, the output before the
     // gate, is read only for dz)
     block_grads<T>(tb, u + t0, z ? z + t0 : nullptr, z ? sigz + t0 : nullptr, dout + t0, dt + t0,
