@@ -2,6 +2,7 @@
 
     python benchmarks/scan_report.py                 # the full matrix below, then the ONNX table
     python benchmarks/scan_report.py --seqlens 1024 --dstates 16 --threads 1 --rounds 20
+    python benchmarks/scan_report.py --baseline 972c70f   # also the kernel as issue 24 found it
 
 Part 1, for every L in --seqlens, d_state in --dstates and thread count in --threads
 (b=1, d=256, fp32, a Mamba block's scan: variable B/C, D, z, softplus bias): forward and
@@ -16,8 +17,11 @@ native forward at the same size, both ways it is exported: the chunked scan in s
 (``--scan-op graph``, what TensorRT reads) and one edgediag::SelectiveScan node run by the
 fused kernel as an ONNX Runtime custom op (``--scan-op custom``).
 
-Backends run interleaved, one call each per round, so a load change on a
-shared machine hits them alike; the table shows medians. The error column is
+Backends and thread counts run interleaved, one call each per round, so a load change on a
+shared machine hits them alike; the table shows medians. The process keeps freed memory as
+the training engine does (``train.keep_freed_memory``; ``--default-malloc`` leaves glibc's
+defaults), so a call that follows another backend's large frees does not page its outputs in
+again. The error column is
 norm-wise: max|out - out_ref| / max|out_ref| (outputs), and the same for the
 last state. The ONNX rows are exported with the TorchScript exporter (opset 17) and run in
 ONNX Runtime with as many threads as torch.
@@ -138,8 +142,9 @@ def _fwd_bwd(fn, inputs, g, **kw):
     return torch.autograd.grad(out, list(inputs.values()), g)
 
 
-def _runners(inputs, g, dstate, ext):
-    """Forward and forward+backward callables per backend for one input set."""
+def _runners(inputs, g, dstate, ext, baseline=None):
+    """Forward and forward+backward callables per backend for one input set; ``baseline``:
+    an older build of the kernel (--baseline), forward only."""
     fwd = {
         "ref": lambda: selective_scan_ref(**inputs, delta_softplus=True),
         "chunked": lambda: selective_scan_chunked(**inputs, delta_softplus=True),
@@ -159,10 +164,33 @@ def _runners(inputs, g, dstate, ext):
             fwd["native padded"] = lambda: ext.fwd(*args, True, False, False)
             # the kernel's own passes, without autograd: its gradients come back in the inputs' order
             fb["native padded"] = lambda: ext.fwd(*args, True, False, False) and ext.bwd(*args, True, g, False)
+        if baseline is not None:  # fwd(u, delta, A, B, C, D, z, delta_bias, softplus, last_state) since 972c70f
+            fwd["baseline"] = lambda: baseline.fwd(*args, True, False)
     return fwd, fb
 
 
-def scan_matrix(seqlens, dstates, thread_counts, rounds, clock, dim=256) -> list[dict]:
+def build_baseline(rev: str):
+    """The native kernel as it was at git revision ``rev`` (its .cpp, and its .h where it had
+    one), built as a separate extension with today's flags."""
+    import subprocess
+    import tempfile
+
+    from torch.utils.cpp_extension import load
+
+    root = Path(__file__).resolve().parents[1]
+    folder = Path(tempfile.mkdtemp(prefix="scan_baseline_"))
+    for name in ("selective_scan_cpu.cpp", "selective_scan_cpu.h"):
+        res = subprocess.run(["git", "-C", str(root), "show", f"{rev}:kernels/{name}"], capture_output=True)
+        if res.returncode == 0:
+            (folder / name).write_bytes(res.stdout)
+        elif name.endswith(".cpp"):
+            raise SystemExit(f"scan_report: --baseline {rev}: {res.stderr.decode().strip() or 'git failed'}")
+    tag = "".join(c for c in rev if c.isalnum())[:12]
+    return load(name=f"edgediag_scan_baseline_{tag}", sources=[str(folder / "selective_scan_cpu.cpp")],
+                extra_cflags=_cpu_ext.compile_flags(), extra_ldflags=["-fopenmp"], build_directory=str(folder))
+
+
+def scan_matrix(seqlens, dstates, thread_counts, rounds, clock, dim=256, baseline=None) -> list[dict]:
     """Part 1: one dict per (L, d_state, threads) with medians (ms) and gradient errors."""
     ext = _cpu_ext.load_extension()
     rows = []
@@ -170,17 +198,20 @@ def scan_matrix(seqlens, dstates, thread_counts, rounds, clock, dim=256) -> list
         for n in dstates:
             inputs = make_inputs(1, dim, n, L)
             g = torch.randn(1, dim, L, generator=torch.Generator().manual_seed(1))
-            fwd, fb = _runners(inputs, g, n, ext)
+            fwd, fb = _runners(inputs, g, n, ext, baseline)
             grads = {name: fn() for name, fn in fb.items()}  # warm-up, and the gradients to compare
+            with torch.no_grad():
+                for f in fwd.values():
+                    f()
             ref_grads = grads["ref"]
-            for threads in thread_counts:
-                torch.set_num_threads(threads)
-                times = {("fwd", k): [] for k in fwd} | {("fb", k): [] for k in fb}
-                with torch.no_grad():
-                    for f in fwd.values():
-                        f()
-                for r in range(rounds):
-                    for (kind, name), ts in times.items():
+            keys = [("fwd", k) for k in fwd] + [("fb", k) for k in fb]
+            times = {(threads, key): [] for threads in thread_counts for key in keys}
+            # thread counts interleaved too, round by round: the 1 -> 2 threads ratio is then as
+            # side by side as the backends' (this VM's speed drifts by 10-40 % within minutes)
+            for r in range(rounds):
+                for threads in thread_counts:
+                    torch.set_num_threads(threads)
+                    for kind, name in keys:
                         if name == "ref" and r % 5:  # the Python loop: a fifth of the rounds
                             continue
                         fn = (fwd if kind == "fwd" else fb)[name]
@@ -190,9 +221,10 @@ def scan_matrix(seqlens, dstates, thread_counts, rounds, clock, dim=256) -> list
                                 fn()
                         else:
                             fn()
-                        ts.append(clock() - t0)
+                        times[threads, (kind, name)].append(clock() - t0)
+            for threads in thread_counts:
                 row = dict(L=L, dstate=n, threads=threads,
-                           **{f"{kind} {name}": _median_ms(ts) for (kind, name), ts in times.items()})
+                           **{f"{kind} {name}": _median_ms(times[threads, (kind, name)]) for kind, name in keys})
                 for name, gs in grads.items():
                     if name != "ref":
                         row[f"grad err {name}"] = max(rel_err(a, b) for a, b in zip(gs, ref_grads))
@@ -224,6 +256,10 @@ def print_matrix(rows) -> None:
     lines = [f"L={L} N={n}: {t[1] / t[2]:.2f}x" for (L, n), t in scaling.items() if t.get(1) and t.get(2)]
     if lines:
         print("\nnative forward, 1 -> 2 threads: " + ", ".join(lines))
+    base = [f"L={r['L']} N={r['dstate']} thr={r['threads']}: {r['fwd baseline']:.2f} -> {r['fwd native']:.2f} ms "
+            f"({r['fwd baseline'] / r['fwd native']:.2f}x)" for r in rows if "fwd baseline" in r]
+    if base:
+        print("\nnative forward against the kernel at --baseline: " + ", ".join(base))
 
 
 def _bound_run(session, feeds, out_shape):
@@ -298,6 +334,9 @@ def main(argv=None) -> int:
                    help="comma-separated L values of part 2 (ONNX Runtime vs eager); 0 skips part 2")
     p.add_argument("--onnx-dstates", type=ints, default=[16, 1], help="comma-separated d_state values of part 2")
     p.add_argument("--chunk", type=int, default=32, help="chunk size of the exported scan in part 2")
+    p.add_argument("--baseline", metavar="REV",
+                   help="also time the forward of the native kernel as it was at this git revision (e.g. 972c70f, "
+                        "the kernel when issue 24 was filed), built beside today's")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's malloc as it is instead of keeping freed memory, as training does")
     args = p.parse_args(argv)
@@ -311,7 +350,8 @@ def main(argv=None) -> int:
           f"malloc: {malloc}")
     if hasattr(os, "getloadavg"):
         print("load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + "\n")
-    print_matrix(scan_matrix(args.seqlens, args.dstates, args.threads, args.rounds, clock))
+    baseline = build_baseline(args.baseline) if args.baseline else None
+    print_matrix(scan_matrix(args.seqlens, args.dstates, args.threads, args.rounds, clock, baseline=baseline))
     if args.onnx_seqlens != [0]:
         onnx_table(args.onnx_seqlens, args.onnx_dstates, args.rounds, max(args.threads), args.chunk, clock)
     print("\n" + GOALS)
