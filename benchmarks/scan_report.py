@@ -16,14 +16,15 @@ Part 2 (--onnx-seqlens, --onnx-dstates): the exported scan in ONNX Runtime again
 native forward at the same size, both ways it is exported: the chunked scan in standard ops
 (``--scan-op graph``, what TensorRT reads) and one edgediag::SelectiveScan node run by the
 fused kernel as an ONNX Runtime custom op (``--scan-op custom``).
+Part 3 (--split-seqlens): a d_state-1 forward on one thread with and without softplus and
+the z gate, channel lanes against padded: what bounds the small-state layout's gain.
 
 Backends and thread counts run interleaved, one call each per round, so a load change on a
 shared machine hits them alike; the table shows medians. The process keeps freed memory as
 the training engine does (``train.keep_freed_memory``; ``--default-malloc`` leaves glibc's
 defaults), so a call that follows another backend's large frees does not page its outputs in
-again. The error column is
-norm-wise: max|out - out_ref| / max|out_ref| (outputs), and the same for the
-last state. The ONNX rows are exported with the TorchScript exporter (opset 17) and run in
+again. The error column is norm-wise: max|out - out_ref| / max|out_ref| (outputs), and the
+same for the last state. The ONNX rows are exported with the TorchScript exporter (opset 17) and run in
 ONNX Runtime with as many threads as torch.
 """
 
@@ -323,6 +324,43 @@ def onnx_table(seqlens, dstates, rounds, threads, chunk, clock) -> None:
                   f"{op} | {rel_err(outs['ort graph'], ref):>9.1e} {op_err}")
 
 
+def small_state_split(seqlens, rounds, clock, dim=256) -> None:
+    """Part 3: where a d_state-1 forward's time goes, one thread. The native kernel with and
+    without the z gate (silu) and the softplus of delta, in the channel-lane layout and
+    forced to pad the state: both functions cost the same per (channel, step) at any
+    d_state, so they bound what the channel lanes can gain over padding."""
+    ext = _cpu_ext.load_extension()
+    if ext is None:
+        return
+    torch.set_num_threads(1)
+    print("\nPart 3: d_state 1 forward, one thread, medians in ms: lanes (channel-lane layout) and padded, "
+          "with and without softplus and the z gate\n")
+    variants = {"softplus + z": (True, True), "z only": (False, True), "softplus only": (True, False),
+                "neither": (False, False)}
+    header = f"{'L':>5} | " + " | ".join(f"{v:^27}" for v in variants)
+    print(header)
+    print(f"{'':>5} | " + " | ".join(f"{'lanes':>8} {'padded':>8} {'ratio':>9}" for _ in variants))
+    print("-" * len(header))
+    for L in seqlens:
+        x = make_inputs(1, dim, 1, L)
+        calls = {}
+        for name, (softplus, gate) in variants.items():
+            args = [x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"] if gate else None, x["delta_bias"]]
+            for narrow in (True, False):
+                calls[name, narrow] = lambda a=args, sp=softplus, nw=narrow: ext.fwd(*a, sp, False, nw)
+        times = {k: [] for k in calls}
+        for f in calls.values():
+            f()
+        for _ in range(rounds * 3):  # 0.3-8 ms calls: more rounds for the same time
+            for k, f in calls.items():
+                t0 = clock()
+                f()
+                times[k].append(clock() - t0)
+        ms = {k: _median_ms(v) for k, v in times.items()}
+        print(f"{L:>5} | " + " | ".join(f"{ms[v, True]:>8.3f} {ms[v, False]:>8.3f} {ms[v, False] / ms[v, True]:>8.2f}x"
+                                         for v in variants))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
@@ -334,6 +372,8 @@ def main(argv=None) -> int:
                    help="comma-separated L values of part 2 (ONNX Runtime vs eager); 0 skips part 2")
     p.add_argument("--onnx-dstates", type=ints, default=[16, 1], help="comma-separated d_state values of part 2")
     p.add_argument("--chunk", type=int, default=32, help="chunk size of the exported scan in part 2")
+    p.add_argument("--split-seqlens", type=ints, default=[1024, 4096],
+                   help="comma-separated L values of part 3 (a d_state-1 forward's time split); 0 skips part 3")
     p.add_argument("--baseline", metavar="REV",
                    help="also time the forward of the native kernel as it was at this git revision (e.g. 972c70f, "
                         "the kernel when issue 24 was filed), built beside today's")
@@ -354,6 +394,8 @@ def main(argv=None) -> int:
     print_matrix(scan_matrix(args.seqlens, args.dstates, args.threads, args.rounds, clock, baseline=baseline))
     if args.onnx_seqlens != [0]:
         onnx_table(args.onnx_seqlens, args.onnx_dstates, args.rounds, max(args.threads), args.chunk, clock)
+    if args.split_seqlens != [0]:
+        small_state_split(args.split_seqlens, args.rounds, clock)
     print("\n" + GOALS)
     return 0
 
