@@ -364,7 +364,7 @@ def small_state_split(seqlens, rounds, clock, dim=256) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    p.add_argument("--seqlens", type=ints, default=[256, 1024, 4096], help="comma-separated L values of part 1")
+    p.add_argument("--seqlens", type=ints, default=[256, 1024, 4096], help="comma-separated L values of part 1; 0 skips part 1")
     p.add_argument("--dstates", type=ints, default=[1, 16], help="comma-separated d_state values of part 1")
     p.add_argument("--threads", type=ints, default=[1, 2], help="comma-separated thread counts of part 1")
     p.add_argument("--rounds", type=int, default=10, help="timed calls per backend (ref: a fifth of them)")
@@ -391,7 +391,8 @@ def main(argv=None) -> int:
     if hasattr(os, "getloadavg"):
         print("load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + "\n")
     baseline = build_baseline(args.baseline) if args.baseline else None
-    print_matrix(scan_matrix(args.seqlens, args.dstates, args.threads, args.rounds, clock, baseline=baseline))
+    if args.seqlens != [0]:
+        print_matrix(scan_matrix(args.seqlens, args.dstates, args.threads, args.rounds, clock, baseline=baseline))
     if args.onnx_seqlens != [0]:
         onnx_table(args.onnx_seqlens, args.onnx_dstates, args.rounds, max(args.threads), args.chunk, clock)
     if args.split_seqlens != [0]:
