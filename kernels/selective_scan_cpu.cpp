@@ -17,7 +17,10 @@
 //   across channels; the rows are transposed to time-major tiles first.
 // Backward (both layouts) recomputes the states of a task's rows from its
 // inputs (nothing of size B*D*L*N is kept between forward and backward, as in
-// mamba-ssm's CUDA kernel), then runs the adjoint recurrence backwards in time:
+// mamba-ssm's CUDA kernel; for_backward, the wide forward saves the state entering
+// each chunk of about 128 steps, N/128 of u's size, and the backward recomputes chunk
+// by chunk in L1; with z also the output before the gate, so the backward does not
+// sum <h, C> again), then runs the adjoint recurrence backwards in time:
 //   x_t = <dA_{t+1}, x_{t+1}> + g_t C_t,  g_t = dout_t * silu(z_t),
 // where x_t is dLoss/dh_t. Gradients of parameters shared between rows
 // (A, D, delta_bias, and B/C shared by a group of channels) are summed into
@@ -117,6 +120,11 @@ ScanArgs<T> scan_args(const Prepared& p, const torch::Tensor& out, const torch::
                      p.dim, p.L, p.N, p.Np, p.Bvar, p.Cvar, p.GB, p.GC, allow_narrow};
 }
 
+// (batch, dim, n_chunks, Np): the state entering each backward chunk (wide layout)
+int64_t chunk_count(const Prepared& p) {
+  return p.dtype == torch::kFloat64 ? n_chunks<double>(p.L, p.Np) : n_chunks<float>(p.L, p.Np);
+}
+
 // Rows (wide) or channel groups (narrow) per task: every unit costs the same,
 // so a grain of 1 lets parallel_for split them evenly over the threads.
 template <typename T, typename Wide, typename Narrow>
@@ -172,18 +180,33 @@ std::vector<torch::Tensor> selective_scan_fwd(torch::Tensor u, torch::Tensor del
                                               c10::optional<torch::Tensor> D_,
                                               c10::optional<torch::Tensor> z_,
                                               c10::optional<torch::Tensor> delta_bias_,
-                                              bool delta_softplus, bool return_last_state, bool narrow) {
+                                              bool delta_softplus, bool return_last_state, bool narrow,
+                                              bool for_backward) {
   const Prepared p = prepare(u, delta, A, B, C, D_, z_, delta_bias_);
   const auto opts = p.u.options();
   torch::Tensor out = torch::empty({p.batch, p.dim, p.L}, opts);
   torch::Tensor last = return_last_state ? torch::empty({p.batch, p.dim, p.N}, opts) : torch::Tensor();
-  if (p.dtype == torch::kFloat64) {
-    forward_impl(scan_args<double>(p, out, last, delta_softplus, narrow), p.batch);
-  } else {
-    forward_impl(scan_args<float>(p, out, last, delta_softplus, narrow), p.batch);
-  }
-  if (return_last_state) return {out, last};
-  return {out};
+  // for the wide layout's backward: the chunk states, and with z the output before the
+  // gate; undefined (None) where the backward needs them not (narrow layout, no z)
+  torch::Tensor states, pregate;
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    ScanArgs<T> a = scan_args<T>(p, out, last, delta_softplus, narrow);
+    if (for_backward && !use_narrow(a)) {
+      states = torch::empty({p.batch, p.dim, chunk_count(p), p.Np}, opts);
+      a.chunk_states = states.data_ptr<T>();
+      if (p.z.defined()) {
+        pregate = torch::empty({p.batch, p.dim, p.L}, opts);
+        a.pregate = pregate.data_ptr<T>();
+      }
+    }
+    forward_impl(a, p.batch);
+  };
+  if (p.dtype == torch::kFloat64) run(0.0); else run(0.f);
+  std::vector<torch::Tensor> res{out};
+  if (return_last_state) res.push_back(last);
+  if (for_backward) res.insert(res.end(), {states, pregate});
+  return res;
 }
 
 // Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) in the compute dtype,
@@ -193,9 +216,23 @@ std::vector<torch::Tensor> selective_scan_bwd(torch::Tensor u, torch::Tensor del
                                               c10::optional<torch::Tensor> D_,
                                               c10::optional<torch::Tensor> z_,
                                               c10::optional<torch::Tensor> delta_bias_,
-                                              bool delta_softplus, torch::Tensor dout, bool narrow) {
+                                              bool delta_softplus, torch::Tensor dout, bool narrow,
+                                              c10::optional<torch::Tensor> chunk_states_,
+                                              c10::optional<torch::Tensor> pregate_) {
   const Prepared p = prepare(u, delta, A, B, C, D_, z_, delta_bias_);
   TORCH_CHECK(dout.sizes() == u.sizes(), "dout must have the shape of u");
+  torch::Tensor states = chunk_states_.has_value() ? *chunk_states_ : torch::Tensor();
+  if (states.defined()) {
+    TORCH_CHECK(states.sizes() == torch::IntArrayRef({p.batch, p.dim, chunk_count(p), p.Np}) &&
+                    states.scalar_type() == p.dtype && states.is_contiguous(),
+                "chunk_states must be the forward's, for these inputs");
+  }
+  torch::Tensor pregate = pregate_.has_value() ? *pregate_ : torch::Tensor();
+  if (pregate.defined()) {
+    TORCH_CHECK(p.z.defined() && pregate.sizes() == u.sizes() && pregate.scalar_type() == p.dtype &&
+                    pregate.is_contiguous(),
+                "pregate must be the forward's, for these inputs (with z)");
+  }
   const auto opts = p.u.options();
   torch::Tensor doutc = dout.to(p.dtype).contiguous();
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
@@ -212,7 +249,11 @@ std::vector<torch::Tensor> selective_scan_bwd(torch::Tensor u, torch::Tensor del
 
   auto run = [&](auto zero) {
     using T = decltype(zero);
-    const ScanArgs<T> a = scan_args<T>(p, torch::Tensor(), torch::Tensor(), delta_softplus, narrow);
+    ScanArgs<T> a = scan_args<T>(p, torch::Tensor(), torch::Tensor(), delta_softplus, narrow);
+    if (!use_narrow(a)) {
+      if (states.defined()) a.chunk_states = states.data_ptr<T>();
+      if (pregate.defined()) a.pregate = pregate.data_ptr<T>();
+    }
     const GradArgs<T> g{doutc.data_ptr<T>(), du.data_ptr<T>(), ddelta.data_ptr<T>(),
                         dz.defined() ? dz.data_ptr<T>() : nullptr, dA.data_ptr<T>(),
                         dB.data_ptr<T>(), dC.data_ptr<T>(), dD.data_ptr<T>(), dbias.data_ptr<T>(),
@@ -238,9 +279,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &selective_scan_fwd, "selective scan forward (fp32 or fp64, CPU)",
         py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"),
         py::arg("D") = py::none(), py::arg("z") = py::none(), py::arg("delta_bias") = py::none(),
-        py::arg("delta_softplus") = false, py::arg("return_last_state") = false, py::arg("narrow") = true);
+        py::arg("delta_softplus") = false, py::arg("return_last_state") = false, py::arg("narrow") = true,
+        py::arg("for_backward") = false);
   m.def("bwd", &selective_scan_bwd, "selective scan backward (fp32 or fp64, CPU): recomputes the states",
         py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"),
         py::arg("D") = py::none(), py::arg("z") = py::none(), py::arg("delta_bias") = py::none(),
-        py::arg("delta_softplus") = false, py::arg("dout") = py::none(), py::arg("narrow") = true);
+        py::arg("delta_softplus") = false, py::arg("dout") = py::none(), py::arg("narrow") = true,
+        py::arg("chunk_states") = py::none(), py::arg("pregate") = py::none());
+  m.def("chunk_steps", [](int64_t N, bool fp64) {
+          return fp64 ? chunk_steps<double>((N + Vec<double>::kLanes - 1) / Vec<double>::kLanes * Vec<double>::kLanes)
+                      : chunk_steps<float>((N + Vec<float>::kLanes - 1) / Vec<float>::kLanes * Vec<float>::kLanes);
+        }, "steps per chunk of the wide layout's saved states and chunked backward, for d_state N",
+        py::arg("N"), py::arg("fp64") = false);
 }

@@ -23,6 +23,9 @@ constexpr int kRegisterBytes = 32;
 constexpr int kRegisterBytes = 16;
 #endif
 constexpr int64_t kBlock = 64;  // steps per block of the wide layout: buffers stay in L1
+// Bytes of a backward chunk's recomputed decays and states (2 x steps x Np):
+// they stay in L1 with the adjoint's other streams (see chunk_steps).
+constexpr int64_t kChunkBytes = 16 * 1024;
 
 template <typename T>
 struct Vec {
@@ -225,7 +228,25 @@ struct ScanArgs {
   bool B_variable, C_variable;
   int64_t GB, GC;
   bool allow_narrow;  // false: the padded wide layout at any N (benchmarks compare the two)
+  // Wide layout: the state entering each chunk of chunk_steps() steps, (batch, dim,
+  // n_chunks, Np). The forward writes them when set; the backward then recomputes
+  // one chunk at a time from them, else the whole row from h = 0 (nullptr).
+  T* chunk_states = nullptr;
+  // Wide layout with z: the output before the gate, y + D u, (batch, dim, L). The
+  // forward writes it when set; the backward then reads it for dz instead of
+  // summing <h_t, C_t> again (mamba-ssm's backward takes it from its forward too).
+  T* pregate = nullptr;
 };
+
+// Steps per chunk of the backward's recompute (a multiple of kBlock): 128 at fp32
+// and N <= 16, so a chunk's decays and states take 16 KB instead of 2 x L x Np.
+template <typename T>
+inline int64_t chunk_steps(int64_t Np) {
+  const int64_t steps = kChunkBytes / (2 * Np * int64_t(sizeof(T))) / kBlock * kBlock;
+  return std::max(steps, kBlock);
+}
+template <typename T>
+inline int64_t n_chunks(int64_t L, int64_t Np) { return (L + chunk_steps<T>(Np) - 1) / chunk_steps<T>(Np); }
 
 // Backward outputs. Per row: du, ddelta, dz. Shared parameters: one slice per
 // thread (index tid), summed after the parallel loop.
@@ -295,10 +316,12 @@ inline void finish_row(const ScanArgs<T>& a, int64_t row, int64_t d) {
   const T* u = a.u + row * a.L;
   const T* z = a.z ? a.z + row * a.L : nullptr;
   const T Dd = a.D ? a.D[d] : T(0);
+  T* pre = z && a.pregate ? a.pregate + row * a.L : nullptr;
   if (!a.D && !z) return;
   int64_t t = 0;
   for (; t + K <= a.L; t += K) {
     vec_t<T> v = load(y + t) + splat(Dd) * load(u + t);
+    if (pre) store(pre + t, v);
     if (z) {
       const vec_t<T> zv = load(z + t);
       v = v * zv * vsigmoid<T>(zv);
@@ -307,6 +330,7 @@ inline void finish_row(const ScanArgs<T>& a, int64_t row, int64_t d) {
   }
   for (; t < a.L; ++t) {
     T v = y[t] + Dd * u[t];
+    if (pre) pre[t] = v;
     if (z) v = v * z[t] * sigmoid_scalar(z[t]);
     y[t] = v;
   }
@@ -442,8 +466,11 @@ void scan_row(const ScanArgs<T>& a, int64_t b, int64_t d) {
   T du[kBlock];                      // delta * u
   V acc[kBlock];                     // per step: lanes of <h_t, C_t>
   static_assert(kBlock % 8 == 0, "blocks are whole vectors");
+  const int64_t chunk = chunk_steps<T>(a.Np);
+  T* saved = a.chunk_states ? a.chunk_states + row * n_chunks<T>(a.L, a.Np) * a.Np : nullptr;
   for (int64_t t0 = 0; t0 < a.L; t0 += kBlock) {
     const int64_t tb = std::min(kBlock, a.L - t0);
+    if (saved && t0 % chunk == 0) std::memcpy(saved + t0 / chunk * a.Np, state.data(), a.Np * sizeof(T));
     delta_steps(delta + t0, bias, a.delta_softplus, tb, dtb);
     for (int64_t i = 0; i < tb; ++i) du[i] = dtb[i] * u[t0 + i];
     for (int64_t j = 0; j < nv; j += 2)
@@ -459,7 +486,7 @@ void scan_row(const ScanArgs<T>& a, int64_t b, int64_t d) {
 // Per-thread scratch of the backward, reused across the rows of a task.
 template <typename T>
 struct RowScratch {
-  std::vector<T> H, E;           // states h_t and decays dA_t of the row (L x Np)
+  std::vector<T> H, E;           // states and decays dA_t of one chunk: (1 + steps) x Np, steps x Np
   std::vector<T> dt, dtu, g;     // delta after softplus; delta * u; dout * silu(z)
   std::vector<T> dsp, sigz;      // softplus'(delta + bias); sigmoid(z)
   std::vector<T> carry;          // adjoint state between blocks (Np)
@@ -471,9 +498,11 @@ struct RowScratch {
 // ddelta_t = (sA + u_t sB) * softplus'(delta_t + bias), du_t = delta_t sB + D g_t,
 // dz_t = dout_t (y_t + D u_t) silu'(z_t); dD and dbias summed. dsp (softplus')
 // and sigz (sigmoid(z)) come from the recompute; nullptr without softplus / z.
+// y + Dy u is the output before the gate: Dy = D for the summed y, 0 for the
+// forward's saved pre-gate output.
 template <typename T>
 inline void block_grads(int64_t n, const T* u, const T* z, const T* sigz, const T* dout, const T* dt,
-                        const T* dsp, const T* gt, const T* sA, const T* sB, const T* y, T Dd, T* du,
+                        const T* dsp, const T* gt, const T* sA, const T* sB, const T* y, T Dy, T Dd, T* du,
                         T* ddelta, T* dz, T* dD, T* dbias) {
   using V = vec_t<T>;
   constexpr int K = Vec<T>::kLanes;
@@ -486,7 +515,7 @@ inline void block_grads(int64_t n, const T* u, const T* z, const T* sigz, const 
     dDv += gv * uv;
     if (z) {
       const V zv = load(z + i), sig = load(sigz + i);
-      store(dz + i, load(dout + i) * (load(y + i) + splat(Dd) * uv) * sig * (splat(T(1)) + zv * (splat(T(1)) - sig)));
+      store(dz + i, load(dout + i) * (load(y + i) + splat(Dy) * uv) * sig * (splat(T(1)) + zv * (splat(T(1)) - sig)));
     }
     const V dd = dsp ? ddt * load(dsp + i) : ddt;
     store(ddelta + i, dd);
@@ -497,7 +526,7 @@ inline void block_grads(int64_t n, const T* u, const T* z, const T* sigz, const 
     const T ddt = sA[i] + u[i] * sB[i];
     du[i] = dt[i] * sB[i] + Dd * gt[i];
     dDs += gt[i] * u[i];
-    if (z) dz[i] = dout[i] * (y[i] + Dd * u[i]) * sigz[i] * (T(1) + z[i] * (T(1) - sigz[i]));
+    if (z) dz[i] = dout[i] * (y[i] + Dy * u[i]) * sigz[i] * (T(1) + z[i] * (T(1) - sigz[i]));
     const T dd = dsp ? ddt * dsp[i] : ddt;
     ddelta[i] = dd;
     dbs += dd;
@@ -512,9 +541,10 @@ inline void block_grads(int64_t n, const T* u, const T* z, const T* sigz, const 
 // state go to accA, accB, accY (set by the first slice, added to by the others)
 // and are reduced across lanes once per block (store_hsums), not once per step.
 // BVAR / CVAR: B / C vary in time, so dB / dC are per step (read-modify-write
-// of the group's rows) rather than summed in registers.
-template <typename T, int NV, bool BVAR, bool CVAR>
-inline void adjoint_block(int64_t t0, int64_t tb, int64_t o0, int64_t Np, const T* Ad, const T* H,
+// of the group's rows) rather than summed in registers. YSUM: sum y_t = <h_t, C_t>
+// too (for dz, when the forward's pre-gate output is not at hand).
+template <typename T, int NV, bool BVAR, bool CVAR, bool YSUM>
+inline void adjoint_block(int64_t t0, int64_t tb, int64_t c0, int64_t o0, int64_t Np, const T* Ad, const T* H,
                           const T* E, const T* Brow, int64_t Bs, const T* Crow, int64_t Cs, T* dBrow,
                           int64_t dBs, T* dCrow, int64_t dCs, const T* dt, const T* dtu, const T* gt,
                           RowScratch<T>& s, T* dA, bool first, vec_t<T>* accA, vec_t<T>* accB,
@@ -532,7 +562,7 @@ inline void adjoint_block(int64_t t0, int64_t tb, int64_t o0, int64_t Np, const 
     Aj[j] = load(Ad + j * K);
     x[j] = load(carry + j * K);  // dA_{t+1} * x_{t+1}
     dAj[j] = dBj[j] = dCj[j] = splat(T(0));
-    hp[j] = load(H + (t0 + tb - 1) * Np + j * K);
+    hp[j] = load(H + (t0 - c0 + tb - 1) * Np + j * K);
   }
   for (int64_t i = tb - 1; i >= 0; --i) {
     const int64_t t = t0 + i;
@@ -541,10 +571,10 @@ inline void adjoint_block(int64_t t0, int64_t tb, int64_t o0, int64_t Np, const 
     for (int j = 0; j < NV; ++j) {
       const int64_t o = j * K;
       const V Ct = load(Crow + t * Cs + o), Bt = load(Brow + t * Bs + o);
-      const V h = hp[j], e = load(E + t * Np + o);
-      hp[j] = t > 0 ? load(H + (t - 1) * Np + o) : splat(T(0));  // h_{t-1}, the next step's h_t
+      const V h = hp[j], e = load(E + (t - c0) * Np + o);
+      hp[j] = load(H + (t - c0 - 1) * Np + o);  // h_{t-1}, the next step's h_t (at c0: the chunk's entry)
       const V xt = x[j] + gv * Ct;  // dLoss/dh_t
-      sY += h * Ct;
+      if (YSUM) sY += h * Ct;
       sB += xt * Bt;
       const V sv = xt * e * hp[j];  // dLoss/d(dA_t) * dA_t
       sA += sv * Aj[j];
@@ -556,7 +586,7 @@ inline void adjoint_block(int64_t t0, int64_t tb, int64_t o0, int64_t Np, const 
     }
     accA[i] = first ? sA : accA[i] + sA;
     accB[i] = first ? sB : accB[i] + sB;
-    accY[i] = first ? sY : accY[i] + sY;
+    if (YSUM) accY[i] = first ? sY : accY[i] + sY;
   }
   for (int j = 0; j < NV; ++j) {
     const int64_t o = j * K;
@@ -569,21 +599,24 @@ inline void adjoint_block(int64_t t0, int64_t tb, int64_t o0, int64_t Np, const 
 
 // The adjoint over one block for every slice of the state, two vectors at a
 // time (the registers hold two: x, h, dA, dB, dC each).
-template <typename T, bool BVAR, bool CVAR>
-inline void adjoint_slices(int64_t t0, int64_t tb, int64_t nv, int64_t Np, const T* Ad, const T* H,
+template <typename T, bool BVAR, bool CVAR, bool YSUM>
+inline void adjoint_slices(int64_t t0, int64_t tb, int64_t c0, int64_t nv, int64_t Np, const T* Ad, const T* H,
                            const T* E, const T* Brow, int64_t Bs, const T* Crow, int64_t Cs, T* dBrow,
                            int64_t dBs, T* dCrow, int64_t dCs, const T* dt, const T* dtu, const T* gt,
                            RowScratch<T>& s, T* dA, vec_t<T>* accA, vec_t<T>* accB, vec_t<T>* accY) {
   constexpr int K = Vec<T>::kLanes;
   for (int64_t j = 0; j < nv; j += 2) {
-    (nv - j >= 2 ? adjoint_block<T, 2, BVAR, CVAR> : adjoint_block<T, 1, BVAR, CVAR>)(
-        t0, tb, j * K, Np, Ad, H, E, Brow, Bs, Crow, Cs, dBrow, dBs, dCrow, dCs, dt, dtu, gt, s, dA, j == 0,
+    (nv - j >= 2 ? adjoint_block<T, 2, BVAR, CVAR, YSUM> : adjoint_block<T, 1, BVAR, CVAR, YSUM>)(
+        t0, tb, c0, j * K, Np, Ad, H, E, Brow, Bs, Crow, Cs, dBrow, dBs, dCrow, dCs, dt, dtu, gt, s, dA, j == 0,
         accA, accB, accY);
   }
 }
 
-// Backward of one (batch, channel) row: recompute h_t, then run the adjoint
-// recurrence from t = L-1 down to 0, block by block.
+// Backward of one (batch, channel) row, chunk by chunk from the last: recompute
+// the chunk's h_t from the state the forward saved at its start (a.chunk_states;
+// without them the whole row is one chunk from h = 0), then run the adjoint
+// recurrence back over its blocks. A chunk's states stay in L1, where a row's
+// (L x Np each for h and dA) would not: mamba-ssm's CUDA backward does the same.
 template <typename T>
 void scan_row_bwd(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b, int64_t d, int tid,
                   RowScratch<T>& s) {
@@ -606,8 +639,11 @@ void scan_row_bwd(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b, int64_t
   T* dCrow = grad_bc_row(g.dC, g.dC_per_thread, a.C_variable, a.GC, a, tid, b, d, &dCs);
   T* dA = g.dA + (tid * a.dim + d) * Np;
 
-  s.H.resize(L * Np);
-  s.E.resize(L * Np);
+  const int64_t chunk = a.chunk_states ? chunk_steps<T>(Np) : L;
+  const int64_t chunks = (L + chunk - 1) / chunk;
+  const T* saved = a.chunk_states ? a.chunk_states + row * chunks * Np : nullptr;
+  s.H.resize((std::min(chunk, L) + 1) * Np);  // first row: the state entering the chunk
+  s.E.resize(std::min(chunk, L) * Np);
   s.dt.resize(L);
   s.dtu.resize(L);
   s.g.resize(L);
@@ -616,23 +652,13 @@ void scan_row_bwd(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b, int64_t
   s.carry.assign(Np, T(0));
   s.dBsum.assign(Np, T(0));
   s.dCsum.assign(Np, T(0));
-  T *H = s.H.data(), *E = s.E.data(), *dt = s.dt.data(), *dtu = s.dtu.data(), *gt = s.g.data();
+  T *H = s.H.data() + Np, *E = s.E.data(), *dt = s.dt.data(), *dtu = s.dtu.data(), *gt = s.g.data();
   T* dsp = a.delta_softplus ? s.dsp.data() : nullptr;
   T* sigz = z ? s.sigz.data() : nullptr;
 
-  // 1. recompute: delta after softplus, decays and states of every step
+  // 1. the row's steps: delta after softplus, delta * u, the gate
   delta_steps(delta, bias, a.delta_softplus, L, dt, dsp);
   for (int64_t t = 0; t < L; ++t) dtu[t] = dt[t] * u[t];
-  for (int64_t j = 0; j < nv; ++j) {
-    const V A2 = load(Ad + j * K) * splat(kLog2e<T>);
-    V h = splat(T(0));
-    for (int64_t t = 0; t < L; ++t) {
-      const V e = vexp2(splat(dt[t]) * A2);
-      h = e * h + splat(dtu[t]) * load(Brow + t * Bs + j * K);
-      store(E + t * Np + j * K, e);
-      store(H + t * Np + j * K, h);
-    }
-  }
   {
     int64_t t = 0;
     if (z) {
@@ -648,25 +674,48 @@ void scan_row_bwd(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b, int64_t
     }
   }
 
-  // 2. adjoint recurrence, blocks from the last
+  // 2. per chunk from the last: its decays and states, then the adjoint over its blocks
   T dD = 0, dbias = 0;
-  const int64_t last_block = (L - 1) / kBlock * kBlock;
-  auto adjoint = dBs ? (dCs ? adjoint_slices<T, true, true> : adjoint_slices<T, true, false>)
-                     : (dCs ? adjoint_slices<T, false, true> : adjoint_slices<T, false, false>);
-  for (int64_t t0 = last_block; t0 >= 0; t0 -= kBlock) {
-    const int64_t tb = std::min(kBlock, L - t0);
-    alignas(64) T sA[kBlock], sB[kBlock], y[kBlock];
-    alignas(64) V accA[kBlock], accB[kBlock], accY[kBlock];  // per step, lanes of the three sums
-    adjoint(t0, tb, nv, Np, Ad, H, E, Brow, Bs, Crow, Cs, dBrow, dBs, dCrow, dCs, dt, dtu, gt, s, dA, accA,
-            accB, accY);
-    store_hsums<T>(accA, tb, sA);
-    store_hsums<T>(accB, tb, sB);
-    store_hsums<T>(accY, tb, y);
-    // per step, the elementwise chain rule vectorised over t (y, the output before the
-    // gate, is read only for dz)
-    block_grads<T>(tb, u + t0, z ? z + t0 : nullptr, z ? sigz + t0 : nullptr, dout + t0, dt + t0,
-                   dsp ? dsp + t0 : nullptr, gt + t0, sA, sB, y, Dd, g.du + row * L + t0,
-                   g.ddelta + row * L + t0, z ? g.dz + row * L + t0 : nullptr, &dD, &dbias);
+  // y, the output before the gate, is needed for dz only: from the forward when it saved it
+  const T* pre = z && a.pregate ? a.pregate + row * L : nullptr;
+  const bool ysum = z && !pre;
+  using Adjoint = decltype(&adjoint_slices<T, true, true, true>);
+  static constexpr Adjoint kAdjoint[2][2][2] = {
+      {{adjoint_slices<T, false, false, false>, adjoint_slices<T, false, false, true>},
+       {adjoint_slices<T, false, true, false>, adjoint_slices<T, false, true, true>}},
+      {{adjoint_slices<T, true, false, false>, adjoint_slices<T, true, false, true>},
+       {adjoint_slices<T, true, true, false>, adjoint_slices<T, true, true, true>}}};
+  const Adjoint adjoint = kAdjoint[dBs != 0][dCs != 0][ysum];
+  for (int64_t c0 = (chunks - 1) * chunk; c0 >= 0; c0 -= chunk) {
+    const int64_t tc = std::min(chunk, L - c0);
+    if (saved) std::memcpy(H - Np, saved + c0 / chunk * Np, Np * sizeof(T));
+    else std::fill(H - Np, H, T(0));
+    for (int64_t j = 0; j < nv; ++j) {
+      const V A2 = load(Ad + j * K) * splat(kLog2e<T>);
+      V h = load(H - Np + j * K);
+      for (int64_t i = 0; i < tc; ++i) {
+        const int64_t t = c0 + i;
+        const V e = vexp2(splat(dt[t]) * A2);
+        h = e * h + splat(dtu[t]) * load(Brow + t * Bs + j * K);
+        store(E + i * Np + j * K, e);
+        store(H + i * Np + j * K, h);
+      }
+    }
+    for (int64_t t0 = c0 + (tc - 1) / kBlock * kBlock; t0 >= c0; t0 -= kBlock) {
+      const int64_t tb = std::min(kBlock, c0 + tc - t0);
+      alignas(64) T sA[kBlock], sB[kBlock], y[kBlock];
+      alignas(64) V accA[kBlock], accB[kBlock], accY[kBlock];  // per step, lanes of the three sums
+      adjoint(t0, tb, c0, nv, Np, Ad, H, E, Brow, Bs, Crow, Cs, dBrow, dBs, dCrow, dCs, dt, dtu, gt, s, dA,
+              accA, accB, accY);
+      store_hsums<T>(accA, tb, sA);
+      store_hsums<T>(accB, tb, sB);
+      if (ysum) store_hsums<T>(accY, tb, y);
+      // per step, the elementwise chain rule vectorised over t (y is read only for dz)
+      block_grads<T>(tb, u + t0, z ? z + t0 : nullptr, z ? sigz + t0 : nullptr, dout + t0, dt + t0,
+                     dsp ? dsp + t0 : nullptr, gt + t0, sA, sB, pre ? pre + t0 : y, pre ? T(0) : Dd, Dd,
+                     g.du + row * L + t0,
+                     g.ddelta + row * L + t0, z ? g.dz + row * L + t0 : nullptr, &dD, &dbias);
+    }
   }
   if (!dBs) for (int64_t n = 0; n < Np; ++n) dBrow[n] += s.dBsum[n];
   if (!dCs) for (int64_t n = 0; n < Np; ++n) dCrow[n] += s.dCsum[n];

@@ -9,6 +9,11 @@ Tolerance table (torch.testing.assert_close: |a - b| <= atol + rtol * |b|):
                                                                          gradients summed over L, dA dD dbias dB dC:
                                                                          1e-4 / 1e-4, the sums' order differs)
     2 threads vs 1 (per-thread sums reduced)           1e-5     1e-5    (summed gradients: 1e-4 / 1e-4)
+    forward's saved chunk states vs ref's states       1e-5     1e-5
+    fp32 gradients over L 300, native vs ref           max|g - g_ref| / max|g_ref| <= 1e-5 (sums cancel)
+    forward's pre-gate output vs ref without z         1e-4     1e-4
+    backward from the forward's saved tensors vs       0        0       (the same operations on the same states)
+      the whole row recomputed
 
 The kernel itself is also tested without torch, on x86 and on aarch64 under qemu:
 tests/test_scan_kernel_harness.py.
@@ -74,6 +79,90 @@ def test_gradcheck_float64(bc, dstate, dim):
     """fp64 inputs run the same kernels in fp64: torch.autograd.gradcheck against finite differences."""
     inputs = {k: (v.double().requires_grad_(True) if v is not None else None)
               for k, v in make_inputs(bc=bc, dstate=dstate, dim=dim, L=11).items()}
+    names = [k for k in NAMES if inputs[k] is not None]
+
+    def fn(*xs):
+        return selective_scan_cpu(**{**inputs, **dict(zip(names, xs))}, delta_softplus=True)
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs[k] for k in names), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# (d_state, dtype): chunks of 128 steps (N 16), 256 (N 8), 64 (N 20: 24 padded lanes; N 16 in fp64)
+CHUNKED = [(16, torch.float32), (8, torch.float32), (20, torch.float32), (16, torch.float64)]
+
+
+@pytest.mark.parametrize("dstate,dtype", CHUNKED, ids=[f"N{n}-{str(t)[6:]}" for n, t in CHUNKED])
+def test_forward_saves_what_the_backward_reads(cpu_ext, dstate, dtype):
+    """for_backward=True: the chunk states, (batch, dim, n_chunks, N padded), chunk c holding
+    h after c*chunk steps, i.e. the reference's last state of the first c*chunk steps (zeros
+    for c = 0); and the output before the z gate, y + D u (the reference without z)."""
+    L = 300
+    inputs = {k: v.to(dtype) if v is not None else None
+              for k, v in make_inputs(bc="grouped", dstate=dstate, dim=8, L=L).items()}
+    _, last, states, pregate = cpu_ext.fwd(*(inputs[k] for k in NAMES), True, True, True, True)
+    torch.testing.assert_close(pregate, selective_scan_ref(**{**inputs, "z": None}, delta_softplus=True).to(dtype),
+                               **GRAD)
+    chunk = cpu_ext.chunk_steps(dstate, dtype == torch.float64)
+    assert chunk % 64 == 0 and states.shape[:3] == (2, 8, -(-L // chunk)) and states.dtype == dtype
+    assert (states[:, :, :, dstate:] == 0).all()  # padded lanes stay inert
+    torch.testing.assert_close(states[:, :, 0, :dstate], torch.zeros(2, 8, dstate, dtype=dtype))
+    for c in range(1, states.shape[2]):
+        t = c * chunk
+        prefix = {k: (v[..., :t] if v is not None and v.dim() >= 3 else v) for k, v in inputs.items()}
+        want = selective_scan_ref(**prefix, delta_softplus=True, return_last_state=True)[1]
+        torch.testing.assert_close(states[:, :, c, :dstate], want.to(dtype), **LAYOUT,
+                                   msg=lambda m, c=c: f"chunk {c}: {m}")
+    torch.testing.assert_close(last, states.new_tensor(selective_scan_ref(**inputs, delta_softplus=True,
+                                                                          return_last_state=True)[1]), **LAYOUT)
+
+
+@pytest.mark.parametrize("bc", ["var", "const", "grouped"])
+@pytest.mark.parametrize("dstate,dtype", CHUNKED, ids=[f"N{n}-{str(t)[6:]}" for n, t in CHUNKED])
+@pytest.mark.parametrize("L", [300, 256, 40])  # a partial last chunk; whole chunks; one short chunk
+def test_backward_from_saved_states_equals_the_whole_row(cpu_ext, bc, dstate, dtype, L):
+    """With the forward's chunk states the backward recomputes chunk by chunk, and with its
+    pre-gate output it does not sum y again; without them, the whole row from h = 0. The
+    same operations on the same states: the same numbers."""
+    inputs = {k: v.to(dtype) if v is not None else None
+              for k, v in make_inputs(bc=bc, dstate=dstate, dim=8, L=L).items()}
+    args = [inputs[k] for k in NAMES]
+    states, pregate = cpu_ext.fwd(*args, True, False, True, True)[-2:]
+    dout = torch.randn_like(inputs["u"])
+    whole = cpu_ext.bwd(*args, True, dout, True)
+    for saved in ((states, None), (states, pregate)):
+        chunked = cpu_ext.bwd(*args, True, dout, True, *saved)
+        for name, a, b in zip(NAMES, chunked, whole):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_backward_rejects_saved_tensors_of_other_inputs(cpu_ext):
+    inputs = make_inputs(bc="var", dstate=16, dim=8, L=300)
+    args = [inputs[k] for k in NAMES]
+    states, pregate = cpu_ext.fwd(*args, True, False, True, True)[-2:]
+    dout = torch.randn_like(inputs["u"])
+    with pytest.raises(RuntimeError, match="chunk_states must be the forward's"):
+        cpu_ext.bwd(*args, True, dout, True, states[:, :, :2])
+    with pytest.raises(RuntimeError, match="pregate must be the forward's"):
+        cpu_ext.bwd(*args, True, dout, True, states, pregate[..., 1:])
+
+
+@pytest.mark.parametrize("dstate", [16, 20])
+def test_native_gradients_match_ref_over_several_chunks(dstate):
+    """Through the autograd function (which saves the chunk states): L 300 is 3-5 chunks.
+    Sums over 600 steps (dA reaches 1e4) cancel: the error is norm-wise, as scan_report's."""
+    inputs = make_inputs(bc="var", dstate=dstate, dim=8, L=300, requires_grad=True)
+    g = torch.randn(2, 8, 300, generator=torch.Generator().manual_seed(1))
+    want = _grads(selective_scan_ref, inputs, g, delta_softplus=True)
+    got = _grads(selective_scan_cpu, inputs, g, delta_softplus=True)
+    for name in want:
+        err = ((got[name] - want[name]).abs().max() / want[name].abs().max()).item()
+        assert err <= 1e-5, f"d{name}: max|g - g_ref| / max|g_ref| = {err:.1e}"
+
+
+def test_gradcheck_float64_over_several_chunks():
+    """fp64, d_state 5 (8 padded lanes): chunks of 128 steps, L 150 is two."""
+    inputs = {k: (v.double().requires_grad_(True) if v is not None else None)
+              for k, v in make_inputs(bc="var", dstate=5, dim=2, batch=1, L=150).items()}
     names = [k for k in NAMES if inputs[k] is not None]
 
     def fn(*xs):

@@ -454,14 +454,16 @@ def is_tracing() -> bool:
 
 
 class _CpuScanFunction(torch.autograd.Function):
-    """The native kernel with its native backward. Only the inputs are saved: the backward
-    recomputes the states row by row (no B*D*L*N tensor between the passes)."""
+    """The native kernel with its native backward. Saved: the inputs, the state entering
+    each chunk of about 128 steps (N/128 of u's size) and, with z, the output before the
+    gate (both None for d_state <= 4); the backward recomputes the states chunk by chunk
+    from them (no B*D*L*N tensor between the passes), as mamba-ssm's CUDA backward does."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
         ext = _cpu_ext.load_extension()
-        res = ext.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        res = ext.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, for_backward=True)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, *res[-2:])
         ctx.delta_softplus = delta_softplus
         out = res[0].to(u.dtype)
         if return_last_state:
@@ -471,8 +473,9 @@ class _CpuScanFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *_):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        grads = _cpu_ext.load_extension().bwd(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, dout)
+        u, delta, A, B, C, D, z, delta_bias, chunk_states, pregate = ctx.saved_tensors
+        grads = _cpu_ext.load_extension().bwd(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, dout,
+                                              chunk_states=chunk_states, pregate=pregate)
         inputs = (u, delta, A, B, C, D, z, delta_bias)
         cast = [None if x is None else g.to(x.dtype) for g, x in zip(grads, inputs)]
         return (*cast, None, None)
