@@ -19,8 +19,11 @@ fused kernel as an ONNX Runtime custom op (``--scan-op custom``).
 Part 3 (--split-seqlens): a d_state-1 forward on one thread with and without softplus and
 the z gate, channel lanes against padded: what bounds the small-state layout's gain.
 
-Backends and thread counts run interleaved, one call each per round, so a load change on a
-shared machine hits them alike; the table shows medians. The process keeps freed memory as
+Backends and thread counts run interleaved round by round, so a load change on a shared
+machine hits them alike; the table shows medians. Within a round each backend runs a short
+burst (``--burst``: one untimed call, then timed calls back to back): in a model the scan's
+inputs come warm from the layer before it, while a call right after another backend's runs
+on caches that call evicted (``--cold`` times that). The process keeps freed memory as
 the training engine does (``train.keep_freed_memory``; ``--default-malloc`` leaves glibc's
 defaults), so a call that follows another backend's large frees does not page its outputs in
 again. The error column is norm-wise: max|out - out_ref| / max|out_ref| (outputs), and the
@@ -31,6 +34,7 @@ ONNX Runtime with as many threads as torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import platform
@@ -163,8 +167,9 @@ def _runners(inputs, g, dstate, ext, baseline=None):
         fb["native"] = lambda: _fwd_bwd(selective_scan_cpu, leaves, g)
         if dstate <= 4:
             fwd["native padded"] = lambda: ext.fwd(*args, True, False, False)
-            # the kernel's own passes, without autograd: its gradients come back in the inputs' order
-            fb["native padded"] = lambda: ext.fwd(*args, True, False, False) and ext.bwd(*args, True, g, False)
+            # the kernel's own passes, without autograd (the forward saving what the backward reads,
+            # as the autograd function does): its gradients come back in the inputs' order
+            fb["native padded"] = lambda: ext.bwd(*args, True, g, False, *ext.fwd(*args, True, False, False, True)[-2:])
         if baseline is not None:  # fwd(u, delta, A, B, C, D, z, delta_bias, softplus, last_state) since 972c70f
             fwd["baseline"] = lambda: baseline.fwd(*args, True, False)
     return fwd, fb
@@ -191,9 +196,30 @@ def build_baseline(rev: str):
                 extra_cflags=_cpu_ext.compile_flags(), extra_ldflags=["-fopenmp"], build_directory=str(folder))
 
 
-def scan_matrix(seqlens, dstates, thread_counts, rounds, clock, dim=256, baseline=None) -> list[dict]:
+def timed_burst(fn, clock, burst: int) -> list[float]:
+    """Seconds of each of ``burst`` back-to-back calls of ``fn`` after one untimed call, so a
+    call does not pay for re-reading inputs that the previous backend's call evicted from
+    the caches (in a model the scan's inputs come straight from the layer before it).
+    ``burst`` 0: one timed call, cold (the ref's seconds-long Python loop; ``--cold``)."""
+    if burst == 0:
+        t0 = clock()
+        fn()
+        return [clock() - t0]
+    fn()
+    times = []
+    for _ in range(burst):
+        t0 = clock()
+        fn()
+        times.append(clock() - t0)
+    return times
+
+
+def scan_matrix(seqlens, dstates, thread_counts, rounds, clock, dim=256, baseline=None, burst=3) -> list[dict]:
     """Part 1: one dict per (L, d_state, threads) with medians (ms) and gradient errors."""
     ext = _cpu_ext.load_extension()
+    # compute-bound and threaded by torch: what two threads give on this machine right now
+    mm = torch.randn(384, 384, generator=torch.Generator().manual_seed(2))
+    calib = {"matmul": lambda: torch.mm(mm, mm)}
     rows = []
     for L in seqlens:
         for n in dstates:
@@ -206,6 +232,8 @@ def scan_matrix(seqlens, dstates, thread_counts, rounds, clock, dim=256, baselin
                     f()
             ref_grads = grads["ref"]
             keys = [("fwd", k) for k in fwd] + [("fb", k) for k in fb]
+            if len(thread_counts) > 1:  # the VM's own 1 -> 2 threads ceiling, in the same rounds
+                keys.append(("cal", "matmul"))
             times = {(threads, key): [] for threads in thread_counts for key in keys}
             # thread counts interleaved too, round by round: the 1 -> 2 threads ratio is then as
             # side by side as the backends' (this VM's speed drifts by 10-40 % within minutes)
@@ -215,14 +243,9 @@ def scan_matrix(seqlens, dstates, thread_counts, rounds, clock, dim=256, baselin
                     for kind, name in keys:
                         if name == "ref" and r % 5:  # the Python loop: a fifth of the rounds
                             continue
-                        fn = (fwd if kind == "fwd" else fb)[name]
-                        t0 = clock()
-                        if kind == "fwd":
-                            with torch.no_grad():
-                                fn()
-                        else:
-                            fn()
-                        times[threads, (kind, name)].append(clock() - t0)
+                        fn = {"fwd": fwd, "fb": fb, "cal": calib}[kind][name]
+                        with torch.no_grad() if kind != "fb" else contextlib.nullcontext():
+                            times[threads, (kind, name)] += timed_burst(fn, clock, 0 if name == "ref" else burst)
             for threads in thread_counts:
                 row = dict(L=L, dstate=n, threads=threads,
                            **{f"{kind} {name}": _median_ms(times[threads, (kind, name)]) for kind, name in keys})
@@ -253,10 +276,12 @@ def print_matrix(rows) -> None:
               f"{fb_x:>12.1f}x {(f'{pad_x:.1f}x' if pad_x else '-'):>12} {err:>9.1e}")
     scaling = {}
     for r in rows:
-        scaling.setdefault((r["L"], r["dstate"]), {})[r["threads"]] = r.get("fwd native")
-    lines = [f"L={L} N={n}: {t[1] / t[2]:.2f}x" for (L, n), t in scaling.items() if t.get(1) and t.get(2)]
+        scaling.setdefault((r["L"], r["dstate"]), {})[r["threads"]] = (r.get("fwd native"), r.get("cal matmul"))
+    lines = [f"L={L} N={n}: {t[1][0] / t[2][0]:.2f}x (matmul {t[1][1] / t[2][1]:.2f}x)"
+             for (L, n), t in scaling.items() if 1 in t and 2 in t and t[1][0] and t[1][1]]
     if lines:
-        print("\nnative forward, 1 -> 2 threads: " + ", ".join(lines))
+        print("\nnative forward, 1 -> 2 threads, and in brackets a 384x384 matmul timed in the same rounds "
+              "(compute-bound: what this machine's two cores give at that moment): " + ", ".join(lines))
     base = [f"L={r['L']} N={r['dstate']} thr={r['threads']}: {r['fwd baseline']:.2f} -> {r['fwd native']:.2f} ms "
             f"({r['fwd baseline'] / r['fwd native']:.2f}x)" for r in rows if "fwd baseline" in r]
     if base:
@@ -281,7 +306,7 @@ def _bound_run(session, feeds, out_shape):
     return run
 
 
-def onnx_table(seqlens, dstates, rounds, threads, chunk, clock) -> None:
+def onnx_table(seqlens, dstates, rounds, threads, chunk, clock, burst=3) -> None:
     """Part 2: the exported scan (standard ops; the custom op) in ONNX Runtime vs eager, forward."""
     import onnx
 
@@ -311,9 +336,7 @@ def onnx_table(seqlens, dstates, rounds, threads, chunk, clock) -> None:
                 times = {k: [] for k in runners}
                 for _ in range(rounds):
                     for k, f in runners.items():
-                        t0 = clock()
-                        f()
-                        times[k].append(clock() - t0)
+                        times[k] += timed_burst(f, clock, burst)
             ms = {k: _median_ms(v) for k, v in times.items()}
             ref = selective_scan_ref(**inputs, delta_softplus=True)
             op = (f"{ms['ort op']:>7.2f} {ms['ort op'] / ms['native']:>7.2f}x" if "ort op" in ms
@@ -324,7 +347,7 @@ def onnx_table(seqlens, dstates, rounds, threads, chunk, clock) -> None:
                   f"{op} | {rel_err(outs['ort graph'], ref):>9.1e} {op_err}")
 
 
-def small_state_split(seqlens, rounds, clock, dim=256) -> None:
+def small_state_split(seqlens, rounds, clock, dim=256, burst=3) -> None:
     """Part 3: where a d_state-1 forward's time goes, one thread. The native kernel with and
     without the z gate (silu) and the softplus of delta, in the channel-lane layout and
     forced to pad the state: both functions cost the same per (channel, step) at any
@@ -353,9 +376,7 @@ def small_state_split(seqlens, rounds, clock, dim=256) -> None:
             f()
         for _ in range(rounds * 3):  # 0.3-8 ms calls: more rounds for the same time
             for k, f in calls.items():
-                t0 = clock()
-                f()
-                times[k].append(clock() - t0)
+                times[k] += timed_burst(f, clock, burst)
         ms = {k: _median_ms(v) for k, v in times.items()}
         print(f"{L:>5} | " + " | ".join(f"{ms[v, True]:>8.3f} {ms[v, False]:>8.3f} {ms[v, False] / ms[v, True]:>8.2f}x"
                                          for v in variants))
@@ -367,7 +388,11 @@ def main(argv=None) -> int:
     p.add_argument("--seqlens", type=ints, default=[256, 1024, 4096], help="comma-separated L values of part 1; 0 skips part 1")
     p.add_argument("--dstates", type=ints, default=[1, 16], help="comma-separated d_state values of part 1")
     p.add_argument("--threads", type=ints, default=[1, 2], help="comma-separated thread counts of part 1")
-    p.add_argument("--rounds", type=int, default=10, help="timed calls per backend (ref: a fifth of them)")
+    p.add_argument("--rounds", type=int, default=10, help="rounds of calls per backend (ref: a fifth of them)")
+    p.add_argument("--burst", type=int, default=3,
+                   help="timed back-to-back calls per backend and round, after one untimed call (ref: one)")
+    p.add_argument("--cold", action="store_true",
+                   help="one timed call per backend and round, right after another backend's (caches cold)")
     p.add_argument("--onnx-seqlens", type=ints, default=[1024, 4096],
                    help="comma-separated L values of part 2 (ONNX Runtime vs eager); 0 skips part 2")
     p.add_argument("--onnx-dstates", type=ints, default=[16, 1], help="comma-separated d_state values of part 2")
@@ -389,14 +414,19 @@ def main(argv=None) -> int:
           f"native kernel: {'built' if _cpu_ext.load_extension() is not None else _cpu_ext.build_error()}, "
           f"malloc: {malloc}")
     if hasattr(os, "getloadavg"):
-        print("load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + "\n")
+        print("load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    burst = 0 if args.cold else args.burst
+    print(f"timing: {args.rounds} rounds; per round and backend "
+          + ("one call, right after the previous backend's (--cold)" if burst == 0 else
+             f"one untimed call, then {burst} timed (ref: one timed call)") + "\n")
     baseline = build_baseline(args.baseline) if args.baseline else None
     if args.seqlens != [0]:
-        print_matrix(scan_matrix(args.seqlens, args.dstates, args.threads, args.rounds, clock, baseline=baseline))
+        print_matrix(scan_matrix(args.seqlens, args.dstates, args.threads, args.rounds, clock, baseline=baseline,
+                                 burst=burst))
     if args.onnx_seqlens != [0]:
-        onnx_table(args.onnx_seqlens, args.onnx_dstates, args.rounds, max(args.threads), args.chunk, clock)
+        onnx_table(args.onnx_seqlens, args.onnx_dstates, args.rounds, max(args.threads), args.chunk, clock, burst)
     if args.split_seqlens != [0]:
-        small_state_split(args.split_seqlens, args.rounds, clock)
+        small_state_split(args.split_seqlens, args.rounds, clock, burst=burst)
     print("\n" + GOALS)
     return 0
 
