@@ -713,8 +713,8 @@ void scan_row_bwd(const ScanArgs<T>& a, const GradArgs<T>& g, int64_t b, int64_t
       // per step, the elementwise chain rule vectorised over t (y is read only for dz)
       block_grads<T>(tb, u + t0, z ? z + t0 : nullptr, z ? sigz + t0 : nullptr, dout + t0, dt + t0,
                      dsp ? dsp + t0 : nullptr, gt + t0, sA, sB, pre ? pre + t0 : y, pre ? T(0) : Dd, Dd,
-                     g.du + row * L + t0,
-                     g.ddelta + row * L + t0, z ? g.dz + row * L + t0 : nullptr, &dD, &dbias);
+                     g.du + row * L + t0, g.ddelta + row * L + t0, z ? g.dz + row * L + t0 : nullptr, &dD,
+                     &dbias);
     }
   }
   if (!dBs) for (int64_t n = 0; n < Np; ++n) dBrow[n] += s.dBsum[n];
