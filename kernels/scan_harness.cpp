@@ -108,7 +108,7 @@ struct KernelResult {
 template <typename T>
 KernelResult run_kernel(const Case& c, const Inputs& in, const std::vector<double>& w, bool narrow, bool chunked) {
   constexpr int K = Vec<T>::kLanes;
-  const int64_t Np = (c.N + K - 1) / K * K, n = c.batch * c.dim * c.L;
+  const int64_t Np = padded_state<T>(c.N), n = c.batch * c.dim * c.L;
   std::vector<T> u = cast<T>(in.u), delta = cast<T>(in.delta), D = cast<T>(in.D), z = cast<T>(in.z);
   std::vector<T> bias = cast<T>(in.bias), A(c.dim * Np, T(0));
   for (int64_t d = 0; d < c.dim; ++d)

@@ -76,8 +76,7 @@ Prepared prepare(const torch::Tensor& u, const torch::Tensor& delta, const torch
   // fp32 arithmetic as mamba-ssm's reference; fp64 stays fp64 (gradcheck)
   p.dtype = u.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
   p.batch = u.size(0), p.dim = u.size(1), p.L = u.size(2), p.N = A.size(1);
-  const int64_t K = p.dtype == torch::kFloat64 ? Vec<double>::kLanes : Vec<float>::kLanes;
-  p.Np = (p.N + K - 1) / K * K;
+  p.Np = p.dtype == torch::kFloat64 ? padded_state<double>(p.N) : padded_state<float>(p.N);
   auto cast = [&](const torch::Tensor& t) { return t.to(p.dtype).contiguous(); };
   // bias and softplus are applied inside the kernel: no (B, D, L) temporaries
   p.u = cast(u);
@@ -287,8 +286,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("delta_softplus") = false, py::arg("dout") = py::none(), py::arg("narrow") = true,
         py::arg("chunk_states") = py::none(), py::arg("pregate") = py::none());
   m.def("chunk_steps", [](int64_t N, bool fp64) {
-          return fp64 ? chunk_steps<double>((N + Vec<double>::kLanes - 1) / Vec<double>::kLanes * Vec<double>::kLanes)
-                      : chunk_steps<float>((N + Vec<float>::kLanes - 1) / Vec<float>::kLanes * Vec<float>::kLanes);
+          return fp64 ? chunk_steps<double>(padded_state<double>(N)) : chunk_steps<float>(padded_state<float>(N));
         }, "steps per chunk of the wide layout's saved states and chunked backward, for d_state N",
         py::arg("N"), py::arg("fp64") = false);
 }

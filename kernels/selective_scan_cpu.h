@@ -238,6 +238,13 @@ struct ScanArgs {
   T* pregate = nullptr;
 };
 
+// The state dimension N padded to whole vectors (the padded lanes stay inert).
+template <typename T>
+inline int64_t padded_state(int64_t N) {
+  constexpr int64_t K = Vec<T>::kLanes;
+  return (N + K - 1) / K * K;
+}
+
 // Steps per chunk of the backward's recompute (a multiple of kBlock): 128 at fp32
 // and N <= 16, so a chunk's decays and states take 16 KB instead of 2 x L x Np.
 template <typename T>
@@ -246,7 +253,10 @@ inline int64_t chunk_steps(int64_t Np) {
   return std::max(steps, kBlock);
 }
 template <typename T>
-inline int64_t n_chunks(int64_t L, int64_t Np) { return (L + chunk_steps<T>(Np) - 1) / chunk_steps<T>(Np); }
+inline int64_t n_chunks(int64_t L, int64_t Np) {
+  const int64_t chunk = chunk_steps<T>(Np);
+  return (L + chunk - 1) / chunk;
+}
 
 // Backward outputs. Per row: du, ddelta, dz. Shared parameters: one slice per
 // thread (index tid), summed after the parallel loop.

@@ -139,7 +139,7 @@ OrtStatus* compute(const Kernel& k, OrtKernelContext* ctx) {
   if (z.data && z.shape != u.shape) return fail("z must have u's shape " + dims(u.shape) + ", got " + dims(z.shape));
 
   constexpr int K = Vec<float>::kLanes;
-  const int64_t Np = (N + K - 1) / K * K;
+  const int64_t Np = padded_state<float>(N);
   std::vector<float> Ap, Bp, Cp;
   pad_rows(A.data, dim, N, Np, &Ap);
   bool Bvar = false, Cvar = false;
